@@ -1,0 +1,85 @@
+"""Small shared helpers: broadcasting over data rank, argument validation, float64 time."""
+import math
+from typing import Iterable, Tuple
+
+import torch
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Appends trailing singleton dimensions to a per-sample tensor `v` of shape [B].
+
+    The result broadcasts against data of rank `ndim` ([B, D] vectors as well as [B, C, H, W]
+    images), so no code in the package has to assume a data rank.
+    """
+    if v.ndim > ndim:
+        raise ValueError(f"cannot broadcast a tensor of rank {v.ndim} to data of rank {ndim}")
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def check_batch_time(x: torch.Tensor, t: torch.Tensor, name: str = "t") -> None:
+    """Raises ValueError unless `t` is a floating tensor of shape [B] matching `x` of shape [B, ...]."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 1:
+        raise ValueError(f"x must be a tensor of shape [B, ...], got {type(x).__name__}"
+                         f"{'' if not isinstance(x, torch.Tensor) else ' of shape ' + str(tuple(x.shape))}")
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of shape [B]={x.shape[0]}, got {type(t).__name__}")
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"{name} must have shape [B]=({x.shape[0]},) to match x of shape "
+                         f"{tuple(x.shape)}, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_time(t: torch.Tensor, name: str = "t") -> None:
+    """Raises ValueError unless `t` is a one-dimensional floating tensor [B]."""
+    if not isinstance(t, torch.Tensor) or t.ndim != 1 or not t.is_floating_point():
+        got = (f"dtype {t.dtype} and shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+               else type(t).__name__)
+        raise ValueError(f"{name} must be a one-dimensional floating-point tensor [B], got {got}")
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    """Raises ValueError naming the accepted values when `value` is not one of `choices`."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(map(repr, choices))}")
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    bound = ">= 0" if allow_zero else "> 0"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_int(name: str, value: int, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_shape(shape) -> Tuple[int, ...]:
+    """Validates a sample shape [B, ...] given as a sequence of positive ints."""
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be a sequence of positive ints [B, ...], got {shape!r}") from None
+    if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                 for s in shape):
+        raise ValueError(f"shape must be a sequence of at least two positive ints [B, ...] "
+                         f"(batch first), got {shape!r}")
+    return shape
+
+
+def float64_like(t: torch.Tensor) -> torch.dtype:
+    """The dtype used for time and schedule arithmetic: float64 where the device supports it."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def flat_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sums over all non-batch dimensions: [B, ...] -> [B]."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def batch_norm2(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample Euclidean norm over all non-batch dimensions: [B, ...] -> [B]."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)

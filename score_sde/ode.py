@@ -1,0 +1,210 @@
+"""Probability-flow ODE solves with torchdiffeq: sampling and the data <-> latent maps.
+
+The probability-flow ODE dx/dt = f(x, t) - g(t)^2 score(x, t) / 2 (Song et al. 2021, Eq. 13)
+shares the marginals p_t of the forward SDE, so integrating it from T to eps turns prior
+samples into data and integrating from eps to T encodes data as latents (Sec. 4.3).
+
+Solver facts that shape this module (torchdiffeq 0.2):
+- Adaptive Runge–Kutta stages may overshoot the end time and the first-step heuristic probes a
+  trial time that can lie outside the interval. The end time is passed as a grid point
+  (`step_t`) so no step crosses it, and `CountingScore` keeps round-off inside [eps, T]: the
+  score is never evaluated outside [eps, T].
+- torchdiffeq casts time to the state's dtype. The state is integrated in float64, so steps
+  near eps never underflow in float32 time; the score still sees x and t in the caller's dtype.
+- A solve that cannot meet its tolerance is stopped after `MAX_SOLVER_STEPS` accepted or
+  rejected steps with an error naming the time reached.
+"""
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torchdiffeq
+
+from ._utils import check_choice, check_positive, check_shape, float64_like
+from .sampling import check_eps, resolve_device
+from .score import CountingScore
+from .sde import SDE, ReverseSDE, ScoreFn
+
+__all__ = ["sample_ode", "data_to_latent", "latent_to_data", "ADAPTIVE_METHODS"]
+
+# torchdiffeq's adaptive Runge–Kutta methods (they accept step_t and max_num_steps).
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+MAX_SOLVER_STEPS = 100_000
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+
+def check_solver_args(rtol: float, atol: float, method: str) -> None:
+    check_positive("rtol", rtol)
+    check_positive("atol", atol)
+    check_choice("method", method, ADAPTIVE_METHODS)
+
+
+class _ODEFunc:
+    """torchdiffeq right-hand side (t, y) wrapping a batched rhs(t [B], y); records the last
+    accepted time so failures can say how far the solve got."""
+
+    def __init__(self, rhs: Callable[[torch.Tensor, State], State], batch: int, t_start: float):
+        self.rhs = rhs
+        self.batch = batch
+        self.t_reached = t_start
+
+    def __call__(self, t: torch.Tensor, y: State) -> State:
+        return self.rhs(t.reshape(1).expand(self.batch), y)
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.t_reached = float(t0 + dt)
+
+
+def odeint_interval(rhs: Callable[[torch.Tensor, State], State], y0: State, t_start: float,
+                    t_end: float, *, batch: int, rtol: float, atol: float,
+                    method: str) -> State:
+    """Integrates dy/dt = rhs(t [B], y) from t_start to t_end (either direction) and returns
+    y(t_end); the state should be float64 (see the module docstring).
+
+    Raises:
+        RuntimeError: the solver could not meet its tolerance (names the time reached).
+    """
+    ref = y0[0] if isinstance(y0, tuple) else y0
+    tdt = float64_like(ref)
+    func = _ODEFunc(rhs, batch, t_start)
+    times = torch.tensor([t_start, t_end], dtype=tdt, device=ref.device)
+    options = dict(step_t=torch.tensor([t_end], dtype=tdt, device=ref.device),
+                   max_num_steps=MAX_SOLVER_STEPS)
+    try:
+        out = torchdiffeq.odeint(func, y0, times, rtol=rtol, atol=atol, method=method,
+                                 options=options)
+    except AssertionError as err:
+        raise RuntimeError(
+            f"the {method} solve from t={t_start:g} to t={t_end:g} stopped at t={func.t_reached:.6g} "
+            f"({err}); loosen rtol/atol (now {rtol:g}/{atol:g}), raise eps, or check that the "
+            f"score is finite and smooth there") from None
+    return tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise RuntimeError(f"{what} is non-finite; check that score_fn is finite on [eps, T]")
+
+
+def pf_ode_solve(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t_start: float, t_end: float, *,
+                 rtol: float, atol: float, method: str, eps: float) -> Tuple[torch.Tensor, int]:
+    """Solves the probability-flow ODE for x [B, ...] from t_start to t_end; returns the state
+    at t_end in x's dtype and the number of score evaluations."""
+    counting = CountingScore(score_fn, eps, sde.T)
+    rsde = ReverseSDE(sde, counting, probability_flow=True)
+    dtype = x.dtype
+
+    def rhs(t, y):
+        drift, _ = rsde.sde(y.to(dtype), t)
+        return drift.to(y.dtype)
+
+    with torch.no_grad():
+        y0 = x.to(float64_like(x))
+        y1 = odeint_interval(rhs, y0, t_start, t_end, batch=x.shape[0], rtol=rtol, atol=atol,
+                             method=method)
+    y1 = y1.to(dtype)
+    _check_finite(y1, "the probability-flow ODE solution")
+    return y1, counting.nfe
+
+
+def _check_data(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor of shape [B, ...] with rank >= 2, got "
+                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains non-finite values")
+
+
+def _check_common(sde, score_fn, rtol, atol, method, eps):
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
+    if not callable(score_fn):
+        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    check_solver_args(rtol, atol, method)
+    check_eps(eps, sde)
+
+
+def data_to_latent(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float = 1e-5,
+                   atol: float = 1e-5, method: str = "dopri5",
+                   eps: float = 1e-5) -> Tuple[torch.Tensor, int]:
+    """Encodes data x at time eps into latents z at time T with the probability-flow ODE.
+
+    Args:
+        sde: the forward SDE.
+        score_fn: score function.
+        x: data [B, ...] (rank >= 2), floating.
+        rtol, atol: solver tolerances.
+        method: a torchdiffeq adaptive method, one of `ADAPTIVE_METHODS`.
+        eps: start time (> 0).
+
+    Returns:
+        (z, nfe): latents shaped like x in x's dtype, and the number of score evaluations.
+
+    Raises:
+        ValueError: invalid arguments. RuntimeError: the solve failed (see `odeint_interval`).
+    """
+    _check_common(sde, score_fn, rtol, atol, method, eps)
+    _check_data(x, "x")
+    return pf_ode_solve(sde, score_fn, x, eps, sde.T, rtol=rtol, atol=atol, method=method, eps=eps)
+
+
+def latent_to_data(sde: SDE, score_fn: ScoreFn, z: torch.Tensor, *, rtol: float = 1e-5,
+                   atol: float = 1e-5, method: str = "dopri5",
+                   eps: float = 1e-5) -> Tuple[torch.Tensor, int]:
+    """Decodes latents z at time T into data at time eps (the inverse of `data_to_latent`).
+
+    Arguments as in `data_to_latent`; no denoising is applied, so the two maps are inverses up
+    to the solver tolerance.
+
+    Returns:
+        (x, nfe): data shaped like z at time eps, and the number of score evaluations.
+    """
+    _check_common(sde, score_fn, rtol, atol, method, eps)
+    _check_data(z, "z")
+    return pf_ode_solve(sde, score_fn, z, sde.T, eps, rtol=rtol, atol=atol, method=method, eps=eps)
+
+
+def sample_ode(sde: SDE, score_fn: ScoreFn, shape, *, rtol: float = 1e-5, atol: float = 1e-5,
+               method: str = "dopri5", eps: float = 1e-3, denoise: bool = True, device=None,
+               dtype: Optional[torch.dtype] = None,
+               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, int]:
+    """Samples by integrating the probability-flow ODE from a prior draw at T to eps
+    (Song et al. 2021, Sec. 4.3), with an adaptive torchdiffeq solver on the device.
+
+    Args:
+        sde: the forward SDE.
+        score_fn: score function (x [B, ...], t [B]) -> score shaped like x.
+        shape: sample shape [B, ...].
+        rtol, atol: solver tolerances.
+        method: a torchdiffeq adaptive method, one of `ADAPTIVE_METHODS`.
+        eps: final time.
+        denoise: replace the result by Tweedie's E[x_0 | x_eps] (one more evaluation).
+        device: device of the samples; defaults to the generator's device, else CPU.
+        dtype: dtype of the samples (default: torch's default dtype).
+        generator: torch.Generator for the prior draw.
+
+    Returns:
+        (x, nfe): samples of `shape` and the number of score evaluations.
+
+    Raises:
+        ValueError: invalid arguments. RuntimeError: the solve failed or went non-finite.
+    """
+    _check_common(sde, score_fn, rtol, atol, method, eps)
+    shape = check_shape(shape)
+    if denoise and not sde.has_marginal:
+        raise ValueError(f"denoise=True needs the marginal of {type(sde).__name__}, which has "
+                         f"none; pass denoise=False")
+    device = resolve_device(device, generator)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    with torch.no_grad():
+        z = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+    x, nfe = pf_ode_solve(sde, score_fn, z, sde.T, eps, rtol=rtol, atol=atol, method=method,
+                          eps=eps)
+    if denoise:
+        counting = CountingScore(score_fn, eps, sde.T)
+        with torch.no_grad():
+            t = torch.full((shape[0],), eps, dtype=torch.float64, device=device)
+            x = sde.denoise(x, t, counting(x, t))
+        nfe += counting.nfe
+        _check_finite(x, "the denoised sample")
+    return x, nfe

@@ -1,0 +1,313 @@
+"""Predictor–corrector samplers (Song et al. 2021, Sec. 4.2, Algorithms 1–3 and Appendix G).
+
+One loop (`sample_pc`) owns the time grid; each predictor implements a single step from t to
+t_next < t and each corrector a few Langevin-type steps at fixed t. Predictors and correctors
+are chosen by name from `PREDICTORS` / `CORRECTORS`, or passed as user subclasses of
+`Predictor` / `Corrector`.
+"""
+import abc
+from typing import Callable, Optional, Tuple, Type, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ._utils import (append_dims, batch_norm2, check_choice, check_int, check_positive,
+                     check_shape)
+from .score import CountingScore
+from .sde import SDE, ScoreFn
+
+__all__ = ["Predictor", "Corrector", "PREDICTORS", "CORRECTORS", "sample_pc"]
+
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Predictor(abc.ABC):
+    """A numerical step of the reverse-time SDE (or probability-flow ODE) from t to t_next.
+
+    Subclasses implement `step`; they may check in `__init__` that the SDE has what they need
+    and raise ValueError there.
+
+    Args:
+        sde: the forward SDE.
+        score_fn: score function (x, t) -> score shaped like x.
+        probability_flow: step the probability-flow ODE instead of the reverse SDE (no noise).
+    """
+
+    def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False):
+        self.sde = sde
+        self.score_fn = score_fn
+        self.probability_flow = probability_flow
+        self.rsde = sde.reverse(score_fn, probability_flow=probability_flow)
+
+    @abc.abstractmethod
+    def step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+             noise: NoiseFn) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Moves x from time t to t_next (both [B], float64, t_next < t).
+
+        Args:
+            noise: draws standard normal noise shaped like its argument.
+
+        Returns:
+            (x_next, x_next_mean): the new state and its value without the last noise.
+        """
+
+
+class NonePredictor(Predictor):
+    """No predictor: corrector-only sampling."""
+
+    def step(self, x, t, t_next, noise):
+        return x, x
+
+
+class EulerMaruyamaPredictor(Predictor):
+    """Euler–Maruyama step of the reverse SDE, x <- x + drift dt + g sqrt(|dt|) z (dt < 0)."""
+
+    def step(self, x, t, t_next, noise):
+        dt = append_dims((t_next - t).to(x.dtype), x.ndim)
+        drift, diffusion = self.rsde.sde(x, t)
+        x_mean = x + drift * dt
+        if self.probability_flow:
+            return x_mean, x_mean
+        return x_mean + append_dims(diffusion, x.ndim) * torch.sqrt(-dt) * noise(x), x_mean
+
+
+class ReverseDiffusionPredictor(Predictor):
+    """Reverse diffusion (Song et al. 2021, Eq. 46): x_{i-1} = x_i - f_i + G_i^2 s + G_i z,
+    built from the SDE's own discretization (DDPM for VP, SMLD for VE, Euler–Maruyama else)."""
+
+    def step(self, x, t, t_next, noise):
+        rev_f, rev_G = self.rsde.discretize(x, t)
+        x_mean = x - rev_f
+        if self.probability_flow:
+            return x_mean, x_mean
+        return x_mean + append_dims(rev_G, x.ndim) * noise(x), x_mean
+
+
+class AncestralSamplingPredictor(Predictor):
+    """Ancestral sampling: draws x_{t_next} from the Gaussian posterior q(x_{t_next} | x_t, x_0)
+    with x_0 replaced by its Tweedie estimate (Ho et al. 2020, Eq. 7; Song et al. 2021, Eq. 47
+    for SMLD). For VE this is the SMLD ancestral step exactly; for VP it is DDPM with the
+    posterior variance. On the probability-flow ODE it is the deterministic DDIM step
+    x_{t_next} = alpha_next x_0 + sigma_next eps (Song, Meng & Ermon 2021, eta = 0).
+
+    Needs an SDE with closed-form marginals (any linear SDE).
+    """
+
+    def __init__(self, sde, score_fn, probability_flow=False):
+        if not sde.has_marginal:
+            raise ValueError(f"the ancestral_sampling predictor needs closed-form marginals, "
+                             f"which {type(sde).__name__} does not provide (marginal_coeffs)")
+        super().__init__(sde, score_fn, probability_flow)
+
+    def step(self, x, t, t_next, noise):
+        score = self.score_fn(x, t)
+        alpha_t, sigma_t = self.sde.marginal_coeffs(t)
+        alpha_s, sigma_s = self.sde.marginal_coeffs(t_next)
+        x0 = self.sde.denoise(x, t, score)
+        if self.probability_flow:
+            # DDIM: keep the predicted noise eps = -sigma_t score, rescale to t_next.
+            c_x0 = append_dims(alpha_s.to(x.dtype), x.ndim)
+            c_eps = append_dims((sigma_s * sigma_t).to(x.dtype), x.ndim)
+            x_mean = c_x0 * x0 - c_eps * score
+            return x_mean, x_mean
+        # Transition t_next -> t is N(a x_s, v) with a = alpha_t / alpha_s, v = s_t^2 - a^2 s_s^2.
+        a = alpha_t / alpha_s
+        v = sigma_t ** 2 - a ** 2 * sigma_s ** 2
+        c_x = a * sigma_s ** 2 / sigma_t ** 2
+        c_x0 = alpha_s * v / sigma_t ** 2
+        std = torch.sqrt((v * sigma_s ** 2 / sigma_t ** 2).clamp(min=0))
+        x_mean = append_dims(c_x.to(x.dtype), x.ndim) * x + append_dims(c_x0.to(x.dtype), x.ndim) * x0
+        return x_mean + append_dims(std.to(x.dtype), x.ndim) * noise(x), x_mean
+
+
+class Corrector(abc.ABC):
+    """MCMC steps at a fixed time t that leave p_t invariant (Song et al. 2021, Algorithm 4–5).
+
+    Args:
+        sde: the forward SDE.
+        score_fn: score function.
+        snr: signal-to-noise ratio that sets the step size.
+        num_steps: corrector steps per time point.
+    """
+
+    def __init__(self, sde: SDE, score_fn: ScoreFn, snr: float, num_steps: int):
+        self.sde = sde
+        self.score_fn = score_fn
+        self.snr = snr
+        self.num_steps = num_steps
+
+    @abc.abstractmethod
+    def step(self, x: torch.Tensor, t: torch.Tensor,
+             noise: NoiseFn) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Runs `num_steps` corrector steps at time t [B]; returns (x, x_mean)."""
+
+
+class NoneCorrector(Corrector):
+    """No corrector."""
+
+    def step(self, x, t, noise):
+        return x, x
+
+
+class LangevinCorrector(Corrector):
+    """Langevin MCMC with step 2 alpha (snr |z| / |score|)^2 (Song et al. 2021, Algorithm 5).
+
+    |z| and |score| are per-sample norms averaged over the batch, so every sample takes the same
+    step and the result depends on its batch-mates. Per-sample ratios are unusable in low
+    dimensions: for an exact score |z|^2 / |score|^2 is F-distributed, with no finite mean for
+    D <= 2, and single samples blow up. alpha is the SDE's `langevin_scale` (1 - beta_i for VP,
+    1 otherwise).
+    """
+
+    def step(self, x, t, noise):
+        x_mean = x
+        alpha = self.sde.langevin_scale(t)
+        for _ in range(self.num_steps):
+            score = self.score_fn(x, t)
+            z = noise(x)
+            ratio = batch_norm2(z).mean() / batch_norm2(score).mean()
+            step_size = append_dims((2 * alpha * (self.snr * ratio) ** 2).to(x.dtype), x.ndim)
+            x_mean = x + step_size * score
+            x = x_mean + torch.sqrt(2 * step_size) * z
+        return x, x_mean
+
+
+class AnnealedLangevinCorrector(Corrector):
+    """Annealed Langevin dynamics of NCSN (Song & Ermon 2019, Algorithm 1): step size
+    2 alpha (snr sigma(t))^2 from the marginal noise level. Needs closed-form marginals."""
+
+    def __init__(self, sde, score_fn, snr, num_steps):
+        if not sde.has_marginal:
+            raise ValueError(f"the ald corrector needs the marginal std of "
+                             f"{type(sde).__name__}, which provides no marginal_coeffs")
+        super().__init__(sde, score_fn, snr, num_steps)
+
+    def step(self, x, t, noise):
+        x_mean = x
+        _, sigma = self.sde.marginal_coeffs(t)
+        step_size = 2 * self.sde.langevin_scale(t) * (self.snr * sigma) ** 2
+        step_size = append_dims(step_size.to(x.dtype), x.ndim)
+        for _ in range(self.num_steps):
+            score = self.score_fn(x, t)
+            x_mean = x + step_size * score
+            x = x_mean + torch.sqrt(2 * step_size) * noise(x)
+        return x, x_mean
+
+
+PREDICTORS = {
+    "euler_maruyama": EulerMaruyamaPredictor,
+    "reverse_diffusion": ReverseDiffusionPredictor,
+    "ancestral_sampling": AncestralSamplingPredictor,
+    "none": NonePredictor,
+}
+
+CORRECTORS = {
+    "langevin": LangevinCorrector,
+    "ald": AnnealedLangevinCorrector,
+    "none": NoneCorrector,
+}
+
+
+def _resolve(kind: str, value, table: dict, base: type):
+    if isinstance(value, type) and issubclass(value, base):
+        return value
+    if isinstance(value, str):
+        check_choice(kind, value, table)
+        return table[value]
+    raise ValueError(f"{kind} must be one of {', '.join(map(repr, table))} or a subclass of "
+                     f"{base.__name__}, got {value!r}")
+
+
+def resolve_device(device, generator: Optional[torch.Generator]) -> torch.device:
+    """The device to sample on: `device`, else the generator's, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def check_eps(eps: float, sde: SDE) -> None:
+    check_positive("eps", eps)
+    if eps >= sde.T:
+        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+
+
+def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
+              predictor: Union[str, Type[Predictor]] = "reverse_diffusion",
+              corrector: Union[str, Type[Corrector]] = "langevin",
+              snr: float = 0.16, corrector_steps: int = 1, num_steps: Optional[int] = None,
+              eps: float = 1e-3, denoise: bool = True, probability_flow: bool = False,
+              device=None, dtype: Optional[torch.dtype] = None,
+              generator: Optional[torch.Generator] = None,
+              progress: bool = False) -> Tuple[torch.Tensor, int]:
+    """Predictor–corrector sampling (Song et al. 2021, Algorithm 1).
+
+    Starts from the prior at T and takes `num_steps` predictor steps on a uniform grid from T
+    to eps, each preceded by `corrector_steps` corrector steps at the current time. With
+    `denoise`, the result at eps is replaced by Tweedie's estimate E[x_0 | x_eps] (one more
+    score evaluation).
+
+    Args:
+        sde: the forward SDE.
+        score_fn: score function (x [B, ...], t [B]) -> score shaped like x.
+        shape: sample shape [B, ...].
+        predictor: a name in `PREDICTORS` or a `Predictor` subclass.
+        corrector: a name in `CORRECTORS` or a `Corrector` subclass.
+        snr: corrector signal-to-noise ratio (> 0).
+        corrector_steps: corrector steps per time point (>= 0).
+        num_steps: predictor steps; defaults to `sde.num_steps`.
+        eps: final time (> 0; 1e-3 suits VP/sub-VP, 1e-5 VE).
+        denoise: apply Tweedie denoising at eps (needs closed-form marginals).
+        probability_flow: predictors step the probability-flow ODE (deterministic predictor).
+        device: device of the samples; defaults to the generator's device, else CPU.
+        dtype: dtype of the samples (default: torch's default dtype).
+        generator: torch.Generator for all noise (prior and steps).
+        progress: show a progress bar.
+
+    Returns:
+        (x, nfe): samples of `shape` and the number of score evaluations made.
+
+    Raises:
+        ValueError: invalid arguments or an SDE lacking what the predictor/corrector needs.
+        RuntimeError: the samples became non-finite.
+    """
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
+    if not callable(score_fn):
+        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    shape = check_shape(shape)
+    check_positive("snr", snr)
+    check_int("corrector_steps", corrector_steps, minimum=0)
+    num_steps = sde.num_steps if num_steps is None else num_steps
+    check_int("num_steps", num_steps, minimum=1)
+    check_eps(eps, sde)
+    if denoise and not sde.has_marginal:
+        raise ValueError(f"denoise=True needs the marginal of {type(sde).__name__}, which has "
+                         f"none; pass denoise=False")
+    predictor_cls = _resolve("predictor", predictor, PREDICTORS, Predictor)
+    corrector_cls = _resolve("corrector", corrector, CORRECTORS, Corrector)
+    device = resolve_device(device, generator)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+
+    counting = CountingScore(score_fn, eps, sde.T)
+    predictor_obj = predictor_cls(sde, counting, probability_flow)
+    corrector_obj = corrector_cls(sde, counting, snr, corrector_steps)
+
+    def noise(like):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    with torch.no_grad():
+        x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+        ts = torch.linspace(sde.T, eps, num_steps + 1, dtype=torch.float64, device=device)
+        ones = torch.ones(shape[0], dtype=torch.float64, device=device)
+        for i in tqdm(range(num_steps), disable=not progress, desc="sample_pc"):
+            t, t_next = ts[i] * ones, ts[i + 1] * ones
+            if corrector_steps:
+                x, _ = corrector_obj.step(x, t, noise)
+            x, _ = predictor_obj.step(x, t, t_next, noise)
+        if denoise:
+            t_eps = ts[-1] * ones
+            x = sde.denoise(x, t_eps, counting(x, t_eps))
+    if not torch.isfinite(x).all():
+        raise RuntimeError("sample_pc produced non-finite samples; check that score_fn is finite "
+                           "on [eps, T] and that snr / step sizes are not too large")
+    return x, counting.nfe

@@ -1,0 +1,123 @@
+"""Score functions: build one from a network, and count honest evaluations.
+
+A score function is any callable `score_fn(x, t) -> tensor shaped like x` with x of shape
+[B, ...] and t of shape [B]. `make_score_fn` adapts a network's own conventions (what it
+predicts, how it reads time) to that contract, so samplers and likelihoods never need to know
+them.
+"""
+from typing import Callable
+
+import torch
+
+from ._utils import append_dims, check_choice
+from .sde import SDE, ScoreFn
+
+__all__ = ["make_score_fn", "PREDICTIONS", "TIME_INPUTS"]
+
+
+def _noise_to_score(out, x, alpha, sigma):
+    return -out / sigma
+
+
+def _score_to_score(out, x, alpha, sigma):
+    return out
+
+
+def _x0_to_score(out, x, alpha, sigma):
+    # Gaussian kernel: score = -(x - alpha x0) / sigma^2.
+    return (alpha * out - x) / sigma ** 2
+
+
+# What the network predicts -> how to turn its output into the score.
+PREDICTIONS = {"noise": _noise_to_score, "score": _score_to_score, "x0": _x0_to_score}
+
+# How the network reads time: a function of (sde, t [B] float64) -> network time input.
+TIME_INPUTS = {
+    "t": lambda sde, t: t,
+    "scaled_t": lambda sde, t: t * (sde.num_steps - 1),
+    "index": lambda sde, t: sde.step_index(t),
+    "std": lambda sde, t: sde.marginal_coeffs(t)[1],
+}
+
+
+def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sde: SDE, *,
+                  prediction: str = "noise", time_input: str = "t") -> ScoreFn:
+    """Wraps a network `model(x, time_input) -> output` as a score function.
+
+    Continuous-time models read t itself (`"t"`, or `"scaled_t"` = t (num_steps - 1) as in
+    the DDPM++ continuous checkpoints) or the noise level (`"std"`, NCSN style). Discrete-time
+    models (DDPM, SMLD) read the integer step index (`"index"`, nearest step of the SDE's
+    `num_steps` grid). The model's train/eval mode is the caller's business and is never
+    changed here.
+
+    Args:
+        model: network taking (x [B, ...], time input [B]) and returning a tensor shaped like x.
+        sde: the SDE the model was trained with (gives alpha(t), sigma(t) and the step grid).
+        prediction: what the model outputs: "noise" (epsilon; score = -eps / sigma),
+            "score", or "x0" (the denoised data; score = (alpha x0 - x) / sigma^2).
+        time_input: "t", "scaled_t", "index" or "std" (see above).
+
+    Returns:
+        score_fn(x, t) -> score shaped like x, in x's dtype.
+
+    Raises:
+        ValueError: for unknown `prediction` or `time_input`, or an SDE without closed-form
+            marginals when they are needed.
+    """
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("time_input", time_input, TIME_INPUTS)
+    needs_marginal = prediction != "score" or time_input == "std"
+    if needs_marginal and not sde.has_marginal:
+        raise ValueError(f"prediction={prediction!r} / time_input={time_input!r} need the "
+                         f"marginal of {type(sde).__name__}, which has none; use "
+                         f"prediction='score' with time_input='t'")
+    to_score = PREDICTIONS[prediction]
+    to_time = TIME_INPUTS[time_input]
+
+    def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t64 = t.double() if t.device.type != "mps" else t
+        t_in = to_time(sde, t64)
+        if t_in.is_floating_point():
+            t_in = t_in.to(x.dtype)
+        out = model(x, t_in)
+        if out.shape != x.shape:
+            raise ValueError(f"model output has shape {tuple(out.shape)}, expected the input "
+                             f"shape {tuple(x.shape)}")
+        if prediction == "score":
+            return out
+        alpha, sigma = sde.marginal_coeffs(t64)
+        return to_score(out, x, append_dims(alpha.to(x.dtype), x.ndim),
+                        append_dims(sigma.to(x.dtype), x.ndim))
+
+    return score_fn
+
+
+class CountingScore:
+    """Internal wrapper: calls the user's score with t in x's dtype, clamps t into the
+    integration interval against round-off, checks the output shape, and counts calls (NFE)."""
+
+    def __init__(self, score_fn: ScoreFn, t_lo: float, t_hi: float):
+        self.score_fn = score_fn
+        self.t_lo, self.t_hi = t_lo, t_hi
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = _time_in_interval(t, self.t_lo, self.t_hi, x.dtype)
+        self.nfe += 1
+        score = self.score_fn(x, t)
+        if not isinstance(score, torch.Tensor) or score.shape != x.shape:
+            got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+            raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, "
+                             f"got {got}")
+        return score
+
+
+def _time_in_interval(t: torch.Tensor, lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor:
+    """Clamps t to [lo, hi] and casts it to `dtype` so that the cast value still lies in
+    [lo, hi] when compared in float64 (a float32 eps may round to just below eps)."""
+    wide = torch.float32 if t.device.type == "mps" else torch.float64
+    t = t.to(wide).clamp(lo, hi)
+    tc = t.to(dtype)
+    back = tc.to(wide)
+    tc = torch.where(back < lo, torch.nextafter(tc, torch.full_like(tc, hi)), tc)
+    return torch.where(back > hi, torch.nextafter(tc, torch.full_like(tc, lo)), tc)
