@@ -1,0 +1,200 @@
+"""log_likelihood and bits_per_dim against closed forms (tests/problems.py)."""
+import math
+
+import pytest
+import torch
+
+import score_sde
+from score_sde import bits_per_dim, log_likelihood
+from tests.problems import KERNELS, exact_log_prob_t, exact_score_fn, random_mixture, ring_mixture
+
+SDES = {"vp": score_sde.VPSDE, "subvp": score_sde.SubVPSDE, "ve": score_sde.VESDE}
+EPS = 1e-5
+BPD_TOL = 1e-3  # the required accuracy, bits/dim, at rtol = atol = 1e-5
+Z_CRIT = 3.29  # two-sided normal quantile for significance level 1e-3
+
+
+def _bpd_error(name, mixture, x, dtype, divergence="exact", **kwargs):
+    """Largest |library - exact| log-density error at eps in bits/dim, with the prior term
+    replaced by the exact density of the diffused data at T."""
+    sde, kernel = SDES[name](), KERNELS[name]
+    logp, z, nfe = log_likelihood(sde, exact_score_fn(mixture, kernel), x.to(dtype),
+                                  divergence=divergence, eps=EPS, **kwargs)
+    assert logp.dtype == dtype and z.dtype == dtype and z.shape == x.shape
+    exact = exact_log_prob_t(mixture, kernel, x.double(), EPS)
+    swap = exact_log_prob_t(mixture, kernel, z.double(), sde.T) - sde.prior_logp(z.double())
+    d = x[0].numel()
+    return ((logp.double() + swap - exact) / (d * math.log(2))).abs().max().item(), nfe
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("dim", [2, 16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_divergence_matches_closed_form(name, dim, dtype):
+    mixture = random_mixture(dim, seed=dim)
+    x, _ = mixture.sample(8, torch.Generator().manual_seed(1))
+    err, nfe = _bpd_error(name, mixture, x, dtype)
+    assert err < BPD_TOL
+    assert nfe > 0
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_exact_divergence_matches_closed_form_3072_dims(name):
+    # CIFAR-10 sized: one sample, two components keep the 3072 Jacobian products affordable.
+    mixture = random_mixture(3072, num_modes=2, seed=3, scale=0.3, std_range=(0.1, 0.3))
+    x, _ = mixture.sample(1, torch.Generator().manual_seed(2))
+    err, _ = _bpd_error(name, mixture, x, torch.float32)
+    assert err < BPD_TOL
+
+
+def test_image_shaped_input_matches_flat_input():
+    mixture = random_mixture(16, seed=4)
+    x, _ = mixture.sample(4, torch.Generator().manual_seed(0))
+    err, _ = _bpd_error("vp", mixture, x.reshape(4, 1, 4, 4), torch.float64)
+    assert err < BPD_TOL
+
+
+def test_ve_prior_gap_on_2d_data():
+    # VE's prior N(0, sigma_max^2 I) is not the exact p_T of the diffused data; the per-sample
+    # gap (a few 1e-3 bits/dim here) is a property of the SDE, predicted in closed form, not
+    # solver error.
+    mixture, sde, kernel = ring_mixture(), score_sde.VESDE(), KERNELS["ve"]
+    x, _ = mixture.sample(64, torch.Generator().manual_seed(5))
+    logp, z, _ = log_likelihood(sde, exact_score_fn(mixture, kernel), x, eps=EPS,
+                                divergence="exact")
+    to_bpd = 1 / (2 * math.log(2))
+    measured = (logp - exact_log_prob_t(mixture, kernel, x, EPS)) * to_bpd
+    predicted = (sde.prior_logp(z) - exact_log_prob_t(mixture, kernel, z, sde.T)) * to_bpd
+    assert measured.abs().max() > 2 * BPD_TOL  # the gap is real ...
+    assert (measured - predicted).abs().max() < BPD_TOL  # ... and explained by the prior
+
+
+@pytest.mark.parametrize("divergence", ["rademacher", "gaussian"])
+def test_hutchinson_estimate_is_unbiased(divergence):
+    # 400 copies of 2 points, each copy with its own probe: the mean of the estimates must
+    # match the exact-divergence value within its standard error (significance level 1e-3).
+    mixture, sde, kernel = random_mixture(8, seed=6), score_sde.VPSDE(), KERNELS["vp"]
+    score_fn = exact_score_fn(mixture, kernel)
+    points, _ = mixture.sample(2, torch.Generator().manual_seed(7))
+    exact, _, _ = log_likelihood(sde, score_fn, points, divergence="exact")
+    copies = points.repeat_interleave(400, dim=0)
+    est, _, _ = log_likelihood(sde, score_fn, copies, divergence=divergence,
+                               generator=torch.Generator().manual_seed(8))
+    est = est.reshape(2, 400)
+    z = (est.mean(1) - exact) / (est.std(1) / math.sqrt(400))
+    assert (z.abs() < Z_CRIT).all(), z
+    assert (est.std(1) > 0).all()  # it really is a random estimate
+
+
+def test_more_probes_reduce_variance():
+    mixture, sde, kernel = random_mixture(8, seed=6), score_sde.VPSDE(), KERNELS["vp"]
+    score_fn = exact_score_fn(mixture, kernel)
+    point, _ = mixture.sample(1, torch.Generator().manual_seed(9))
+    copies = point.repeat(300, 1)
+    var = []
+    for k in (1, 4):
+        est, _, _ = log_likelihood(sde, score_fn, copies, divergence="gaussian", num_probes=k,
+                                   generator=torch.Generator().manual_seed(10 + k))
+        var.append(est.var().item())
+    # Variance falls as 1/k; the ratio of two sample variances of 300 draws lies within
+    # [0.15, 0.40] around 0.25 with probability > 0.999 (F distribution, 299 and 299 df).
+    assert 0.15 < var[1] / var[0] < 0.40
+
+
+def test_network_called_once_per_function_evaluation(monkeypatch):
+    from score_sde import ode
+
+    rhs_calls = []
+    original = ode._ODEFunc.__call__
+
+    def counted(self, t, y):
+        rhs_calls.append(1)
+        return original(self, t, y)
+
+    monkeypatch.setattr(ode._ODEFunc, "__call__", counted)
+    mixture, kernel = random_mixture(4, seed=1), KERNELS["vp"]
+    inner = exact_score_fn(mixture, kernel)
+    score_calls = []
+
+    def score_fn(x, t):
+        score_calls.append(1)
+        return inner(x, t)
+
+    x, _ = mixture.sample(3, torch.Generator().manual_seed(0))
+    _, _, nfe = log_likelihood(score_sde.VPSDE(), score_fn, x, num_probes=3,
+                               generator=torch.Generator().manual_seed(0))
+    assert len(score_calls) == len(rhs_calls) == nfe
+
+
+def test_probes_are_drawn_once_per_solve():
+    # With probes fixed per solve the integrand is smooth, so the adaptive solver needs about
+    # as many steps as with the exact divergence.
+    mixture, sde, kernel = random_mixture(8, seed=2), score_sde.VPSDE(), KERNELS["vp"]
+    score_fn = exact_score_fn(mixture, kernel)
+    x, _ = mixture.sample(4, torch.Generator().manual_seed(0))
+    _, _, nfe_exact = log_likelihood(sde, score_fn, x, divergence="exact")
+    _, _, nfe_hutch = log_likelihood(sde, score_fn, x, generator=torch.Generator().manual_seed(1))
+    assert nfe_hutch <= 1.5 * nfe_exact
+
+
+def test_same_generator_same_result():
+    mixture, sde, kernel = random_mixture(8, seed=2), score_sde.SubVPSDE(), KERNELS["subvp"]
+    score_fn = exact_score_fn(mixture, kernel)
+    x, _ = mixture.sample(4, torch.Generator().manual_seed(0))
+    a = log_likelihood(sde, score_fn, x, generator=torch.Generator().manual_seed(3))[0]
+    b = log_likelihood(sde, score_fn, x, generator=torch.Generator().manual_seed(3))[0]
+    assert torch.equal(a, b)
+
+
+def test_bits_per_dim_hand_computed():
+    # Uniform data on [-1, 1]^D has density 2^-D, so 8-bit data dequantized uniformly has
+    # exactly 8 bits/dim; in [0, 1] (width 1) the density is 1 and the answer is again 8.
+    d = 12
+    uniform_logp = torch.tensor([-d * math.log(2.0)], dtype=torch.float64)
+    assert bits_per_dim(uniform_logp, d).item() == pytest.approx(8.0, abs=1e-12)
+    assert bits_per_dim(torch.zeros(1), d, data_width=1.0).item() == pytest.approx(8.0)
+    # log p = -2 D ln 2 on [-1, 1]: 2 bits from the density, -1 for the width, +8 levels = 9.
+    assert bits_per_dim(torch.tensor(-2 * d * math.log(2.0)), d).item() == pytest.approx(9.0)
+    # 5-bit data on [0, 1]: offset log2(32) = 5.
+    assert bits_per_dim(torch.tensor(0.0), d, data_width=1.0, num_levels=32).item() == \
+        pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(divergence="hutchinson"), "divergence"),
+    (dict(num_probes=0), "num_probes"),
+    (dict(method="rk4"), "method"),
+    (dict(rtol=0.0), "rtol"),
+    (dict(atol=-1.0), "atol"),
+    (dict(eps=0.0), "eps"),
+    (dict(eps=1.0), "eps"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    score_fn = exact_score_fn(ring_mixture(), KERNELS["vp"])
+    with pytest.raises(ValueError, match=match):
+        log_likelihood(score_sde.VPSDE(), score_fn, torch.zeros(2, 2), **kwargs)
+
+
+def test_bad_data_raise():
+    sde, score_fn = score_sde.VPSDE(), exact_score_fn(ring_mixture(), KERNELS["vp"])
+    with pytest.raises(ValueError, match="x must be"):
+        log_likelihood(sde, score_fn, torch.zeros(4))
+    with pytest.raises(ValueError, match="non-finite"):
+        log_likelihood(sde, score_fn, torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="x must be"):
+        log_likelihood(sde, score_fn, torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_detached_score_raises():
+    sde = score_sde.VPSDE()
+    with pytest.raises(ValueError, match="differentiable"):
+        log_likelihood(sde, lambda x, t: (-x).detach(), torch.zeros(2, 2))
+
+
+def test_bits_per_dim_bad_arguments():
+    with pytest.raises(ValueError, match="num_dims"):
+        bits_per_dim(torch.zeros(1), 0)
+    with pytest.raises(ValueError, match="data_width"):
+        bits_per_dim(torch.zeros(1), 3, data_width=0.0)
+    with pytest.raises(ValueError, match="num_levels"):
+        bits_per_dim(torch.zeros(1), 3, num_levels=1)
