@@ -6,7 +6,8 @@ import torch
 
 import score_sde
 from score_sde import bits_per_dim, log_likelihood
-from tests.problems import KERNELS, exact_log_prob_t, exact_score_fn, random_mixture, ring_mixture
+from tests.problems import (KERNELS, GaussianMixture, exact_log_prob_t, exact_score_fn,
+                            random_mixture, ring_mixture)
 
 SDES = {"vp": score_sde.VPSDE, "subvp": score_sde.SubVPSDE, "ve": score_sde.VESDE}
 EPS = 1e-5
@@ -198,3 +199,40 @@ def test_bits_per_dim_bad_arguments():
         bits_per_dim(torch.zeros(1), 3, data_width=0.0)
     with pytest.raises(ValueError, match="num_levels"):
         bits_per_dim(torch.zeros(1), 3, num_levels=1)
+
+
+class _ConstantRateOU(score_sde.SDE):
+    """A user SDE implementing only the required methods: dx = -b x / 2 dt + sqrt(b) dw."""
+
+    def __init__(self, b=6.0):
+        super().__init__(num_steps=100)
+        self.b = b
+
+    def sde(self, x, t):
+        return -0.5 * self.b * x, torch.full_like(t, math.sqrt(self.b)).to(x.dtype)
+
+    def prior_sampling(self, shape, *, generator=None, device=None, dtype=None):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def prior_logp(self, z):
+        return torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
+
+
+def test_user_defined_sde_without_marginals():
+    # Gaussian data N(mu, s^2 I) under the OU process: p_t = N(a mu, (a^2 s^2 + 1 - a^2) I) with
+    # a = exp(-b t / 2), derived here; the library only sees drift, diffusion and prior.
+    sde, mu, s, eps = _ConstantRateOU(), torch.tensor([1.5, -0.5], dtype=torch.float64), 0.4, 1e-5
+    assert not sde.has_marginal
+
+    def kernel(t):
+        a = torch.exp(-0.5 * sde.b * t)
+        return a, 1 - a ** 2
+
+    mixture = GaussianMixture(torch.ones(1, dtype=torch.float64), mu[None],
+                              torch.tensor([s], dtype=torch.float64))
+    x, _ = mixture.sample(6, torch.Generator().manual_seed(0))
+    logp, z, _ = log_likelihood(sde, exact_score_fn(mixture, kernel), x, divergence="exact",
+                                eps=eps)
+    exact = exact_log_prob_t(mixture, kernel, x, eps)
+    swap = exact_log_prob_t(mixture, kernel, z, sde.T) - sde.prior_logp(z)
+    assert ((logp + swap - exact) / (2 * math.log(2))).abs().max() < BPD_TOL
