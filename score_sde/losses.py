@@ -1,0 +1,570 @@
+"""Training losses: continuous denoising score matching and its discrete-time ancestors.
+
+- `ScoreMatchingLoss`: denoising score matching over t ~ U(eps, T), Song et al. 2021 (ICLR),
+  Eq. (7), with lambda(t) = sigma(t)^2 or the likelihood weighting lambda(t) = g(t)^2 of
+  Song, Durkan, Murray & Ermon 2021 ("Maximum Likelihood Training of Score-Based Diffusion
+  Models", Theorem 1), optionally with their importance sampling of t.
+- `DDPMLoss`: L_simple of Ho et al. 2020, Eq. (14).
+- `SMLDLoss`: Song & Ermon 2019, Eqs. (5)-(6), with lambda(sigma) = sigma^2.
+- `HybridLoss`: L_simple + lambda L_vlb with a learned reverse variance, Nichol & Dhariwal 2021,
+  Eqs. (15)-(16).
+
+Convention (all four losses): no factor 1/2. Eq. (7) of Song et al. 2021 and Eq. (14) of Ho et
+al. have none; Song & Ermon's Eq. (5) and the likelihood bound of Song, Durkan et al. carry a
+1/2, so their objectives are half of ours (for the bound, see `ScoreMatchingLoss`). Per-sample
+squared errors are reduced over the non-batch dimensions by `reduction` ("mean" or "sum";
+"sum" = D * "mean" for D = x[0].numel()), and every `__call__` returns the batch mean.
+"""
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ._utils import append_dims, check_choice, check_int, check_positive, flat_sum, float64_like
+from .sampling import check_eps, resolve_device
+from .score import _time_in_interval
+from .sde import SDE, ScoreFn
+
+__all__ = ["ScoreMatchingLoss", "DDPMLoss", "SMLDLoss", "HybridLoss", "WEIGHTINGS",
+           "REDUCTIONS"]
+
+IndexFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+# Reduction of per-element squared errors [B, ...] -> [B].
+REDUCTIONS = {"mean": _mean_over_dims, "sum": flat_sum}
+
+
+def _sigma2_factor(sde: SDE, t64: torch.Tensor, sigma64: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(t64)
+
+
+def _likelihood_factor(sde: SDE, t64: torch.Tensor, sigma64: torch.Tensor) -> torch.Tensor:
+    # g(t) does not depend on x; a [B, 1] float64 stand-in avoids computing the drift of x.
+    _, g = sde.sde(torch.zeros(t64.shape[0], 1, dtype=t64.dtype, device=t64.device), t64)
+    return g ** 2 / sigma64 ** 2
+
+
+# Weighting name -> lambda(t) / sigma(t)^2 in float64, as a function of (sde, t, sigma(t)).
+WEIGHTINGS = {"sigma2": _sigma2_factor, "likelihood": _likelihood_factor}
+
+# Points of the float64 table that inverts the importance-sampling CDF.
+_TABLE_POINTS = 10_000
+
+
+def _check_sde(sde) -> None:
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
+
+
+def _check_fn(name: str, fn) -> None:
+    if not callable(fn):
+        raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
+        got = (f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+               else type(x).__name__)
+        raise ValueError(f"x must be a floating tensor of shape [B, ...] with rank >= 2, got {got}")
+
+
+def _check_noise(noise, x: torch.Tensor) -> None:
+    if not isinstance(noise, torch.Tensor) or noise.shape != x.shape or noise.dtype != x.dtype:
+        got = (f"{noise.dtype} {tuple(noise.shape)}" if isinstance(noise, torch.Tensor)
+               else type(noise).__name__)
+        raise ValueError(f"noise must be a tensor shaped like x ({x.dtype} {tuple(x.shape)}), "
+                         f"got {got}")
+
+
+def _check_index(i, x: torch.Tensor, num_steps: int) -> None:
+    if not isinstance(i, torch.Tensor) or i.dtype != torch.long or i.shape != (x.shape[0],):
+        got = f"{i.dtype} {tuple(i.shape)}" if isinstance(i, torch.Tensor) else type(i).__name__
+        raise ValueError(f"i must be a long tensor of shape [B]=({x.shape[0]},), got {got}")
+    if i.numel() and (i.min() < 0 or i.max() >= num_steps):
+        raise ValueError(f"i must lie in [0, {num_steps - 1}], got values in "
+                         f"[{i.min().item()}, {i.max().item()}]")
+
+
+def _check_output(name: str, out, x: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+
+
+def _discrete_attr(sde, attr: str, loss: str, sdes: str) -> torch.Tensor:
+    _check_sde(sde)
+    values = getattr(sde, attr, None)
+    if not isinstance(values, torch.Tensor):
+        raise ValueError(f"{loss} needs an SDE with a discrete chain ({sdes}: `{attr}`), got "
+                         f"{type(sde).__name__}")
+    return values.to(torch.float64)
+
+
+def _draw_index(batch: int, num_steps: int, generator, device) -> torch.Tensor:
+    return torch.randint(0, num_steps, (batch,), generator=generator, device=device)
+
+
+def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _at(table: torch.Tensor, i: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """table[i] in x's dtype, shaped to broadcast against x."""
+    return append_dims(table.to(i.device)[i].to(x.dtype), x.ndim)
+
+
+class ScoreMatchingLoss:
+    """Continuous-time denoising score matching (Song et al. 2021, Eq. 7).
+
+    For t ~ U(eps, T), z ~ N(0, I) and x_t = alpha(t) x + sigma(t) z (the perturbation kernel
+    of `sde.marginal_coeffs`), the conditional score is -z / sigma(t) and the per-sample loss is
+
+        lambda(t) * reduce((s(x_t, t) + z / sigma(t))^2)  =  lambda(t) / sigma(t)^2 *
+        reduce((sigma(t) s(x_t, t) + z)^2),
+
+    with no factor 1/2 (Eq. 7 has none). Weightings:
+
+    - "sigma2": lambda = sigma(t)^2, the loss is the noise-prediction error |sigma s + z|^2
+      (the reference implementation's default);
+    - "likelihood": lambda = g(t)^2 from `sde.sde` (Song, Durkan, Murray & Ermon 2021). With
+      reduction="sum", (T - eps) / 2 times this loss is their J_DSM(theta; g^2) on [eps, T],
+      which bounds the negative log-likelihood up to terms free of theta (Theorem 1).
+
+    With `importance_sampling` (likelihood weighting only), t is drawn with density
+    p(t) = g(t)^2 / sigma(t)^2 / Z on [eps, T] and each sample's loss is multiplied by the
+    importance weight 1 / ((T - eps) p(t)), so the expectation is unchanged while the
+    variance drops (the weighted loss is Z / (T - eps) |sigma s + z|^2). p's CDF is tabulated
+    once in float64 by the trapezoid rule on a grid log-spaced from eps (g^2 / sigma^2 ~ 1/t
+    there) and inverted by linear interpolation; the weight uses the density of exactly that
+    piecewise-linear CDF, so the estimator is unbiased whatever the table's resolution.
+
+    Args:
+        sde: a forward SDE with closed-form marginals (`sde.has_marginal`).
+        weighting: "sigma2" or "likelihood" (see `WEIGHTINGS`).
+        reduction: "mean" or "sum" over the non-batch dimensions (see `REDUCTIONS`).
+        eps: smallest training time, in (0, T) (1e-5 in the paper).
+        importance_sampling: sample t from p(t) above (needs weighting="likelihood").
+
+    Raises:
+        ValueError: an unknown weighting or reduction, an SDE without marginals, an invalid
+            eps, importance sampling with weighting="sigma2", or g^2 / sigma^2 not finite and
+            positive on [eps, T].
+    """
+
+    def __init__(self, sde: SDE, *, weighting: str = "sigma2", reduction: str = "mean",
+                 eps: float = 1e-5, importance_sampling: bool = False):
+        _check_sde(sde)
+        check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_eps(eps, sde)
+        if not sde.has_marginal:
+            raise ValueError(f"ScoreMatchingLoss needs the closed-form marginal of "
+                             f"{type(sde).__name__} (marginal_coeffs), which it lacks")
+        if not isinstance(importance_sampling, bool):
+            raise ValueError(f"importance_sampling must be a bool, got {importance_sampling!r}")
+        if importance_sampling and weighting != "likelihood":
+            raise ValueError(f"importance_sampling=True needs weighting='likelihood', got "
+                             f"weighting={weighting!r}")
+        self.sde, self.weighting, self.reduction = sde, weighting, reduction
+        self.eps, self.importance_sampling = float(eps), importance_sampling
+        self._factor, self._reduce = WEIGHTINGS[weighting], REDUCTIONS[reduction]
+        if importance_sampling:
+            self._t_grid, self._cdf = self._importance_table()
+
+    def _importance_table(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Grid [n] and normalized CDF [n] of p(t) ~ g^2 / sigma^2, float64 on the CPU."""
+        t = torch.logspace(math.log10(self.eps), math.log10(self.sde.T), _TABLE_POINTS,
+                           dtype=torch.float64)
+        t[0], t[-1] = self.eps, self.sde.T  # exact ends despite log/exp round-off
+        _, sigma = self.sde.marginal_coeffs(t)
+        density = _likelihood_factor(self.sde, t, sigma.to(torch.float64))
+        if not (torch.isfinite(density).all() and (density > 0).all()):
+            raise ValueError(f"importance sampling needs g(t)^2 / sigma(t)^2 finite and > 0 on "
+                             f"[eps, T] for {type(self.sde).__name__}; raise eps={self.eps}")
+        cells = 0.5 * (density[1:] + density[:-1]) * torch.diff(t)
+        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(cells, 0)])
+        return t, cdf / cdf[-1]
+
+    def sample_time(self, batch: int, *, generator: Optional[torch.Generator] = None,
+                    device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Draws training times and their importance weights.
+
+        Args:
+            batch: number of times B.
+            generator: torch.Generator for the draw.
+            device: device of the result; defaults to the generator's device, else the CPU.
+
+        Returns:
+            (t, weight), each [B] in float64 (float32 on MPS): t ~ U(eps, T) with weight 1, or,
+            with importance sampling, t ~ p(t) with weight 1 / ((T - eps) p(t)).
+        """
+        check_int("batch", batch, minimum=1)
+        device = resolve_device(device, generator)
+        wide = float64_like(torch.empty(0, device=device))
+        u = torch.rand(batch, generator=generator, device=device, dtype=wide)
+        if not self.importance_sampling:
+            return self.eps + (self.sde.T - self.eps) * u, torch.ones_like(u)
+        grid, cdf = self._t_grid.to(device, wide), self._cdf.to(device, wide)
+        k = (torch.searchsorted(cdf, u, right=True) - 1).clamp(0, grid.shape[0] - 2)
+        dt, dcdf = grid[k + 1] - grid[k], cdf[k + 1] - cdf[k]
+        t = (grid[k] + (u - cdf[k]) / dcdf * dt).clamp(self.eps, self.sde.T)
+        # The sampled density is piecewise constant, dcdf / dt on cell k.
+        return t, dt / (dcdf * (self.sde.T - self.eps))
+
+    def _per_sample(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
+        t64 = t.to(float64_like(t))
+        alpha64, sigma64 = self.sde.marginal_coeffs(t64)
+        alpha = append_dims(alpha64.to(x.dtype), x.ndim)
+        sigma = append_dims(sigma64.to(x.dtype), x.ndim)
+        x_t = alpha * x + sigma * noise
+        score = score_fn(x_t, t.to(x.dtype))
+        _check_output("score_fn", score, x)
+        factor = self._factor(self.sde, t64, sigma64).to(x.dtype)
+        return factor * self._reduce((sigma * score + noise) ** 2)
+
+    def per_sample(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss for given times and noise (deterministic; no importance weight).
+
+        Args:
+            score_fn: score function (x_t [B, ...], t [B] in x's dtype) -> score shaped like x.
+            x: clean data [B, ...] (rank >= 2), floating.
+            t: times [B], floating; coefficients are computed in float64 from them.
+            noise: z shaped like x, in x's dtype.
+
+        Returns:
+            lambda(t) reduce((s(x_t, t) + z / sigma(t))^2), shape [B], in x's dtype.
+
+        Raises:
+            ValueError: malformed x, t or noise, or a score of the wrong shape.
+        """
+        _check_fn("score_fn", score_fn)
+        _check_x(x)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() \
+                or t.shape != (x.shape[0],):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"t must be a floating tensor of shape [B]=({x.shape[0]},), got {got}")
+        _check_noise(noise, x)
+        return self._per_sample(score_fn, x, t, noise)
+
+    def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Monte-Carlo estimate of the loss on a batch: one (t, z) draw per sample.
+
+        Args:
+            score_fn: score function (x_t [B, ...], t [B] in x's dtype, in [eps, T]) -> score
+                shaped like x; wrap a network with `score_sde.make_score_fn`.
+            x: clean data [B, ...] (rank >= 2), floating.
+            generator: torch.Generator on x's device for t and z.
+
+        Returns:
+            Scalar in x's dtype: the batch mean of (importance weight x) per-sample loss.
+
+        Raises:
+            ValueError: malformed x or a score of the wrong shape.
+        """
+        _check_fn("score_fn", score_fn)
+        _check_x(x)
+        t64, weight = self.sample_time(x.shape[0], generator=generator, device=x.device)
+        noise = _noise_like(x, generator)
+        # The network sees t in x's dtype; keep a float32 eps from rounding below eps.
+        t = _time_in_interval(t64, self.eps, self.sde.T, x.dtype)
+        losses = self._per_sample(score_fn, x, t, noise)
+        if self.importance_sampling:
+            losses = weight.to(x.dtype) * losses
+        return losses.mean()
+
+
+class DDPMLoss:
+    """L_simple of DDPM (Ho et al. 2020, Eq. 14): E_{i, x, z} |z - eps_hat(x_i, i)|^2.
+
+    With abar_i = prod_{j <= i} (1 - beta_j) from the SDE's `discrete_betas` (VPSDE,
+    CosineVPSDE), x_i = sqrt(abar_i) x + sqrt(1 - abar_i) z and i ~ U{0, ..., N - 1}; index i
+    here is step t = i + 1 of Ho et al. No factor 1/2.
+
+    Args:
+        sde: an SDE with a DDPM chain (`discrete_betas`).
+        reduction: "mean" or "sum" over the non-batch dimensions.
+
+    Attributes:
+        alphas_cumprod: abar_i, float64 [N].
+
+    Raises:
+        ValueError: an SDE without `discrete_betas` or an unknown reduction.
+    """
+
+    def __init__(self, sde: SDE, *, reduction: str = "mean"):
+        betas = _discrete_attr(sde, "discrete_betas", "DDPMLoss", "VPSDE, CosineVPSDE")
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.sde, self.reduction, self._reduce = sde, reduction, REDUCTIONS[reduction]
+        self.num_steps = betas.shape[0]
+        log_abar = torch.cumsum(torch.log1p(-betas), 0)
+        self.alphas_cumprod = torch.exp(log_abar)
+        # sqrt(1 - abar) via expm1: abar_0 = 1 - 1e-4 would lose digits as 1 - abar.
+        self._signal, self._noise = torch.exp(0.5 * log_abar), torch.sqrt(-torch.expm1(log_abar))
+
+    def _per_sample(self, noise_fn, x, i, noise):
+        x_i = _at(self._signal, i, x) * x + _at(self._noise, i, x) * noise
+        eps_hat = noise_fn(x_i, i)
+        _check_output("noise_fn", eps_hat, x)
+        return self._reduce((eps_hat - noise) ** 2)
+
+    def per_sample(self, noise_fn: IndexFn, x: torch.Tensor, i: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss for given steps and noise (deterministic).
+
+        Args:
+            noise_fn: (x_i [B, ...], i [B] long) -> noise prediction shaped like x.
+            x: clean data [B, ...] (rank >= 2), floating.
+            i: step indices [B], long, in [0, N - 1].
+            noise: z shaped like x, in x's dtype.
+
+        Returns:
+            reduce((eps_hat - z)^2), shape [B], in x's dtype.
+
+        Raises:
+            ValueError: malformed inputs or a prediction of the wrong shape.
+        """
+        _check_fn("noise_fn", noise_fn)
+        _check_x(x)
+        _check_index(i, x, self.num_steps)
+        _check_noise(noise, x)
+        return self._per_sample(noise_fn, x, i, noise)
+
+    def __call__(self, noise_fn: IndexFn, x: torch.Tensor, *,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Batch mean of the per-sample loss with i ~ U{0..N-1} and z ~ N(0, I).
+
+        Args:
+            noise_fn: (x_i [B, ...], i [B] long) -> noise prediction shaped like x.
+            x: clean data [B, ...] (rank >= 2), floating.
+            generator: torch.Generator on x's device for i and z.
+
+        Returns:
+            Scalar in x's dtype.
+        """
+        _check_fn("noise_fn", noise_fn)
+        _check_x(x)
+        i = _draw_index(x.shape[0], self.num_steps, generator, x.device)
+        return self._per_sample(noise_fn, x, i, _noise_like(x, generator)).mean()
+
+
+class SMLDLoss:
+    """Denoising score matching over the SMLD noise levels (Song & Ermon 2019, Eqs. 5-6).
+
+    sigma_i from the SDE's `discrete_sigmas` (VESDE), x_i = x + sigma_i z with i ~ U{0..N-1},
+    per-sample loss sigma_i^2 reduce((s(x_i, i) + z / sigma_i)^2) = reduce((sigma_i s + z)^2):
+    lambda(sigma) = sigma^2 as in the paper, without its factor 1/2.
+
+    Args:
+        sde: an SDE with a SMLD chain (`discrete_sigmas`).
+        reduction: "mean" or "sum" over the non-batch dimensions.
+
+    Attributes:
+        sigmas: sigma_i, float64 [N], increasing from sigma_min (i = 0) to sigma_max, the
+            order of `sde.discrete_sigmas` and of `make_score_fn(..., time_input="index")`.
+
+    Raises:
+        ValueError: an SDE without `discrete_sigmas` or an unknown reduction.
+    """
+
+    def __init__(self, sde: SDE, *, reduction: str = "mean"):
+        self.sigmas = _discrete_attr(sde, "discrete_sigmas", "SMLDLoss", "VESDE")
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.sde, self.reduction, self._reduce = sde, reduction, REDUCTIONS[reduction]
+        self.num_steps = self.sigmas.shape[0]
+
+    def _per_sample(self, score_fn, x, i, noise):
+        sigma = _at(self.sigmas, i, x)
+        score = score_fn(x + sigma * noise, i)
+        _check_output("score_fn", score, x)
+        return self._reduce((sigma * score + noise) ** 2)
+
+    def per_sample(self, score_fn: IndexFn, x: torch.Tensor, i: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss for given noise levels and noise (deterministic).
+
+        Args:
+            score_fn: (x_i [B, ...], i [B] long) -> score shaped like x.
+            x: clean data [B, ...] (rank >= 2), floating.
+            i: noise-level indices [B], long, in [0, N - 1] (sigma_0 = sigma_min).
+            noise: z shaped like x, in x's dtype.
+
+        Returns:
+            reduce((sigma_i s + z)^2), shape [B], in x's dtype.
+
+        Raises:
+            ValueError: malformed inputs or a score of the wrong shape.
+        """
+        _check_fn("score_fn", score_fn)
+        _check_x(x)
+        _check_index(i, x, self.num_steps)
+        _check_noise(noise, x)
+        return self._per_sample(score_fn, x, i, noise)
+
+    def __call__(self, score_fn: IndexFn, x: torch.Tensor, *,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Batch mean of the per-sample loss with i ~ U{0..N-1} and z ~ N(0, I).
+
+        Args:
+            score_fn: (x_i [B, ...], i [B] long) -> score shaped like x.
+            x: clean data [B, ...] (rank >= 2), floating.
+            generator: torch.Generator on x's device for i and z.
+
+        Returns:
+            Scalar in x's dtype.
+        """
+        _check_fn("score_fn", score_fn)
+        _check_x(x)
+        i = _draw_index(x.shape[0], self.num_steps, generator, x.device)
+        return self._per_sample(score_fn, x, i, _noise_like(x, generator)).mean()
+
+
+def _gaussian_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _log_ndtr_diff(lo, hi):
+    """log(Phi(hi) - Phi(lo)) for lo < hi, accurate in both tails."""
+    # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi); work in the tail where both CDFs are small.
+    flip = lo > 0
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    log_b = torch.special.log_ndtr(b)
+    return log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
+
+
+def _discretized_gaussian_log_prob(x, mean, log_scale, num_levels=256):
+    """Elementwise log P(x) of data in [-1, 1] on `num_levels` levels under N(mean, scale^2)
+    discretized into bins of width 2 / (num_levels - 1), the edge bins extended to infinity
+    (Ho et al. 2020, Eq. 13)."""
+    half_bin = 1.0 / (num_levels - 1)
+    inv_scale = torch.exp(-log_scale)
+    lo = (x - mean - half_bin) * inv_scale
+    hi = (x - mean + half_bin) * inv_scale
+    edge = 1 - half_bin  # midway between the top (or bottom) two levels
+    inner = _log_ndtr_diff(lo, hi)
+    return torch.where(x < -edge, torch.special.log_ndtr(hi),
+                       torch.where(x > edge, torch.special.log_ndtr(-lo), inner))
+
+
+class HybridLoss:
+    """L_hybrid = L_simple + lambda L_vlb with a learned reverse variance (Nichol & Dhariwal
+    2021, Sec. 3.1, Eqs. 15-16).
+
+    The model returns (eps_hat, v), both shaped like x. The reverse step is
+    p(x_{i-1} | x_i) = N(mu, Sigma) with mu = (x_i - beta_i / sqrt(1 - abar_i) eps_hat) /
+    sqrt(1 - beta_i) (Ho et al. 2020, Eq. 11) and Sigma = exp(v log beta_i + (1 - v) log
+    beta~_i) (Eq. 15): v = 1 gives beta_i, v = 0 the posterior variance beta~_i = beta_i
+    (1 - abar_{i-1}) / (1 - abar_i). v is used as given; a network with outputs in [-1, 1]
+    should pass (out + 1) / 2. beta~_0 = 0, so log beta~_0 is clipped to log beta~_1.
+
+    L_simple = reduce((eps_hat - z)^2) as in `DDPMLoss`. The L_vlb term at the sampled index i
+    is KL(q(x_{i-1} | x_i, x) || p(x_{i-1} | x_i)) for i >= 1 and the discretized Gaussian
+    decoder NLL -log p(x | x_0) for i = 0 (data on 256 levels scaled to [-1, 1]; Ho et al.
+    Eq. 13). mu enters L_vlb through a stop-gradient (Eq. 16), so L_vlb trains only v. L_vlb
+    is reduced like L_simple, converted to bits and multiplied by N, an unbiased estimate of
+    the sum over the N terms (the prior term has no parameters); in these units
+    lambda = 0.001 balances the terms as in the paper for N = 1000. Index i here is step i + 1
+    of the papers.
+
+    Args:
+        sde: an SDE with a DDPM chain (`discrete_betas`) of at least 2 steps.
+        lambda_vlb: weight of L_vlb (>= 0; 0.001 in the paper).
+        reduction: "mean" or "sum" over the non-batch dimensions.
+
+    Raises:
+        ValueError: an SDE without `discrete_betas` or with one step, a negative lambda_vlb,
+            or an unknown reduction.
+    """
+
+    def __init__(self, sde: SDE, *, lambda_vlb: float = 0.001, reduction: str = "mean"):
+        betas = _discrete_attr(sde, "discrete_betas", "HybridLoss", "VPSDE, CosineVPSDE")
+        if betas.shape[0] < 2:
+            raise ValueError(f"HybridLoss needs at least 2 steps, got {betas.shape[0]}")
+        check_positive("lambda_vlb", lambda_vlb, allow_zero=True)
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.sde, self.lambda_vlb, self.reduction = sde, float(lambda_vlb), reduction
+        self._reduce = REDUCTIONS[reduction]
+        self.num_steps = betas.shape[0]
+        self._ddpm = DDPMLoss(sde, reduction=reduction)
+        log_abar = torch.cumsum(torch.log1p(-betas), 0)
+        log_abar_prev = torch.cat([torch.zeros(1, dtype=torch.float64), log_abar[:-1]])
+        one_minus_abar = -torch.expm1(log_abar)
+        one_minus_abar_prev = -torch.expm1(log_abar_prev)
+        post_var = betas * one_minus_abar_prev / one_minus_abar
+        self._log_beta = torch.log(betas)
+        self._log_post_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+        # Posterior mean coefficients (Ho et al. Eq. 7) and model mean coefficients (Eq. 11).
+        self._post_coef_x0 = torch.exp(0.5 * log_abar_prev) * betas / one_minus_abar
+        self._post_coef_xi = torch.sqrt(1 - betas) * one_minus_abar_prev / one_minus_abar
+        self._mean_coef_xi = 1 / torch.sqrt(1 - betas)
+        self._mean_coef_eps = betas / torch.sqrt(one_minus_abar) / torch.sqrt(1 - betas)
+
+    def _vlb_term(self, x, x_i, i, eps_hat, v):
+        """L_vlb term at index i in nats, [B] (reduced over dimensions)."""
+        mean = _at(self._mean_coef_xi, i, x) * x_i - _at(self._mean_coef_eps, i, x) * eps_hat
+        log_var = v * _at(self._log_beta, i, x) + (1 - v) * _at(self._log_post_var, i, x)
+        post_mean = _at(self._post_coef_x0, i, x) * x + _at(self._post_coef_xi, i, x) * x_i
+        kl = self._reduce(_gaussian_kl(post_mean, _at(self._log_post_var, i, x), mean, log_var))
+        nll = -self._reduce(_discretized_gaussian_log_prob(x, mean, 0.5 * log_var))
+        return torch.where(i == 0, nll, kl)
+
+    def _per_sample(self, model_fn, x, i, noise):
+        x_i = _at(self._ddpm._signal, i, x) * x + _at(self._ddpm._noise, i, x) * noise
+        out = model_fn(x_i, i)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ValueError(f"model_fn must return a pair (eps_hat, v), got "
+                             f"{type(out).__name__}")
+        eps_hat, v = out
+        _check_output("model_fn's eps_hat", eps_hat, x)
+        _check_output("model_fn's v", v, x)
+        simple = self._reduce((eps_hat - noise) ** 2)
+        vlb = self._vlb_term(x, x_i, i, eps_hat.detach(), v)
+        return simple + self.lambda_vlb * (self.num_steps / math.log(2)) * vlb
+
+    def per_sample(self, model_fn: Callable, x: torch.Tensor, i: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample hybrid loss for given steps and noise (deterministic).
+
+        Args:
+            model_fn: (x_i [B, ...], i [B] long) -> (eps_hat, v), each shaped like x.
+            x: clean data [B, ...] (rank >= 2), floating, 8-bit levels scaled to [-1, 1].
+            i: step indices [B], long, in [0, N - 1].
+            noise: z shaped like x, in x's dtype.
+
+        Returns:
+            L_simple + lambda_vlb * N * L_vlb term / ln 2, shape [B], in x's dtype.
+
+        Raises:
+            ValueError: malformed inputs or model outputs.
+        """
+        _check_fn("model_fn", model_fn)
+        _check_x(x)
+        _check_index(i, x, self.num_steps)
+        _check_noise(noise, x)
+        return self._per_sample(model_fn, x, i, noise)
+
+    def __call__(self, model_fn: Callable, x: torch.Tensor, *,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Batch mean of the per-sample hybrid loss with i ~ U{0..N-1} and z ~ N(0, I).
+
+        Args:
+            model_fn: (x_i [B, ...], i [B] long) -> (eps_hat, v), each shaped like x.
+            x: clean data [B, ...] (rank >= 2), floating, 8-bit levels scaled to [-1, 1].
+            generator: torch.Generator on x's device for i and z.
+
+        Returns:
+            Scalar in x's dtype.
+        """
+        _check_fn("model_fn", model_fn)
+        _check_x(x)
+        i = _draw_index(x.shape[0], self.num_steps, generator, x.device)
+        return self._per_sample(model_fn, x, i, _noise_like(x, generator)).mean()
