@@ -1,0 +1,98 @@
+"""Checkpoint files: atomic writes, corruption detection, fallbacks and pruning."""
+import os
+
+import pytest
+import torch
+
+from score_sde.checkpoint import (CheckpointError, load_checkpoint, prune_snapshots,
+                                  read_checkpoint, save_checkpoint, snapshots)
+
+
+def _state(step):
+    return {"step": step, "model": {"w": torch.arange(5.0) * step}}
+
+
+def test_round_trip(tmp_path):
+    save_checkpoint(_state(3), tmp_path / "c.pt")
+    state = read_checkpoint(tmp_path / "c.pt")
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.arange(5.0) * 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "foreign"])
+def test_damaged_file_is_detected(tmp_path, damage):
+    path = tmp_path / "c.pt"
+    save_checkpoint(_state(1), path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        torch.save(_state(1), path)
+        data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="c.pt"):
+        read_checkpoint(path)
+
+
+def test_falls_back_to_newest_good_snapshot(tmp_path, capsys):
+    snaps = tmp_path / "snapshots"
+    for step in (10, 20, 30):
+        save_checkpoint(_state(step), snaps / f"snapshot_{step:08d}.pt")
+    latest = tmp_path / "checkpoint.pt"
+    save_checkpoint(_state(35), latest)
+    latest.write_bytes(latest.read_bytes()[:-10])  # torn write of the latest state
+    (snaps / "snapshot_00000030.pt").write_bytes(b"garbage")
+    state = load_checkpoint(latest, snaps)
+    assert state["step"] == 20
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "snapshot_00000030.pt" in err
+
+
+def test_latest_preferred_when_newer_and_none_when_empty(tmp_path):
+    assert load_checkpoint(tmp_path / "checkpoint.pt", tmp_path / "snapshots") is None
+    save_checkpoint(_state(10), tmp_path / "snapshots" / "snapshot_00000010.pt")
+    save_checkpoint(_state(15), tmp_path / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "checkpoint.pt", tmp_path / "snapshots")["step"] == 15
+
+
+def test_prune_keeps_newest(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        save_checkpoint(_state(step), tmp_path / f"snapshot_{step:08d}.pt")
+    prune_snapshots(tmp_path, keep=2)
+    assert [p.name for p in snapshots(tmp_path)] == ["snapshot_00000005.pt",
+                                                      "snapshot_00000004.pt"]
+    prune_snapshots(tmp_path, keep=0)  # never deletes the newest
+    assert [p.name for p in snapshots(tmp_path)] == ["snapshot_00000005.pt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_folder_keeps_previous(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(_state(1), path)
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(OSError):
+            save_checkpoint(_state(2), path)
+    finally:
+        tmp_path.chmod(0o700)
+    assert read_checkpoint(path)["step"] == 1
+
+
+def test_failed_write_keeps_previous(tmp_path, monkeypatch):
+    # A disk-full error while writing: the previous file must stay intact and no temp remains.
+    path = tmp_path / "c.pt"
+    save_checkpoint(_state(1), path)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(_state(2), path)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
