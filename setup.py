@@ -32,6 +32,7 @@ setup(
         "absl-py",
         "tensorboard",
         "tqdm",
+        "pillow",
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
 )
