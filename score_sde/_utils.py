@@ -17,12 +17,13 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def check_batch_time(x: torch.Tensor, t: torch.Tensor, name: str = "t") -> None:
-    """Raises ValueError unless `t` is a floating tensor of shape [B] matching `x` of shape [B, ...]."""
+    """Raises ValueError unless `t` is a floating tensor [B] matching `x` of shape [B, ...]."""
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
-        raise ValueError(f"x must be a tensor of shape [B, ...], got {type(x).__name__}"
-                         f"{'' if not isinstance(x, torch.Tensor) else ' of shape ' + str(tuple(x.shape))}")
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor of shape [B, ...], got {got}")
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor of shape [B]={x.shape[0]}, got {type(t).__name__}")
+        raise ValueError(f"{name} must be a tensor of shape [B]={x.shape[0]}, got "
+                         f"{type(t).__name__}")
     if t.shape != (x.shape[0],):
         raise ValueError(f"{name} must have shape [B]=({x.shape[0]},) to match x of shape "
                          f"{tuple(x.shape)}, got {tuple(t.shape)}")
@@ -62,7 +63,8 @@ def check_shape(shape) -> Tuple[int, ...]:
     try:
         shape = tuple(shape)
     except TypeError:
-        raise ValueError(f"shape must be a sequence of positive ints [B, ...], got {shape!r}") from None
+        raise ValueError(f"shape must be a sequence of positive ints [B, ...], got "
+                         f"{shape!r}") from None
     if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
                                  for s in shape):
         raise ValueError(f"shape must be a sequence of at least two positive ints [B, ...] "

@@ -43,16 +43,19 @@ class _ODEFunc:
     """torchdiffeq right-hand side (t, y) wrapping a batched rhs(t [B], y); records the last
     accepted time so failures can say how far the solve got."""
 
-    def __init__(self, rhs: Callable[[torch.Tensor, State], State], batch: int, t_start: float):
+    def __init__(self, rhs: Callable[[torch.Tensor, State], State], batch: int, t_start: float,
+                 t_end: float):
         self.rhs = rhs
         self.batch = batch
         self.t_reached = t_start
+        # Integrating backward, torchdiffeq reports the true t0 but a positive step.
+        self.direction = 1.0 if t_end >= t_start else -1.0
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
         return self.rhs(t.reshape(1).expand(self.batch), y)
 
     def callback_accept_step(self, t0, y0, dt):
-        self.t_reached = float(t0 + dt)
+        self.t_reached = float(t0 + self.direction * dt)
 
 
 def _max_norm(y: State) -> torch.Tensor:
@@ -74,7 +77,7 @@ def odeint_interval(rhs: Callable[[torch.Tensor, State], State], y0: State, t_st
     """
     ref = y0[0] if isinstance(y0, tuple) else y0
     tdt = float64_like(ref)
-    func = _ODEFunc(rhs, batch, t_start)
+    func = _ODEFunc(rhs, batch, t_start, t_end)
     times = torch.tensor([t_start, t_end], dtype=tdt, device=ref.device)
     options = dict(step_t=torch.tensor([t_end], dtype=tdt, device=ref.device),
                    max_num_steps=MAX_SOLVER_STEPS, norm=_max_norm)
@@ -83,7 +86,8 @@ def odeint_interval(rhs: Callable[[torch.Tensor, State], State], y0: State, t_st
                                  options=options)
     except AssertionError as err:
         raise RuntimeError(
-            f"the {method} solve from t={t_start:g} to t={t_end:g} stopped at t={func.t_reached:.6g} "
+            f"the {method} solve from t={t_start:g} to t={t_end:g} stopped at "
+            f"t={func.t_reached:.6g} "
             f"({err}); loosen rtol/atol (now {rtol:g}/{atol:g}), raise eps, or check that the "
             f"score is finite and smooth there") from None
     return tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
@@ -117,8 +121,9 @@ def pf_ode_solve(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t_start: float, t
 
 def _check_data(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor of shape [B, ...] with rank >= 2, got "
-                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating tensor of shape [B, ...] with rank >= 2, "
+                         f"got {got}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains non-finite values")
 

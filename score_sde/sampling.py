@@ -33,6 +33,10 @@ class Predictor(abc.ABC):
         probability_flow: step the probability-flow ODE instead of the reverse SDE (no noise).
     """
 
+    # True when steps follow the SDE's discrete chain (`discretize`, `langevin_scale`); sample_pc
+    # then re-discretizes the SDE to its own number of steps.
+    uses_chain = False
+
     def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False):
         self.sde = sde
         self.score_fn = score_fn
@@ -73,10 +77,15 @@ class EulerMaruyamaPredictor(Predictor):
 
 class ReverseDiffusionPredictor(Predictor):
     """Reverse diffusion (Song et al. 2021, Eq. 46): x_{i-1} = x_i - f_i + G_i^2 s + G_i z,
-    built from the SDE's own discretization (DDPM for VP, SMLD for VE, Euler–Maruyama else)."""
+    built from the SDE's own discretization (DDPM for VP, SMLD for VE, Euler–Maruyama else).
+
+    `sample_pc` re-discretizes the SDE (`SDE.with_num_steps`) to the sampler's step count.
+    """
+
+    uses_chain = True
 
     def step(self, x, t, t_next, noise):
-        rev_f, rev_G = self.rsde.discretize(x, t)
+        rev_f, rev_G = self.rsde.discretize(x, t, dt=t - t_next)
         x_mean = x - rev_f
         if self.probability_flow:
             return x_mean, x_mean
@@ -116,7 +125,8 @@ class AncestralSamplingPredictor(Predictor):
         c_x = a * sigma_s ** 2 / sigma_t ** 2
         c_x0 = alpha_s * v / sigma_t ** 2
         std = torch.sqrt((v * sigma_s ** 2 / sigma_t ** 2).clamp(min=0))
-        x_mean = append_dims(c_x.to(x.dtype), x.ndim) * x + append_dims(c_x0.to(x.dtype), x.ndim) * x0
+        x_mean = (append_dims(c_x.to(x.dtype), x.ndim) * x
+                  + append_dims(c_x0.to(x.dtype), x.ndim) * x0)
         return x_mean + append_dims(std.to(x.dtype), x.ndim) * noise(x), x_mean
 
 
@@ -129,6 +139,8 @@ class Corrector(abc.ABC):
         snr: signal-to-noise ratio that sets the step size.
         num_steps: corrector steps per time point.
     """
+
+    uses_chain = False  # as for Predictor
 
     def __init__(self, sde: SDE, score_fn: ScoreFn, snr: float, num_steps: int):
         self.sde = sde
@@ -159,6 +171,8 @@ class LangevinCorrector(Corrector):
     1 otherwise).
     """
 
+    uses_chain = True
+
     def step(self, x, t, noise):
         x_mean = x
         alpha = self.sde.langevin_scale(t)
@@ -175,6 +189,8 @@ class LangevinCorrector(Corrector):
 class AnnealedLangevinCorrector(Corrector):
     """Annealed Langevin dynamics of NCSN (Song & Ermon 2019, Algorithm 1): step size
     2 alpha (snr sigma(t))^2 from the marginal noise level. Needs closed-form marginals."""
+
+    uses_chain = True
 
     def __init__(self, sde, score_fn, snr, num_steps):
         if not sde.has_marginal:
@@ -285,6 +301,15 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
                          f"none; pass denoise=False")
     predictor_cls = _resolve("predictor", predictor, PREDICTORS, Predictor)
     corrector_cls = _resolve("corrector", corrector, CORRECTORS, Corrector)
+    chain_users = [c.__name__ for c in (predictor_cls, corrector_cls)
+                   if c.uses_chain and (c is predictor_cls or corrector_steps > 0)]
+    if num_steps != sde.num_steps and chain_users:
+        # Steps of the SDE's discrete chain must follow the sampler's grid.
+        try:
+            sde = sde.with_num_steps(num_steps)
+        except ValueError as err:
+            raise ValueError(f"{' and '.join(chain_users)} use the SDE's discrete chain, which "
+                             f"cannot have num_steps={num_steps}: {err}") from None
     device = resolve_device(device, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
 

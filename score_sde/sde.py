@@ -10,6 +10,7 @@ Conventions: `x` has shape [B, ...] (any rank), `t` has shape [B]. Schedule coef
 computed in float64 and returned in the dtype of `x` (or of `t` where there is no `x`).
 """
 import abc
+import copy
 import math
 from typing import Callable, Optional, Tuple
 
@@ -57,6 +58,22 @@ class SDE(abc.ABC):
         """End time of the forward process."""
         return 1.0
 
+    def with_num_steps(self, num_steps: int) -> "SDE":
+        """A copy of this SDE whose discrete chain (`discretize`) has `num_steps` steps; the
+        continuous SDE is unchanged.
+
+        Raises:
+            ValueError: `num_steps` is invalid for this SDE's chain.
+        """
+        check_int("num_steps", num_steps, minimum=1)
+        new = copy.copy(self)
+        new.num_steps = num_steps
+        new._build_chain()
+        return new
+
+    def _build_chain(self) -> None:
+        """Builds the tables of the discrete chain for `self.num_steps` (none by default)."""
+
     @abc.abstractmethod
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Drift f(x, t) shaped like x and diffusion g(t) of shape [B]."""
@@ -96,20 +113,25 @@ class SDE(abc.ABC):
         alpha, sigma = self.marginal_coeffs(_t64(t))
         return append_dims(alpha.to(x.dtype), x.ndim) * x, sigma.to(x.dtype)
 
-    def discretize(self, x: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One step x_{i+1} = x_i + f_i + G_i z of the forward process, with dt = T / num_steps.
+    def discretize(self, x: torch.Tensor, t: torch.Tensor,
+                   dt: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One step x_{i+1} = x_i + f_i + G_i z of the forward process.
 
-        The default is Euler–Maruyama; VP uses the DDPM form and VE the SMLD form.
+        The default is Euler–Maruyama with step `dt` ([B], default T / num_steps); VP uses the
+        DDPM form and VE the SMLD form, whose steps are those of their `num_steps` chain and
+        ignore `dt`.
 
         Returns:
             f shaped like x and G of shape [B].
         """
-        dt = self.T / self.num_steps
         drift, diffusion = self.sde(x, t)
-        return drift * dt, diffusion * math.sqrt(dt)
+        if dt is None:
+            dt = torch.full_like(diffusion, self.T / self.num_steps)
+        dt = dt.to(x.dtype)
+        return drift * append_dims(dt, x.ndim), diffusion * torch.sqrt(dt)
 
     def langevin_scale(self, t: torch.Tensor) -> torch.Tensor:
-        """Factor alpha_i in the Langevin step size 2 alpha_i (snr |z| / |score|)^2; 1 by default."""
+        """Factor alpha_i of the Langevin step 2 alpha_i (snr |z| / |score|)^2; 1 by default."""
         check_time(t)
         return torch.ones_like(t)
 
@@ -167,7 +189,7 @@ class _VPFamily(SDE):
     def _beta_i(self, t):
         return self.discrete_betas.to(t.device)[self.step_index(t)]
 
-    def discretize(self, x, t):
+    def discretize(self, x, t, dt=None):
         """DDPM step x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z (Ho et al. 2020, Eq. 2)."""
         check_batch_time(x, t)
         beta = self._beta_i(t)
@@ -196,12 +218,16 @@ class VPSDE(_VPFamily):
         check_positive("beta_max", beta_max)
         if beta_max < beta_min:
             raise ValueError(f"beta_max must be >= beta_min, got {beta_max} < {beta_min}")
-        if beta_max / num_steps >= 1:
-            raise ValueError(f"beta_max / num_steps must be < 1 for the DDPM chain, got "
-                             f"{beta_max} / {num_steps}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-        self.discrete_betas = torch.linspace(beta_min / num_steps, beta_max / num_steps,
-                                             num_steps, dtype=torch.float64)
+        self._build_chain()
+
+    def _build_chain(self):
+        n = self.num_steps
+        if self.beta_max / n >= 1:
+            raise ValueError(f"beta_max / num_steps must be < 1 for the DDPM chain, got "
+                             f"{self.beta_max} / {n}")
+        self.discrete_betas = torch.linspace(self.beta_min / n, self.beta_max / n, n,
+                                             dtype=torch.float64)
 
     def _beta(self, t64):
         return self.beta_min + t64 * (self.beta_max - self.beta_min)
@@ -235,7 +261,11 @@ class CosineVPSDE(_VPFamily):
         self.beta_cap = -num_steps * math.log1p(-max_beta)
         u_cap = math.atan(self.beta_cap * (1 + s) / math.pi)
         self.t_cap = min(max(u_cap * 2 / math.pi * (1 + s) - s, 0.0), 1.0)
-        grid = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
+        self._build_chain()
+
+    def _build_chain(self):
+        # The chain's betas are exact for the continuous schedule on the grid i / num_steps.
+        grid = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64)
         log_alpha = self._log_alpha(grid)
         self.discrete_betas = -torch.expm1(2 * (log_alpha[1:] - log_alpha[:-1]))
 
@@ -321,8 +351,12 @@ class VESDE(SDE):
             raise ValueError(f"sigma_max must be > sigma_min, got {sigma_max} <= {sigma_min}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(sigma_max / sigma_min)
-        self.discrete_sigmas = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max),
-                                                        num_steps, dtype=torch.float64))
+        self._build_chain()
+
+    def _build_chain(self):
+        self.discrete_sigmas = torch.exp(torch.linspace(
+            math.log(self.sigma_min), math.log(self.sigma_max), self.num_steps,
+            dtype=torch.float64))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """The noise scale sigma(t) = sigma_min (sigma_max / sigma_min)^t, in t's dtype."""
@@ -346,7 +380,7 @@ class VESDE(SDE):
     def prior_logp(self, z):
         return _gaussian_logp(z, self.sigma_max)
 
-    def discretize(self, x, t):
+    def discretize(self, x, t, dt=None):
         """SMLD step x_{i+1} = x_i + sqrt(sigma_{i+1}^2 - sigma_i^2) z, with sigma_{-1} = 0."""
         check_batch_time(x, t)
         i = self.step_index(t)
@@ -402,10 +436,11 @@ class ReverseSDE:
             diffusion = torch.zeros_like(diffusion)
         return drift, diffusion
 
-    def discretize(self, x: torch.Tensor, t: torch.Tensor,
-                   score: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Reverse step x_{i-1} = x_i - rev_f + rev_G z built from the forward discretization."""
-        f, G = self.forward_sde.discretize(x, t)
+    def discretize(self, x: torch.Tensor, t: torch.Tensor, score: Optional[torch.Tensor] = None,
+                   dt: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reverse step x_{i-1} = x_i - rev_f + rev_G z built from the forward discretization
+        (`dt` as in `SDE.discretize`)."""
+        f, G = self.forward_sde.discretize(x, t, dt=dt)
         if score is None:
             score = self.score_fn(x, t)
         rev_f = f - self._c * append_dims(G ** 2, x.ndim) * score

@@ -50,7 +50,8 @@ class GaussianMixture:
     def diffuse(self, a, v):
         """The mixture of a x + sqrt(v) z for scalar kernel coefficients a, v."""
         a, v = float(a), float(v)
-        return GaussianMixture(self.weights, a * self.means, torch.sqrt(a ** 2 * self.stds ** 2 + v))
+        stds = torch.sqrt(a ** 2 * self.stds ** 2 + v)
+        return GaussianMixture(self.weights, a * self.means, stds)
 
     def log_prob(self, x):
         """log p(x) for x [B, ...] flattened to [B, D]; differentiable, in x's dtype."""
@@ -84,8 +85,8 @@ class GaussianMixture:
         m = self.mean()
         centred = self.means - m
         outer = torch.einsum("k,ki,kj->ij", self.weights, centred, centred)
-        return outer + torch.diag(torch.full((self.dim,), float((self.weights * self.stds ** 2).sum()),
-                                             dtype=torch.float64))
+        within = float((self.weights * self.stds ** 2).sum())
+        return outer + within * torch.eye(self.dim, dtype=torch.float64)
 
 
 def exact_score_fn(mixture, kernel):

@@ -82,7 +82,8 @@ def test_score_never_evaluated_outside_eps_T(entry, dtype):
     elif entry == "log_likelihood":
         log_likelihood(sde, rec, x, eps=eps, generator=gen)
     else:
-        sample_pc(sde, rec, (8, 2), num_steps=20, eps=eps, dtype=dtype, generator=gen)
+        sample_pc(sde, rec, (8, 2), predictor="euler_maruyama", num_steps=40, eps=eps,
+                  dtype=dtype, generator=gen)
     lo, hi = rec.bounds()
     assert eps <= lo and hi <= sde.T
     assert all(t.dtype == torch.float64 for t in rec.times)  # recorder widened them itself
