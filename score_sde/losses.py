@@ -281,7 +281,57 @@ class ScoreMatchingLoss:
         return losses.mean()
 
 
-class DDPMLoss:
+class _DiscreteLoss:
+    """Shared entry points of the discrete-time losses: the network is called as
+    fn(x_i [B, ...], i [B] long) and `_per_sample(fn, x, i, noise)` gives the loss [B]."""
+
+    fn_name = "fn"  # what the network callable is called in error messages
+    num_steps: int
+
+    def _per_sample(self, fn, x, i, noise):
+        raise NotImplementedError  # abstract: each loss defines its per-sample term
+
+    def per_sample(self, fn: Callable, x: torch.Tensor, i: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss for given step indices and noise (deterministic).
+
+        Args:
+            fn: the network callable (see the class docstring for what it returns).
+            x: clean data [B, ...] (rank >= 2), floating.
+            i: step indices [B], long, in [0, N - 1].
+            noise: z shaped like x, in x's dtype.
+
+        Returns:
+            The loss of each sample, shape [B], in x's dtype.
+
+        Raises:
+            ValueError: malformed inputs or network outputs.
+        """
+        _check_fn(self.fn_name, fn)
+        _check_x(x)
+        _check_index(i, x, self.num_steps)
+        _check_noise(noise, x)
+        return self._per_sample(fn, x, i, noise)
+
+    def __call__(self, fn: Callable, x: torch.Tensor, *,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Batch mean of the per-sample loss with i ~ U{0..N-1} and z ~ N(0, I).
+
+        Args:
+            fn: the network callable.
+            x: clean data [B, ...] (rank >= 2), floating.
+            generator: torch.Generator on x's device for i and z.
+
+        Returns:
+            Scalar in x's dtype.
+        """
+        _check_fn(self.fn_name, fn)
+        _check_x(x)
+        i = _draw_index(x.shape[0], self.num_steps, generator, x.device)
+        return self._per_sample(fn, x, i, _noise_like(x, generator)).mean()
+
+
+class DDPMLoss(_DiscreteLoss):
     """L_simple of DDPM (Ho et al. 2020, Eq. 14): E_{i, x, z} |z - eps_hat(x_i, i)|^2.
 
     With abar_i = prod_{j <= i} (1 - beta_j) from the SDE's `discrete_betas` (VPSDE,
@@ -299,6 +349,8 @@ class DDPMLoss:
         ValueError: an SDE without `discrete_betas` or an unknown reduction.
     """
 
+    fn_name = "noise_fn"
+
     def __init__(self, sde: SDE, *, reduction: str = "mean"):
         betas = _discrete_attr(sde, "discrete_betas", "DDPMLoss", "VPSDE, CosineVPSDE")
         check_choice("reduction", reduction, REDUCTIONS)
@@ -315,47 +367,8 @@ class DDPMLoss:
         _check_output("noise_fn", eps_hat, x)
         return self._reduce((eps_hat - noise) ** 2)
 
-    def per_sample(self, noise_fn: IndexFn, x: torch.Tensor, i: torch.Tensor,
-                   noise: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss for given steps and noise (deterministic).
 
-        Args:
-            noise_fn: (x_i [B, ...], i [B] long) -> noise prediction shaped like x.
-            x: clean data [B, ...] (rank >= 2), floating.
-            i: step indices [B], long, in [0, N - 1].
-            noise: z shaped like x, in x's dtype.
-
-        Returns:
-            reduce((eps_hat - z)^2), shape [B], in x's dtype.
-
-        Raises:
-            ValueError: malformed inputs or a prediction of the wrong shape.
-        """
-        _check_fn("noise_fn", noise_fn)
-        _check_x(x)
-        _check_index(i, x, self.num_steps)
-        _check_noise(noise, x)
-        return self._per_sample(noise_fn, x, i, noise)
-
-    def __call__(self, noise_fn: IndexFn, x: torch.Tensor, *,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Batch mean of the per-sample loss with i ~ U{0..N-1} and z ~ N(0, I).
-
-        Args:
-            noise_fn: (x_i [B, ...], i [B] long) -> noise prediction shaped like x.
-            x: clean data [B, ...] (rank >= 2), floating.
-            generator: torch.Generator on x's device for i and z.
-
-        Returns:
-            Scalar in x's dtype.
-        """
-        _check_fn("noise_fn", noise_fn)
-        _check_x(x)
-        i = _draw_index(x.shape[0], self.num_steps, generator, x.device)
-        return self._per_sample(noise_fn, x, i, _noise_like(x, generator)).mean()
-
-
-class SMLDLoss:
+class SMLDLoss(_DiscreteLoss):
     """Denoising score matching over the SMLD noise levels (Song & Ermon 2019, Eqs. 5-6).
 
     sigma_i from the SDE's `discrete_sigmas` (VESDE), x_i = x + sigma_i z with i ~ U{0..N-1},
@@ -374,6 +387,8 @@ class SMLDLoss:
         ValueError: an SDE without `discrete_sigmas` or an unknown reduction.
     """
 
+    fn_name = "score_fn"
+
     def __init__(self, sde: SDE, *, reduction: str = "mean"):
         self.sigmas = _discrete_attr(sde, "discrete_sigmas", "SMLDLoss", "VESDE")
         check_choice("reduction", reduction, REDUCTIONS)
@@ -385,45 +400,6 @@ class SMLDLoss:
         score = score_fn(x + sigma * noise, i)
         _check_output("score_fn", score, x)
         return self._reduce((sigma * score + noise) ** 2)
-
-    def per_sample(self, score_fn: IndexFn, x: torch.Tensor, i: torch.Tensor,
-                   noise: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss for given noise levels and noise (deterministic).
-
-        Args:
-            score_fn: (x_i [B, ...], i [B] long) -> score shaped like x.
-            x: clean data [B, ...] (rank >= 2), floating.
-            i: noise-level indices [B], long, in [0, N - 1] (sigma_0 = sigma_min).
-            noise: z shaped like x, in x's dtype.
-
-        Returns:
-            reduce((sigma_i s + z)^2), shape [B], in x's dtype.
-
-        Raises:
-            ValueError: malformed inputs or a score of the wrong shape.
-        """
-        _check_fn("score_fn", score_fn)
-        _check_x(x)
-        _check_index(i, x, self.num_steps)
-        _check_noise(noise, x)
-        return self._per_sample(score_fn, x, i, noise)
-
-    def __call__(self, score_fn: IndexFn, x: torch.Tensor, *,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Batch mean of the per-sample loss with i ~ U{0..N-1} and z ~ N(0, I).
-
-        Args:
-            score_fn: (x_i [B, ...], i [B] long) -> score shaped like x.
-            x: clean data [B, ...] (rank >= 2), floating.
-            generator: torch.Generator on x's device for i and z.
-
-        Returns:
-            Scalar in x's dtype.
-        """
-        _check_fn("score_fn", score_fn)
-        _check_x(x)
-        i = _draw_index(x.shape[0], self.num_steps, generator, x.device)
-        return self._per_sample(score_fn, x, i, _noise_like(x, generator)).mean()
 
 
 def _gaussian_kl(mean1, logvar1, mean2, logvar2):
@@ -455,7 +431,7 @@ def _discretized_gaussian_log_prob(x, mean, log_scale, num_levels=256):
                        torch.where(x > edge, torch.special.log_ndtr(-lo), inner))
 
 
-class HybridLoss:
+class HybridLoss(_DiscreteLoss):
     """L_hybrid = L_simple + lambda L_vlb with a learned reverse variance (Nichol & Dhariwal
     2021, Sec. 3.1, Eqs. 15-16).
 
@@ -484,6 +460,8 @@ class HybridLoss:
         ValueError: an SDE without `discrete_betas` or with one step, a negative lambda_vlb,
             or an unknown reduction.
     """
+
+    fn_name = "model_fn"
 
     def __init__(self, sde: SDE, *, lambda_vlb: float = 0.001, reduction: str = "mean"):
         betas = _discrete_attr(sde, "discrete_betas", "HybridLoss", "VPSDE, CosineVPSDE")
@@ -529,42 +507,3 @@ class HybridLoss:
         simple = self._reduce((eps_hat - noise) ** 2)
         vlb = self._vlb_term(x, x_i, i, eps_hat.detach(), v)
         return simple + self.lambda_vlb * (self.num_steps / math.log(2)) * vlb
-
-    def per_sample(self, model_fn: Callable, x: torch.Tensor, i: torch.Tensor,
-                   noise: torch.Tensor) -> torch.Tensor:
-        """Per-sample hybrid loss for given steps and noise (deterministic).
-
-        Args:
-            model_fn: (x_i [B, ...], i [B] long) -> (eps_hat, v), each shaped like x.
-            x: clean data [B, ...] (rank >= 2), floating, 8-bit levels scaled to [-1, 1].
-            i: step indices [B], long, in [0, N - 1].
-            noise: z shaped like x, in x's dtype.
-
-        Returns:
-            L_simple + lambda_vlb * N * L_vlb term / ln 2, shape [B], in x's dtype.
-
-        Raises:
-            ValueError: malformed inputs or model outputs.
-        """
-        _check_fn("model_fn", model_fn)
-        _check_x(x)
-        _check_index(i, x, self.num_steps)
-        _check_noise(noise, x)
-        return self._per_sample(model_fn, x, i, noise)
-
-    def __call__(self, model_fn: Callable, x: torch.Tensor, *,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Batch mean of the per-sample hybrid loss with i ~ U{0..N-1} and z ~ N(0, I).
-
-        Args:
-            model_fn: (x_i [B, ...], i [B] long) -> (eps_hat, v), each shaped like x.
-            x: clean data [B, ...] (rank >= 2), floating, 8-bit levels scaled to [-1, 1].
-            generator: torch.Generator on x's device for i and z.
-
-        Returns:
-            Scalar in x's dtype.
-        """
-        _check_fn("model_fn", model_fn)
-        _check_x(x)
-        i = _draw_index(x.shape[0], self.num_steps, generator, x.device)
-        return self._per_sample(model_fn, x, i, _noise_like(x, generator)).mean()
