@@ -254,7 +254,8 @@ class ScoreMatchingLoss:
         return self._per_sample(score_fn, x, t, noise)
 
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None,
+                 shard: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Monte-Carlo estimate of the loss on a batch: one (t, z) draw per sample.
 
         Args:
@@ -262,22 +263,33 @@ class ScoreMatchingLoss:
                 shaped like x; wrap a network with `score_sde.make_score_fn`.
             x: clean data [B, ...] (rank >= 2), floating.
             generator: torch.Generator on x's device for t and z.
+            shard: (rank, world_size) when x is the rank-th contiguous shard of a global batch
+                of world_size * B samples: t and z are drawn for the whole global batch and
+                this shard's slice is kept, so every process sees the draws one process would.
 
         Returns:
             Scalar in x's dtype: the batch mean of (importance weight x) per-sample loss.
 
         Raises:
-            ValueError: malformed x or a score of the wrong shape.
+            ValueError: malformed x or shard, or a score of the wrong shape.
         """
         _check_fn("score_fn", score_fn)
         _check_x(x)
-        t64, weight = self.sample_time(x.shape[0], generator=generator, device=x.device)
-        noise = _noise_like(x, generator)
+        rank, world = (0, 1) if shard is None else shard
+        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int)
+                and 0 <= rank < world):
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, "
+                             f"got {shard!r}")
+        b = x.shape[0]
+        keep = slice(rank * b, (rank + 1) * b)
+        t64, weight = self.sample_time(world * b, generator=generator, device=x.device)
+        noise = torch.randn((world * b,) + x.shape[1:], generator=generator, device=x.device,
+                            dtype=x.dtype)[keep]
         # The network sees t in x's dtype; keep a float32 eps from rounding below eps.
-        t = _time_in_interval(t64, self.eps, self.sde.T, x.dtype)
+        t = _time_in_interval(t64[keep], self.eps, self.sde.T, x.dtype)
         losses = self._per_sample(score_fn, x, t, noise)
         if self.importance_sampling:
-            losses = weight.to(x.dtype) * losses
+            losses = weight[keep].to(x.dtype) * losses
         return losses.mean()
 
 
