@@ -34,6 +34,7 @@ class ModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     prediction: str = "noise"  # network output: "noise", "score" or "x0" (make_score_fn)
     time_input: str = "scaled_t"  # network time input: "t", "scaled_t", "index" or "std"
+    class_conditional: bool = False  # embed the dataset's class labels (+ a null label)
 
 
 @dataclass
@@ -64,6 +65,9 @@ class TrainingConfig:
     bf16: bool = False  # bf16 autocast for the forward pass (CUDA)
     channels_last: bool = False  # channels-last memory format for image models (CUDA)
     compile: bool = False  # torch.compile the model
+    label_dropout: float = 0.1  # class-conditional: P(label -> null label), for CFG sampling
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss / gradient, don't stop
+    max_nonfinite: int = 10  # with skip_nonfinite: stop after more skipped steps in a row
 
 
 @dataclass

@@ -5,15 +5,30 @@ Examples:
     python -m score_sde.train --sde vp --dataset toy_8gaussians --n_iters 2000
     python -m score_sde.train --sde ve --dataset array --data_path train.npy --workdir runs/x
     python -m score_sde.train --config configs/toy.py --dry_run   # print the resolved config
+    python -m score_sde.train --class_conditional --label_dropout 0.1   # for CFG sampling
+    torchrun --standalone --nproc_per_node=4 -m score_sde.train --batch_size 128  # 4 GPUs
 
 Everything goes to --workdir (default runs/<sde>_<dataset>): config.json, log.txt,
 TensorBoard events (tb/), checkpoint.pt (the latest state, for resuming), snapshots/ and
 samples/. Running again with the same --workdir resumes from checkpoint.pt. Every random draw of
-step k (data order, dequantization, t, noise, dropout) is seeded from (seed, k), so a resumed run
-ends with exactly the weights of an uninterrupted one on the CPU.
+step k (data order, dequantization, label dropout, t, noise, dropout) is seeded from (seed, k),
+so a resumed run ends with exactly the weights of an uninterrupted one on the CPU.
+
+Multi-process training (DistributedDataParallel) starts when torchrun's RANK, WORLD_SIZE and
+LOCAL_RANK are set: backend "nccl" on CUDA (process LOCAL_RANK on cuda:LOCAL_RANK), "gloo" on
+the CPU. --batch_size stays the global batch. Each process takes its contiguous shard of the
+single-process batch (`BatchOrder`), and the per-sample draws (dequantization, label dropout,
+t and z) are made for the whole global batch on every process from the step's generators, each
+process keeping its slice; so the union of the shards is exactly the single-process batch with
+exactly its noise, and, since DDP averages the gradients of equal-size shards, the run follows
+the single-process one up to floating-point summation order. Only network dropout masks differ
+(each process draws its own). Rank 0 alone writes logs, TensorBoard, samples and checkpoints and
+computes the held-out loss; every process reads the checkpoint on resume, so --workdir must be
+on a file system all of them see.
 """
 import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -21,12 +36,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import datasets as data_lib
 from .checkpoint import load_checkpoint, prune_snapshots, save_checkpoint
+from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
+                          process_group_backend, resolve_device)
 from .config import Config, from_dict, to_dict
 from .losses import ScoreMatchingLoss
 from .models import MODELS
@@ -42,11 +60,23 @@ DEFAULT_CONFIGS = {"fashion_mnist": "fashion_mnist.py", "cifar10": "cifar10_ddpm
 TOY_CONFIG = "toy.py"
 # The paper's EMA rates: 0.9999 for VP-type SDEs, 0.999 for VE.
 EMA_RATES = {"vp": 0.9999, "subvp": 0.9999, "cosine": 0.9999, "ve": 0.999}
+# Independent random streams (see `step_seed`): the loss's t and z; dequantization and label
+# dropout; held-out loss noise and data; sample grids; network dropout (+ rank).
+STREAM_NOISE, STREAM_DATA, STREAM_EVAL_NOISE, STREAM_EVAL_DATA, STREAM_SAMPLES = range(5)
+STREAM_DROPOUT = 5
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, unusable checkpoint, ...)."""
 
+
+def check_world_size(cfg: Config, dist: DistInfo) -> None:
+    """Raises ValueError unless the global batch splits evenly over the processes."""
+    if cfg.training.batch_size % dist.world_size:
+        raise ValueError(f"--batch_size {cfg.training.batch_size} (the global batch) must be "
+                         f"divisible by the number of processes WORLD_SIZE={dist.world_size}")
+
+# --- building blocks --------------------------------------------------------------------------
 
 def build_sde(cfg: Config) -> SDE:
     s = cfg.sde
@@ -63,10 +93,24 @@ def build_sde(cfg: Config) -> SDE:
 
 
 def build_model(cfg: Config, info: "data_lib.DataInfo") -> torch.nn.Module:
-    """The network for data of per-sample shape `info.shape`."""
+    """The network for data of per-sample shape `info.shape`; with `cfg.model.class_conditional`
+    it embeds `info.num_classes` labels plus the null label.
+
+    Raises:
+        ValueError: unknown model, data of the wrong rank, num_classes in the model kwargs, or
+            class conditioning on data without labels.
+    """
     if cfg.model.name not in MODELS:
         raise ValueError(f"unknown model {cfg.model.name!r}; accepted: {', '.join(MODELS)}")
     kwargs = dict(cfg.model.kwargs)
+    if "num_classes" in kwargs:
+        raise ValueError("model.kwargs must not set num_classes; use --class_conditional (the "
+                         "number of classes comes from the dataset)")
+    if cfg.model.class_conditional:
+        if info.num_classes is None:
+            raise ValueError(f"--class_conditional needs a labelled dataset; {info.name!r} has "
+                             f"no labels")
+        kwargs["num_classes"] = info.num_classes
     if cfg.model.name == "mlp":
         if len(info.shape) != 1:
             raise ValueError(f"model 'mlp' needs vector data [N, D], got per-sample shape "
@@ -81,16 +125,26 @@ def build_model(cfg: Config, info: "data_lib.DataInfo") -> torch.nn.Module:
     return MODELS[cfg.model.name](**kwargs)
 
 
-def load_train_eval(data_cfg, *, seed: int):
-    """(train tensor, held-out tensor, DataInfo): the test split where the dataset has one,
-    otherwise (array data) a seeded `eval_fraction` share held out of the file."""
+class Splits(NamedTuple):
+    """Training and held-out data; labels are None for unlabelled datasets."""
+
+    train_x: torch.Tensor
+    train_y: Optional[torch.Tensor]
+    eval_x: torch.Tensor
+    eval_y: Optional[torch.Tensor]
+    info: "data_lib.DataInfo"
+
+
+def load_splits(data_cfg, *, seed: int) -> Splits:
+    """The test split as held-out data where the dataset has one, otherwise (array data) a
+    seeded `eval_fraction` share held out of the file."""
     common = dict(data_dir=data_cfg.data_dir, data_path=data_cfg.data_path, seed=seed,
                   num_samples=data_cfg.num_samples)
     train_ds, info = data_lib.load_dataset(data_cfg.dataset, split="train", **common)
-    x = train_ds.tensors[0]
+    x, y = train_ds.tensors[0], _labels(train_ds)
     if data_cfg.dataset != "array":
         test_ds, _ = data_lib.load_dataset(data_cfg.dataset, split="test", **common)
-        return x, test_ds.tensors[0], info
+        return Splits(x, y, test_ds.tensors[0], _labels(test_ds), info)
     if not 0 < data_cfg.eval_fraction < 1:
         raise ValueError(f"eval_fraction must lie in (0, 1), got {data_cfg.eval_fraction}")
     n_eval = max(1, round(len(x) * data_cfg.eval_fraction))
@@ -98,7 +152,19 @@ def load_train_eval(data_cfg, *, seed: int):
         raise ValueError(f"{data_cfg.data_path} holds {len(x)} samples: too few to hold out "
                          f"{data_cfg.eval_fraction:.0%} for evaluation and still train")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return x[perm[n_eval:]], x[perm[:n_eval]], info
+    train, held = perm[n_eval:], perm[:n_eval]
+    return Splits(x[train], None if y is None else y[train], x[held],
+                  None if y is None else y[held], info)
+
+
+def _labels(ds) -> Optional[torch.Tensor]:
+    return ds.tensors[1] if len(ds.tensors) > 1 else None
+
+
+def load_train_eval(data_cfg, *, seed: int):
+    """(train tensor, held-out tensor, DataInfo) of `load_splits`, without labels."""
+    s = load_splits(data_cfg, seed=seed)
+    return s.train_x, s.eval_x, s.info
 
 
 def learning_rate(step: int, cfg: Config) -> float:
@@ -107,18 +173,13 @@ def learning_rate(step: int, cfg: Config) -> float:
     return cfg.training.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """Seed of all random draws of one training step: a pure function of (seed, step)."""
-    return (seed % (1 << 31)) * (1 << 32) + step
+def step_seed(seed: int, step: int, stream: int = STREAM_NOISE) -> int:
+    """Seed of one random stream of one training step: a pure function of (seed, step, stream).
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
+    Distinct streams give unrelated generators (a CPU generator and a CUDA one seeded alike
+    would otherwise draw correlated numbers on the CPU).
+    """
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0])
 
 
 @torch.no_grad()
@@ -131,16 +192,79 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> Non
         eb.copy_(mb)
 
 
-class Trainer:
-    """Holds the state of one training run; `run()` executes the loop."""
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
 
-    def __init__(self, cfg: Config, workdir: str):
-        self.cfg, self.workdir = cfg, Path(workdir)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
+def with_labels(model, labels: Optional[torch.Tensor]):
+    """`model` with `class_labels=labels` bound (unchanged for None), so code calling
+    model(x, time_input), such as `make_score_fn`, feeds the labels."""
+    return model if labels is None else functools.partial(model, class_labels=labels)
+
+
+class _Reporter:
+    """log.txt, TensorBoard and the progress bar of rank 0; a no-op on other ranks."""
+
+    def __init__(self, workdir: Path, *, enabled: bool, total: int, initial: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.log = open(workdir / "log.txt", "a", buffering=1)
+        self.writer = SummaryWriter(str(workdir / "tb"))
+        self.bar = tqdm(total=total, initial=initial, desc="train", disable=None)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self.log.write(text + "\n")
+
+    def scalars(self, prefix: str, values: Dict[str, float], step: int) -> None:
+        if self.enabled:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def advance(self, **postfix) -> None:
+        if self.enabled:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.log.close()
+
+
+class Trainer:
+    """Holds the state of one training run; `run()` executes the loop.
+
+    Args:
+        cfg: the resolved configuration.
+        workdir: run folder (written by rank 0 only).
+        dist: this process's place in a torchrun launch; with world_size > 1 the default
+            process group must be initialised (see `train`).
+    """
+
+    def __init__(self, cfg: Config, workdir: str, *, dist: DistInfo = DistInfo()):
+        self.cfg, self.workdir, self.dist = cfg, Path(workdir), dist
         tc = cfg.training
-        self.device = resolve_device(tc.device)
+        check_world_size(cfg, dist)
+        self.device = resolve_device(tc.device, dist)
         self.sde = build_sde(cfg)
-        self.train_x, self.eval_x, self.info = load_train_eval(cfg.data, seed=tc.seed)
-        self.order = data_lib.BatchOrder(len(self.train_x), tc.batch_size, seed=tc.seed)
+        data = load_splits(cfg.data, seed=tc.seed)
+        self.train_x, self.train_y, self.eval_x, self.eval_y, self.info = data
+        self.num_classes = self.info.num_classes if cfg.model.class_conditional else None
+        self.order = data_lib.BatchOrder(len(self.train_x), tc.batch_size, seed=tc.seed,
+                                         rank=dist.rank, world_size=dist.world_size)
         torch.manual_seed(tc.seed)
         self.model = build_model(cfg, self.info).to(self.device)
         if tc.channels_last and len(self.info.shape) == 3:
@@ -154,38 +278,80 @@ class Trainer:
             self.sde, weighting="likelihood" if tc.likelihood_weighting else "sigma2",
             reduction="mean" if tc.reduce_mean else "sum", eps=tc.eps,
             importance_sampling=tc.importance_sampling)
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        net = self.model
+        if dist.world_size > 1:
+            # The EMA stays unwrapped: it is updated locally from identical weights.
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(net) if tc.compile else net
         self.step = 0
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        self.nonfinite_streak = 0  # ... of which the latest, in a row
 
     # --- data -----------------------------------------------------------------------------
 
-    def batch(self, x_all: torch.Tensor, indices: torch.Tensor,
-              generator: torch.Generator) -> torch.Tensor:
-        """Model-ready batch: dequantized to [-1, 1] for 8-bit images, as is otherwise."""
-        x = x_all[indices]
+    def model_input(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Model-ready data on the CPU: dequantized to [-1, 1) for 8-bit images, else float."""
         if self.info.discrete:
-            x = data_lib.to_model_range(x, generator=generator)
-        else:
-            x = x.float()
+            return data_lib.to_model_range(x, generator=generator)
+        return x.float()
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         if self.cfg.training.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def score_fn(self, model: torch.nn.Module):
-        return make_score_fn(model, self.sde, prediction=self.cfg.model.prediction,
+    def step_batch(self, step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This process's shard of the batch of `step`: (x, labels or None) on the device.
+
+        Dequantization and label dropout are drawn for the whole global batch from the step's
+        data generator and then sliced, so the shards of all processes are exactly the
+        single-process batch. A dropped label becomes the null label num_classes.
+        """
+        tc = self.cfg.training
+        gen = torch.Generator().manual_seed(step_seed(tc.seed, step, STREAM_DATA))
+        idx = self.order.global_indices(step)
+        shard = self.dist.shard(len(idx))
+        x = self.to_device(self.model_input(self.train_x[idx], gen)[shard])
+        if self.num_classes is None:
+            return x, None
+        drop = torch.rand(len(idx), generator=gen) < tc.label_dropout
+        labels = self.train_y[idx].masked_fill(drop, self.num_classes)
+        return x, labels[shard].to(self.device)
+
+    # --- losses ---------------------------------------------------------------------------
+
+    def score_fn(self, model, labels: Optional[torch.Tensor] = None):
+        return make_score_fn(with_labels(model, labels), self.sde,
+                             prediction=self.cfg.model.prediction,
                              time_input=self.cfg.model.time_input)
 
-    def loss(self, model, x, generator):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.cfg.training.bf16):
-            return self.loss_fn(self.score_fn(model), x, generator=generator)
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.training.bf16)
+
+    def train_loss(self, x: torch.Tensor, labels: Optional[torch.Tensor],
+                   generator: torch.Generator) -> torch.Tensor:
+        """Mean loss over this process's shard x of the step's global batch, with the t and z
+        one process would draw for those samples (`ScoreMatchingLoss`'s `shard`)."""
+        with self.autocast():
+            return self.loss_fn(self.score_fn(self.forward, labels), x, generator=generator,
+                                shard=(self.dist.rank, self.dist.world_size))
+
+    def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dist.world_size == 1:
+            return value
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        return value / self.dist.world_size
 
     # --- checkpoints ----------------------------------------------------------------------
 
     def state(self) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "skipped": self.skipped, "nonfinite_streak": self.nonfinite_streak,
                 "config": to_dict(self.cfg)}
 
     def restore(self, state: Dict[str, Any]) -> None:
@@ -198,112 +364,179 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.skipped = int(state.get("skipped", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+    def save(self, *, snapshot: bool) -> None:
+        """Rank 0 writes checkpoint.pt (and a snapshot); every process waits for it."""
+        if self.dist.is_main:
+            state = self.state()
+            save_checkpoint(state, self.workdir / "checkpoint.pt")
+            if snapshot:
+                snaps = self.workdir / "snapshots"
+                save_checkpoint(state, snaps / f"snapshot_{self.step:08d}.pt")
+                prune_snapshots(snaps, keep=self.cfg.training.keep_snapshots)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
 
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> Dict[str, float]:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
-
         tc = self.cfg.training
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
         state = load_checkpoint(self.workdir / "checkpoint.pt", self.workdir / "snapshots")
         if state is not None:
             self.restore(state)
-        (self.workdir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
-        log = open(self.workdir / "log.txt", "a", buffering=1)
-        writer = SummaryWriter(str(self.workdir / "tb"))
-        log.write(f"start at step {self.step} of {tc.n_iters} on {self.device}\n")
-        bar = tqdm(total=tc.n_iters, initial=self.step, desc="train", disable=None)
+        if main:
+            (self.workdir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        report = _Reporter(self.workdir, enabled=main, total=tc.n_iters, initial=self.step)
+        procs = f" x {self.dist.world_size} processes" if self.dist.world_size > 1 else ""
+        report.line(f"start at step {self.step} of {tc.n_iters} on {self.device}{procs}")
         last_time, last_step, metrics = time.time(), self.step, {}
         self.model.train()
-        while self.step < tc.n_iters:
-            step = self.step
-            seed = step_seed(tc.seed, step)
-            torch.manual_seed(seed)  # dropout and any other global draws of this step
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            data_gen = torch.Generator().manual_seed(seed)
-            x = self.batch(self.train_x, self.order.indices(step), data_gen)
-            lr = learning_rate(step, self.cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss = self.loss(self.forward, x, gen)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss {loss.item()} at step {step}; the last "
-                                    f"good checkpoint is kept in {self.workdir}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            if not torch.isfinite(grad_norm):
-                raise TrainingError(f"non-finite gradient norm at step {step}; the last good "
-                                    f"checkpoint is kept in {self.workdir}")
+        try:
+            while self.step < tc.n_iters:
+                loss, lr, grad_norm = self.train_step(report)
+                postfix = {}
+                if self.step % tc.log_every == 0 or self.step == tc.n_iters:
+                    now = time.time()
+                    rate = (self.step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
+                    last_time, last_step = now, self.step
+                    metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                               "samples_per_s": rate,
+                               "peak_mem_mib": peak_memory_mib(self.device),
+                               "skipped_steps": float(self.skipped)}
+                    report.scalars("train", metrics, self.step)
+                    report.line(f"step {self.step} " + " ".join(
+                        f"{k}={v:.6g}" for k, v in metrics.items()))
+                    postfix = dict(loss=f"{metrics['loss']:.4g}", per_s=f"{rate:.0f}")
+                report.advance(**postfix)
+                if main and (self.step % tc.eval_every == 0 or self.step == tc.n_iters):
+                    # Rank 0 only, with no collectives inside; the others wait in the next one.
+                    metrics["eval_loss"] = self.eval_loss()
+                    report.scalars("eval", {"loss_ema": metrics["eval_loss"]}, self.step)
+                    report.line(f"step {self.step} eval_loss_ema={metrics['eval_loss']:.6g}")
+                if main and tc.sample_every > 0 and (self.step % tc.sample_every == 0
+                                                     or self.step == tc.n_iters):
+                    self.write_samples()
+                snapshot = self.step % tc.snapshot_every == 0 or self.step == tc.n_iters
+                if snapshot or self.step % tc.checkpoint_every == 0:
+                    self.save(snapshot=snapshot)
+            report.line(f"done at step {self.step}")
+        finally:
+            report.close()
+        return metrics
+
+    def train_step(self, report: _Reporter) -> Tuple[torch.Tensor, float, torch.Tensor]:
+        """One optimizer step (or a skipped one); returns (loss over all processes, lr,
+        gradient norm)."""
+        tc = self.cfg.training
+        step = self.step
+        # Network dropout: a stream of its own, different on every process.
+        torch.manual_seed(step_seed(tc.seed, step, STREAM_DROPOUT + self.dist.rank))
+        gen = torch.Generator(device=self.device).manual_seed(step_seed(tc.seed, step))
+        x, labels = self.step_batch(step)
+        lr = learning_rate(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.train_loss(x, labels, gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients of the processes here
+        # Finiteness is decided on values equal on all processes, so they all agree.
+        loss = self.mean_over_processes(loss.detach())
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
             self.optimizer.step()
             ema_update(self.ema, self.model, self.ema_rate)
-            self.step += 1
-            bar.update(1)
+            self.nonfinite_streak = 0
+        else:
+            self.skip_nonfinite(step, "loss" if not torch.isfinite(loss) else "gradient norm",
+                                report)
+        self.step += 1
+        return loss, lr, grad_norm
 
-            if self.step % tc.log_every == 0 or self.step == tc.n_iters:
-                now = time.time()
-                rate = (self.step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
-                last_time, last_step = now, self.step
-                metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                           "samples_per_s": rate}
-                for k, v in metrics.items():
-                    writer.add_scalar(f"train/{k}", v, self.step)
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}", per_s=f"{rate:.0f}")
-                log.write(f"step {self.step} " + " ".join(f"{k}={v:.6g}"
-                                                          for k, v in metrics.items()) + "\n")
-            if self.step % tc.eval_every == 0 or self.step == tc.n_iters:
-                metrics["eval_loss"] = self.eval_loss()
-                writer.add_scalar("eval/loss_ema", metrics["eval_loss"], self.step)
-                log.write(f"step {self.step} eval_loss_ema={metrics['eval_loss']:.6g}\n")
-            if tc.sample_every > 0 and (self.step % tc.sample_every == 0
-                                        or self.step == tc.n_iters):
-                self.write_samples()
-            snapshot = self.step % tc.snapshot_every == 0 or self.step == tc.n_iters
-            if snapshot or self.step % tc.checkpoint_every == 0:
-                state = self.state()
-                save_checkpoint(state, self.workdir / "checkpoint.pt")
-                if snapshot:
-                    snaps = self.workdir / "snapshots"
-                    save_checkpoint(state, snaps / f"snapshot_{self.step:08d}.pt")
-                    prune_snapshots(snaps, keep=tc.keep_snapshots)
-        bar.close()
-        writer.close()
-        log.write(f"done at step {self.step}\n")
-        log.close()
-        return metrics
+    def skip_nonfinite(self, step: int, what: str, report: _Reporter) -> None:
+        """Skips the update of `step` (with skip_nonfinite) or raises TrainingError."""
+        tc = self.cfg.training
+        problem = f"non-finite {what} at step {step}"
+        keep = f"the last good checkpoint is kept in {self.workdir}"
+        if not tc.skip_nonfinite:
+            raise TrainingError(f"{problem}; {keep} (--skip_nonfinite skips such steps)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.nonfinite_streak += 1
+        report.line(f"step {step + 1} skipped: {problem} ({self.nonfinite_streak} in a row, "
+                    f"{self.skipped} in all)")
+        if self.nonfinite_streak > tc.max_nonfinite:
+            raise TrainingError(f"{problem}: {self.nonfinite_streak} skipped steps in a row, "
+                                f"more than max_nonfinite={tc.max_nonfinite}; {keep}")
 
     @torch.no_grad()
     def eval_loss(self) -> float:
-        """Held-out loss of the EMA weights on fixed batches with fixed noise."""
+        """Held-out loss of the EMA weights on fixed batches with fixed noise (true labels)."""
         tc = self.cfg.training
-        gen = torch.Generator(device=self.device).manual_seed(step_seed(tc.seed + 1, 0))
-        data_gen = torch.Generator().manual_seed(step_seed(tc.seed + 1, 0))
+        gen = torch.Generator(device=self.device).manual_seed(
+            step_seed(tc.seed, 0, STREAM_EVAL_NOISE))
+        data_gen = torch.Generator().manual_seed(step_seed(tc.seed, 0, STREAM_EVAL_DATA))
         n = len(self.eval_x)
         size = min(tc.batch_size, n)
         total = 0.0
         for b in range(tc.eval_batches):
             idx = (torch.arange(size) + b * size) % n
-            total += self.loss(self.ema, self.batch(self.eval_x, idx, data_gen), gen).item()
+            x = self.to_device(self.model_input(self.eval_x[idx], data_gen))
+            labels = None if self.num_classes is None else self.eval_y[idx].to(self.device)
+            with self.autocast():
+                total += self.loss_fn(self.score_fn(self.ema, labels), x, generator=gen).item()
         return total / tc.eval_batches
 
     @torch.no_grad()
     def write_samples(self) -> Optional[Path]:
-        """Samples of the EMA model (Euler–Maruyama, the SDE's steps) written as a PNG."""
+        """Samples of the EMA model (Euler–Maruyama, the SDE's steps) written as a PNG; a
+        class-conditional model gets labels 0, 1, ..., K - 1, 0, 1, ... in grid order."""
         tc = self.cfg.training
-        gen = torch.Generator(device=self.device).manual_seed(step_seed(tc.seed + 2, 0))
+        gen = torch.Generator(device=self.device).manual_seed(
+            step_seed(tc.seed, 0, STREAM_SAMPLES))
         eps = 1e-5 if self.cfg.sde.name == "ve" else 1e-3
-        x, _ = sample_pc(self.sde, self.score_fn(self.ema), (tc.num_samples,) + self.info.shape,
-                         predictor="euler_maruyama", corrector="none", eps=eps,
-                         device=self.device, generator=gen)
+        labels = None
+        if self.num_classes is not None:
+            labels = torch.arange(tc.num_samples, device=self.device) % self.num_classes
+        x, _ = sample_pc(self.sde, self.score_fn(self.ema, labels),
+                         (tc.num_samples,) + self.info.shape, predictor="euler_maruyama",
+                         corrector="none", eps=eps, device=self.device, generator=gen)
         return save_samples_png(x.cpu(), self.workdir / "samples" / f"samples_{self.step:08d}.png")
 
 
-def train(cfg: Config, workdir: str) -> Dict[str, float]:
-    """Trains (or resumes) with `cfg`, writing into `workdir`; returns the last metrics."""
-    return Trainer(cfg, workdir).run()
+def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None) -> Dict[str, float]:
+    """Trains (or resumes) with `cfg`, writing into `workdir`; returns the last metrics.
+
+    Args:
+        cfg: the resolved configuration.
+        workdir: run folder.
+        dist: process layout; None reads torchrun's environment variables (`dist_from_env`).
+            With several processes this initialises the default process group (NCCL on
+            CUDA, gloo on the CPU) and destroys it on return or error.
+
+    Raises:
+        ValueError, FileNotFoundError: bad configuration or data.
+        TrainingError: non-finite values or an incompatible checkpoint.
+    """
+    dist = dist_from_env(os.environ) if dist is None else dist
+    if dist.world_size == 1:
+        return Trainer(cfg, workdir, dist=dist).run()
+    check_world_size(cfg, dist)
+    device = resolve_device(cfg.training.device, dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(process_group_backend(device), rank=dist.rank,
+                                         world_size=dist.world_size,
+                                         timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        return Trainer(cfg, workdir, dist=dist).run()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -354,6 +587,10 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(tc, name)}")
     if not tc.lr > 0:
         raise ValueError(f"lr must be > 0, got {tc.lr}")
+    if not 0 <= tc.label_dropout <= 1:
+        raise ValueError(f"label_dropout must lie in [0, 1], got {tc.label_dropout}")
+    if tc.max_nonfinite < 0:
+        raise ValueError(f"max_nonfinite must be >= 0, got {tc.max_nonfinite}")
 
 
 def _define_flags():
@@ -386,6 +623,14 @@ def _define_flags():
                          lower_bound=1)
     flags.DEFINE_integer("snapshot_every", None, "Steps between numbered snapshots.",
                          lower_bound=1)
+    flags.DEFINE_boolean("class_conditional", None, "Condition on the dataset's class labels "
+                         "(with label dropout, for classifier-free guidance).")
+    flags.DEFINE_float("label_dropout", None, "Probability of replacing a label by the null "
+                       "label (with --class_conditional).", lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_boolean("skip_nonfinite", None, "Skip steps whose loss or gradient is not "
+                         "finite instead of stopping.")
+    flags.DEFINE_integer("max_nonfinite", None, "With --skip_nonfinite: stop after more than "
+                         "this many skipped steps in a row.", lower_bound=0)
     flags.DEFINE_boolean("dry_run", False, "Print the resolved config and exit.")
 
 
@@ -399,7 +644,9 @@ FLAG_FIELDS = {
     "channels_last": "training.channels_last", "compile": "training.compile",
     "log_every": "training.log_every", "eval_every": "training.eval_every",
     "sample_every": "training.sample_every", "checkpoint_every": "training.checkpoint_every",
-    "snapshot_every": "training.snapshot_every",
+    "snapshot_every": "training.snapshot_every", "class_conditional": "model.class_conditional",
+    "label_dropout": "training.label_dropout", "skip_nonfinite": "training.skip_nonfinite",
+    "max_nonfinite": "training.max_nonfinite",
 }
 
 
@@ -412,6 +659,10 @@ def resolve(flag_values) -> tuple:
                                                   and not flag_values.config)}
     cfg = apply_overrides(cfg, overrides)
     check_config(cfg)
+    if flag_values["label_dropout"].present and not cfg.model.class_conditional:
+        raise ValueError("--label_dropout needs --class_conditional")
+    if flag_values["max_nonfinite"].present and not cfg.training.skip_nonfinite:
+        raise ValueError("--max_nonfinite needs --skip_nonfinite")
     workdir = flag_values.workdir or os.path.join("runs", f"{cfg.sde.name}_{cfg.data.dataset}")
     return cfg, workdir
 
@@ -421,16 +672,22 @@ def main(argv) -> None:
 
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+    dist = DistInfo()
     try:
+        dist = dist_from_env(os.environ)
         cfg, workdir = resolve(flags.FLAGS)
+        check_world_size(cfg, dist)
         if flags.FLAGS.dry_run:
-            print(json.dumps({"workdir": workdir, **to_dict(cfg)}, indent=2))
+            if dist.is_main:
+                print(json.dumps({"workdir": workdir, **to_dict(cfg)}, indent=2))
             return
-        metrics = train(cfg, workdir)
+        metrics = train(cfg, workdir, dist=dist)
     except (ValueError, FileNotFoundError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        where = f" (rank {dist.rank})" if dist.world_size > 1 else ""
+        print(f"error{where}: {err}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({"workdir": workdir, "step": cfg.training.n_iters, **metrics}))
+    if dist.is_main:
+        print(json.dumps({"workdir": workdir, "step": cfg.training.n_iters, **metrics}))
 
 
 def _parse_flags(argv):

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -11,10 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from score_sde.checkpoint import read_checkpoint
 from score_sde.config import from_dict, to_dict
-from score_sde.train import apply_overrides, load_config_file, train
+from score_sde.datasets import load_dataset
+from score_sde.models import SmallUNet
+from score_sde.train import Trainer, TrainingError, apply_overrides, load_config_file, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,8 +36,21 @@ def _toy_cfg(**training):
 
 
 # Bitwise-identical CPU runs need a fixed thread count: MKL and OpenMP may otherwise drop
-# threads under load, which changes the order of floating-point reductions.
-ENV = dict(os.environ, PYTHONPATH=str(REPO), MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE")
+# threads under load, which changes the order of floating-point reductions. One thread: these
+# small networks run several times faster on a shared CPU than with contended threads.
+ENV = dict(os.environ, PYTHONPATH=str(REPO), MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE",
+           OMP_NUM_THREADS="1")
+for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a single process, even under torchrun
+    ENV.pop(_name, None)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process training on one thread, as the subprocesses (see ENV)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _cli(*args, timeout=120):
@@ -64,6 +82,11 @@ def test_train_writes_run_folder_and_is_finite(tmp_path):
         "snapshot_00000020.pt", "snapshot_00000040.pt"]
     state = read_checkpoint(tmp_path / "checkpoint.pt")
     assert state["step"] == 40 and from_dict(state["config"]) == _toy_cfg()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/samples_per_s", "train/peak_mem_mib", "train/skipped_steps",
+            "eval/loss_ema"} <= set(events.Tags()["scalars"])
+    assert all(e.value > 0 for e in events.Scalars("train/peak_mem_mib"))
 
 
 def _final_weights(workdir):
@@ -152,6 +175,11 @@ def test_dry_run_prints_resolved_config(tmp_path):
     (["--config", "/nonexistent/cfg.py"], "does not exist"),
     (["--dataset", "fashion_mnist", "--data_dir", "/nonexistent"], "dataset-fashion-mnist"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--model", "nope"], "cuda"),
+    (["--class_conditional"], "--class_conditional needs a labelled dataset; 'toy_moons'"),
+    (["--label_dropout", "0.2"], "--label_dropout needs --class_conditional"),
+    (["--class_conditional", "--label_dropout", "1.5"], "label_dropout"),
+    (["--max_nonfinite", "3"], "--max_nonfinite needs --skip_nonfinite"),
+    (["--bf16", "--device", "cpu"], "--bf16 autocast is for CUDA"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message, tmp_path):
     out = _cli("--workdir", str(tmp_path / "w"), "--dataset", "toy_moons", *args)
@@ -159,3 +187,153 @@ def test_bad_command_lines_exit_2_with_one_line(args, message, tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+# --- class-conditional training (classifier-free guidance's label dropout) --------------------
+
+STAT_LEVEL = 1e-3  # significance level of the statistical tests
+NUM_CLASSES = 10
+
+
+def _idx(arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + \
+        arr.tobytes()
+
+
+def _fashion_cfg(tmp_path, **training):
+    """Tiny Fashion-MNIST IDX files (train 48, test 16 images) and a tiny class-conditional
+    U-Net for them."""
+    data_dir = tmp_path / "fashion"
+    if not data_dir.exists():
+        data_dir.mkdir()
+        rng = np.random.default_rng(0)
+        for stem, n in (("train", 48), ("t10k", 16)):
+            (data_dir / f"{stem}-images-idx3-ubyte").write_bytes(
+                _idx(rng.integers(0, 256, (n, 28, 28))))
+            (data_dir / f"{stem}-labels-idx1-ubyte").write_bytes(
+                _idx(rng.integers(0, NUM_CLASSES, n)))
+    cfg = load_config_file(str(REPO / "configs" / "fashion_mnist.py"))
+    base = dict(n_iters=3, batch_size=8, warmup=2, log_every=1, eval_every=3, eval_batches=1,
+                sample_every=3, num_samples=12, checkpoint_every=1, snapshot_every=2,
+                label_dropout=0.3, device="cpu")
+    base.update(training)
+    overrides = {f"training.{k}": v for k, v in base.items()}
+    overrides.update({"data.data_dir": str(data_dir), "sde.num_steps": 25,
+                      "model.class_conditional": True,
+                      "model.kwargs": dict(nf=8, ch_mult=(1,), num_res_blocks=1,
+                                           attn_resolutions=(), dropout=0.0)})
+    return apply_overrides(cfg, overrides)
+
+
+def test_class_conditional_model_gets_labels(tmp_path, monkeypatch):
+    calls = []
+    forward = SmallUNet.forward
+
+    def spy(self, x, time_input, class_labels=None):
+        calls.append((self.training, None if class_labels is None else class_labels.clone()))
+        return forward(self, x, time_input, class_labels)
+
+    monkeypatch.setattr(SmallUNet, "forward", spy)
+    cfg = _fashion_cfg(tmp_path)
+    train(cfg, str(tmp_path / "run"))
+    assert all(labels is not None for _, labels in calls)
+    trained = [labels for training, labels in calls if training]
+    assert len(trained) == 3 and all(lab.shape == (8,) for lab in trained)
+    assert all(0 <= lab.min() and lab.max() <= NUM_CLASSES for lab in trained)
+    ema = [labels for training, labels in calls if not training]
+    _, test_labels = load_dataset("fashion_mnist", split="test", data_dir=cfg.data.data_dir)[0][:8]
+    assert torch.equal(ema[0], test_labels)  # held-out loss: the true labels, no dropout
+    assert len(ema) > 25  # then the sample grid: 25 Euler-Maruyama steps, cyclic labels
+    assert all(torch.equal(lab, torch.arange(12) % NUM_CLASSES) for lab in ema[1:])
+    state = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["model"]["label_embed.table.weight"].shape[0] == NUM_CLASSES + 1
+
+
+def test_label_dropout_rate_and_shards(tmp_path):
+    # Over 200 steps x 8 labels, the share replaced by the null label is Binomial(1600, p);
+    # kept labels are the data's.
+    p = 0.3
+    trainer = Trainer(_fashion_cfg(tmp_path, label_dropout=p), str(tmp_path / "run"))
+    dropped = total = 0
+    for step in range(200):
+        x, labels = trainer.step_batch(step)
+        true = trainer.train_y[trainer.order.global_indices(step)]
+        null = labels == NUM_CLASSES
+        assert torch.equal(labels[~null], true[~null]) and x.shape == (8, 1, 28, 28)
+        dropped, total = dropped + int(null.sum()), total + len(labels)
+    assert stats.binomtest(dropped, total, p).pvalue > STAT_LEVEL, dropped / total
+    x0, labels0 = trainer.step_batch(5)
+    x1, labels1 = trainer.step_batch(5)  # a pure function of the step
+    assert torch.equal(x0, x1) and torch.equal(labels0, labels1)
+    for p, expect in ((0.0, 0), (1.0, 8)):
+        trainer = Trainer(_fashion_cfg(tmp_path, label_dropout=p), str(tmp_path / "run"))
+        assert int((trainer.step_batch(3)[1] == NUM_CLASSES).sum()) == expect
+
+
+def test_class_conditional_resume_is_exact(tmp_path):
+    common = dict(sample_every=0, eval_every=10)
+    train(_fashion_cfg(tmp_path, n_iters=4, **common), str(tmp_path / "straight"))
+    train(_fashion_cfg(tmp_path, n_iters=2, **common), str(tmp_path / "resumed"))
+    train(_fashion_cfg(tmp_path, n_iters=4, **common), str(tmp_path / "resumed"))
+    _assert_same_state(_final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed"))
+
+
+def test_class_labels_come_from_the_config_only(tmp_path):
+    cfg = apply_overrides(_toy_cfg(), {"model.kwargs": dict(hidden=8, num_classes=3)})
+    with pytest.raises(ValueError, match="must not set num_classes; use --class_conditional"):
+        train(cfg, str(tmp_path))
+    cfg = apply_overrides(_toy_cfg(), {"model.class_conditional": True})
+    with pytest.raises(ValueError, match="needs a labelled dataset; 'toy_8gaussians'"):
+        train(cfg, str(tmp_path))
+
+
+# --- non-finite steps -------------------------------------------------------------------------
+
+class _NanGrad(torch.autograd.Function):
+    """Identity whose gradient is NaN: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _poison(monkeypatch, bad_steps):
+    """Makes the loss of `bad_steps` NaN ("loss") or its gradient NaN ("grad")."""
+    train_loss = Trainer.train_loss
+
+    def poisoned(self, x, labels, generator):
+        loss = train_loss(self, x, labels, generator)
+        kind = bad_steps.get(self.step)
+        if kind == "loss":
+            return loss * float("nan")
+        return _NanGrad.apply(loss) if kind == "grad" else loss
+
+    monkeypatch.setattr(Trainer, "train_loss", poisoned)
+
+
+def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
+    _poison(monkeypatch, {2: "loss", 3: "grad", 6: "loss"})
+    fast = dict(n_iters=8, sample_every=0, eval_every=8, log_every=4, num_samples=10)
+    with pytest.raises(TrainingError, match="non-finite loss at step 2; .*--skip_nonfinite"):
+        train(_toy_cfg(**fast), str(tmp_path / "stop"))
+    assert not (tmp_path / "stop" / "checkpoint.pt").exists()  # no checkpoint after step 2
+
+    metrics = train(_toy_cfg(skip_nonfinite=True, **fast), str(tmp_path / "skip"))
+    assert metrics["skipped_steps"] == 3 and np.isfinite(metrics["loss"])
+    log = (tmp_path / "skip" / "log.txt").read_text()
+    assert "step 3 skipped: non-finite loss at step 2 (1 in a row, 1 in all)" in log
+    assert "step 4 skipped: non-finite gradient norm at step 3 (2 in a row, 2 in all)" in log
+    assert "step 7 skipped: non-finite loss at step 6 (1 in a row, 3 in all)" in log
+    state = read_checkpoint(tmp_path / "skip" / "checkpoint.pt")
+    assert state["skipped"] == 3 and state["step"] == 8
+    assert all(s["step"] == 5 for s in state["optimizer"]["state"].values())  # Adam updates
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+    with pytest.raises(TrainingError, match="2 skipped steps in a row, more than "
+                                            "max_nonfinite=1"):
+        train(_toy_cfg(skip_nonfinite=True, max_nonfinite=1, **fast), str(tmp_path / "many"))
