@@ -1,0 +1,343 @@
+"""tools/likelihood.py: smoke run, closed-form numbers, bits/dim, resume, errors, torchrun.
+
+Ground truth: the exact score of a Gaussian mixture (tests/problems.py) for the core function,
+and for the command line an image model whose output is exactly zero with prediction "score":
+its probability-flow ODE is dx/dt = -beta(t) x / 2, so z = a x with a = exp(-B / 2),
+B = int_eps^1 beta, and log p(y) = log N(a y; 0, I) + D log a in closed form.
+"""
+import importlib.util
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import score_sde
+from score_sde.checkpoint import read_checkpoint, save_checkpoint
+from score_sde.config import to_dict
+from score_sde.datasets import DataInfo, load_dataset
+from score_sde.train import apply_overrides, build_model, load_config_file, train
+from tests.problems import KERNELS, exact_log_prob_t, exact_score_fn, random_mixture
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("tool_likelihood", REPO / "tools" /
+                                               "likelihood.py")
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
+
+# One thread per process: on a shared, loaded CPU, OpenMP threads of small convolutions spin
+# against each other and a solve slows down tenfold.
+ENV = dict(os.environ, PYTHONPATH=str(REPO), MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE",
+           OMP_NUM_THREADS="1")
+EPS = 1e-5
+BPD_TOL = 1e-3  # accuracy of the likelihood at rtol = atol = 1e-5, bits/dim
+FAST = ["--rtol", "1e-3", "--atol", "1e-3"]  # where the tolerance is not what is tested
+FIELDS = {"nll_nats", "stderr", "stderr_samples", "bpd", "bpd_stderr", "n", "num_data",
+          "nfe_mean", "nfe_total", "seconds", "solve_seconds", "complete", "checkpoint", "step",
+          "use_ema", "sde", "model", "dataset", "split", "data_source", "num_dims",
+          "batch_size", "divergence", "num_probes", "method", "rtol", "atol", "eps",
+          "num_repeats", "seed", "dequantization", "data_width", "num_levels", "class_labels",
+          "world_size", "device"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A workdir with a tiny toy checkpoint (MLP, 8 Gaussians, 10 steps)."""
+    workdir = tmp_path_factory.mktemp("toy_run")
+    cfg = load_config_file(str(REPO / "configs" / "toy.py"))
+    training = dict(n_iters=10, batch_size=64, log_every=10, eval_every=10, eval_batches=1,
+                    sample_every=0, checkpoint_every=10, snapshot_every=10, device="cpu")
+    cfg = apply_overrides(cfg, {f"training.{k}": v for k, v in training.items()})
+    cfg = apply_overrides(cfg, {"data.num_samples": 256,
+                                "model.kwargs": dict(hidden=16, num_layers=2)})
+    train(cfg, str(workdir))
+    return workdir
+
+
+def _main(*args):
+    return tool.main(["likelihood.py", *map(str, args)])
+
+
+def _one_line(capsys):
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# --- 1. smoke test --------------------------------------------------------------------------
+
+def test_smoke_command_line_on_toy_checkpoint(toy_run, tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "likelihood.py"), "--workdir", str(toy_run),
+         "--num_samples", "32", "--batch_size", "16", "--output", str(out),
+         "--partial_dir", str(tmp_path / "partial")],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result
+    assert FIELDS <= set(result)
+    for name in ("nll_nats", "stderr", "stderr_samples", "nfe_mean", "seconds"):
+        assert math.isfinite(result[name]), name
+    assert result["bpd"] is None and result["bpd_stderr"] is None  # continuous data
+    assert result["complete"] and result["n"] == result["num_data"] == 32
+    assert result["dataset"] == "toy_8gaussians" and result["split"] == "test"
+    assert result["step"] == 10 and result["use_ema"] is True
+    # The paper's protocol is the default; continuous data takes one pass.
+    assert (result["rtol"], result["atol"], result["eps"]) == (1e-5, 1e-5, 1e-5)
+    assert result["divergence"] == "rademacher" and result["num_probes"] == 1
+    assert result["method"] == "dopri5" and result["num_repeats"] == 1
+    assert result["nfe_total"] == 2 * result["nfe_mean"]  # two batches
+    assert len(list((tmp_path / "partial").glob("*.rank0.jsonl"))) == 1
+
+
+# --- 2. numbers against closed forms ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_core_matches_exact_mixture_nll(name):
+    # Exact score and exact divergence: each reported NLL is the exact -log p_eps(x) once the
+    # prior term is swapped for the exact density of the diffused data at T (as in
+    # tests/test_likelihood.py); z comes from the package's data_to_latent.
+    sde = {"vp": score_sde.VPSDE, "ve": score_sde.VESDE}[name]()
+    mixture, kernel = random_mixture(2, seed=11), KERNELS[name]
+    score_fn = exact_score_fn(mixture, kernel)
+    x, _ = mixture.sample(12, torch.Generator().manual_seed(0), dtype=torch.float32)
+    records = tool.evaluate(sde, score_fn, x, prepare=tool._prepare_continuous, batch_size=5,
+                            num_repeats=1, divergence="exact", eps=EPS)
+    assert [(r["repeat"], r["batch"]) for r in records] == [(0, 0), (0, 1), (0, 2)]
+    nll = torch.tensor([v for r in records for v in r["nll"]], dtype=torch.float64)
+    z, _ = score_sde.data_to_latent(sde, score_fn, x.double(), eps=EPS)
+    swap = exact_log_prob_t(mixture, kernel, z, sde.T) - sde.prior_logp(z)
+    exact = -(exact_log_prob_t(mixture, kernel, x.double(), EPS) - swap)
+    to_bpd = 1 / (2 * math.log(2))
+    assert ((nll - exact).abs() * to_bpd).max() < BPD_TOL
+    info = DataInfo("array", (2,), False, None, None, None)
+    summary = tool.summarize(records, num_data=12, num_repeats=1, info=info)
+    assert abs(summary["nll_nats"] - exact.mean().item()) * to_bpd < BPD_TOL
+    assert summary["bpd"] is None and summary["n"] == 12
+
+
+def test_summary_statistics_hand_computed():
+    # Two samples, two passes: NLLs 1, 2 (pass 0) and 3, 4 (pass 1).
+    records = [{"repeat": 1, "batch": 0, "nll": [3.0, 4.0], "nfe": 10, "seconds": 1.0},
+               {"repeat": 0, "batch": 0, "nll": [1.0, 2.0], "nfe": 20, "seconds": 2.0}]
+    info = DataInfo("array", (3,), False, None, None, None)
+    s = tool.summarize(records, num_data=2, num_repeats=2, info=info)
+    assert s["nll_nats"] == 2.5 and s["n"] == 4
+    assert s["stderr"] == pytest.approx(math.sqrt(5 / 3) / 2)  # std(1, 2, 3, 4) / sqrt(4)
+    assert s["stderr_samples"] == pytest.approx(0.5)  # per-sample means 2 and 3
+    assert s["nfe_mean"] == 15 and s["nfe_total"] == 30 and s["solve_seconds"] == 3.0
+    # 8-bit data in [-1, 1]: bpd = nll / (D ln 2) - 1 + 8.
+    info = DataInfo("img", (3,), True, 256, (-1.0, 1.0), None)
+    s = tool.summarize(records, num_data=2, num_repeats=2, info=info)
+    assert s["bpd"] == pytest.approx(2.5 / (3 * math.log(2)) + 7)
+    assert s["bpd_stderr"] == pytest.approx(s["stderr"] / (3 * math.log(2)))
+
+
+# --- 3. bits/dim through the image path ---------------------------------------------------
+
+def _idx(arr):
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+@pytest.fixture(scope="module")
+def zero_image_run(tmp_path_factory):
+    """A workdir whose small U-Net outputs exactly zero (prediction "score"), plus fake
+    Fashion-MNIST IDX files (4 test images) for it."""
+    root = tmp_path_factory.mktemp("zero_image_run")
+    data_dir = root / "fashion"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for split, stem, n in (("train", "train", 2), ("test", "t10k", 4)):
+        (data_dir / f"{stem}-images-idx3-ubyte").write_bytes(
+            _idx(rng.integers(0, 256, (n, 28, 28))))
+        (data_dir / f"{stem}-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, n)))
+    cfg = load_config_file(str(REPO / "configs" / "fashion_mnist.py"))
+    cfg = apply_overrides(cfg, {"data.data_dir": str(data_dir), "model.prediction": "score",
+                                "model.time_input": "t",
+                                "model.kwargs": dict(nf=8, ch_mult=(1, 1, 1), num_res_blocks=1,
+                                                     attn_resolutions=(), dropout=0.0)})
+    _, info = load_dataset("fashion_mnist", split="test", data_dir=str(data_dir))
+    model = build_model(cfg, info)
+    with torch.no_grad():
+        model.conv_out.weight.zero_()
+        model.conv_out.bias.zero_()
+    weights = model.state_dict()
+    save_checkpoint({"model": weights, "ema": weights, "optimizer": {}, "step": 7,
+                     "config": to_dict(cfg)}, root / "checkpoint.pt")
+    return root
+
+
+def test_image_path_bits_per_dim_closed_form(zero_image_run, tmp_path):
+    out = tmp_path / "r.json"
+    assert _main("--workdir", zero_image_run, "--num_samples", 2, "--batch_size", 2,
+                 "--output", out, "--partial_dir", tmp_path / "partial") == 0
+    r = json.loads(out.read_text())
+    d = 28 * 28
+    assert (r["num_dims"], r["num_data"], r["num_repeats"], r["n"]) == (d, 2, 5, 10)
+    assert r["dequantization"] == "uniform" and r["data_width"] == 2.0
+    assert r["num_levels"] == 256 and r["dataset"] == "fashion_mnist" and r["step"] == 7
+    # The reported numbers obey bpd = nll / (D ln 2) - log2(2) + log2(256).
+    assert r["bpd"] == pytest.approx(r["nll_nats"] / (d * math.log(2)) - 1 + 8, abs=1e-9)
+    assert r["bpd_stderr"] == pytest.approx(r["stderr"] / (d * math.log(2)), rel=1e-9)
+    # Hand-computed: -log p(y) = D/2 log(2 pi) + a^2 |y|^2 / 2 + D B / 2, with a^2 |y|^2 / 2
+    # below D e^-B / 2 (|y| <= sqrt(D)), i.e. < 3e-5 bits/dim.
+    big_b = 0.1 * (1 - EPS) + (20.0 - 0.1) * (1 - EPS ** 2) / 2
+    expected = 0.5 * math.log2(2 * math.pi) + big_b / (2 * math.log(2)) + 7
+    assert abs(r["bpd"] - expected) < BPD_TOL
+    # Each pass dequantizes afresh: the same images give different values in each pass.
+    lines = [json.loads(s) for p in (tmp_path / "partial").iterdir()
+             for s in p.read_text().splitlines()]
+    first = {(rec["repeat"], rec["batch"]): rec["nll"] for rec in lines if "batch" in rec}
+    assert len(first) == 5 and first[(0, 0)] != first[(1, 0)]
+
+
+# --- 4. resume --------------------------------------------------------------------------------
+
+def test_core_resume_after_interruption_gives_identical_numbers(tmp_path):
+    # 8-bit 2-D data, Rademacher probes, two passes: dequantization and probes are seeded per
+    # (pass, batch), so stopping after 3 batches (with a torn line) and resuming gives the
+    # numbers of an uninterrupted run.
+    sde = score_sde.VPSDE()
+    score_fn = exact_score_fn(random_mixture(2, seed=3, scale=0.5), KERNELS["vp"])
+    data = torch.randint(0, 256, (10, 2), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.uint8)
+    settings = {"test": 1}
+    common = dict(prepare=tool._prepare_discrete, batch_size=4, num_repeats=2, seed=5,
+                  rtol=1e-3, atol=1e-3)
+    straight = tool.evaluate(sde, score_fn, data, **common,
+                             partial=tool.PartialLog(tmp_path / "a", settings))
+    log = tool.PartialLog(tmp_path / "b", settings)
+    first = tool.evaluate(sde, score_fn, data, **common, partial=log, max_batches=3)
+    assert len(first) == 3
+    with open(log.path, "a") as f:
+        f.write('{"repeat": 1, "batch": 1, "nl')  # killed while writing
+    calls = []
+
+    def counted(x, t):
+        calls.append(1)
+        return score_fn(x, t)
+
+    resumed = tool.evaluate(sde, counted, data, **common, partial=log)
+    assert resumed == [{**r, "seconds": s["seconds"]} for r, s in zip(straight, resumed)]
+    assert len(resumed) == 6 and sum(r["nfe"] for r in resumed[3:]) == len(calls)
+    # A rerun finds everything done and evaluates nothing.
+    assert tool.evaluate(sde, counted, data, **common, partial=log) == resumed
+    assert sum(r["nfe"] for r in resumed[3:]) == len(calls)
+
+
+def test_command_line_resume_with_max_batches(toy_run, tmp_path, capsys):
+    args = ["--workdir", toy_run, "--num_samples", 24, "--batch_size", 8, "--num_repeats", 2,
+            *FAST]
+    assert _main(*args, "--partial_dir", tmp_path / "a", "--output", tmp_path / "a.json") == 0
+    capsys.readouterr()
+    assert _main(*args, "--partial_dir", tmp_path / "b", "--max_batches", 4) == 0
+    stopped = json.loads(capsys.readouterr().out)
+    assert stopped["complete"] is False and stopped["batches_done"] == 4
+    assert stopped["batches_total"] == 6
+    assert _main(*args, "--partial_dir", tmp_path / "b", "--output", tmp_path / "b.json") == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    for name in ("nll_nats", "stderr", "stderr_samples", "nfe_mean", "n"):
+        assert a[name] == b[name], name
+
+
+# --- 5. bad input and numerical failure -------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--workdir"),
+    (["--workdir", "{tmp}/nowhere"], "is not a directory"),
+    (["--workdir", "{tmp}"], "checkpoint.pt does not exist"),
+    (["--workdir", "{run}", "--checkpoint", "{tmp}/nope.pt"], "nope.pt does not exist"),
+    (["--workdir", "{run}", "--checkpoint", "{tmp}/torn.pt"], "not a score_sde checkpoint"),
+    (["--workdir", "{run}", "--dataset", "imagenet"], "--dataset"),
+    (["--workdir", "{run}", "--rtol", "0"], "--rtol must be > 0"),
+    (["--workdir", "{run}", "--atol", "-1e-5"], "--atol must be > 0"),
+    (["--workdir", "{run}", "--eps", "1"], "--eps must lie in (0, 1)"),
+    (["--workdir", "{run}", "--batch_size", "0"], "--batch_size"),
+    (["--workdir", "{run}", "--divergence", "hutchinson"], "--divergence"),
+    (["--workdir", "{run}", "--data_dir", "a", "--data_path", "b.npy"], "data_dir, data_path"),
+    (["--workdir", "{run}", "--dataset", "array", "--data_path", "{tmp}/x.npy", "--split",
+      "test"], "--split does not apply"),
+    (["--workdir", "{run}", "--dataset", "array"], "needs --data_path"),
+    (["--workdir", "{run}", "--dataset", "array", "--data_path", "{tmp}/x.npy"],
+     "does not exist"),
+    (["--workdir", "{run}", "--dataset", "fashion_mnist", "--data_dir", "{tmp}"],
+     "Fashion-MNIST not found"),
+    (["--workdir", "{run}", "--data_dir", "{tmp}"], "does not use data_dir"),
+    (["--workdir", "{run}", "extra"], "unexpected arguments"),
+    (["--workdir", "{run}", "--device", "cuda"] if not torch.cuda.is_available() else
+     ["--workdir", "{run}", "--split", "bogus"], "--"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, toy_run, tmp_path, capsys):
+    (tmp_path / "torn.pt").write_bytes(b"score_sde-check")
+    args = [a.format(tmp=tmp_path, run=toy_run) for a in args]
+    assert _main(*args) == 2
+    line = _one_line(capsys)
+    assert line.startswith("error: ") and message in line, line
+
+
+def test_weights_that_do_not_fit_the_data_exit_2(toy_run, tmp_path, capsys):
+    np.save(tmp_path / "x3.npy", np.zeros((4, 3), dtype=np.float32))  # 3-D data, 2-D model
+    assert _main("--workdir", toy_run, "--dataset", "array", "--data_path",
+                 tmp_path / "x3.npy", "--partial_dir", tmp_path / "p") == 2
+    assert "do not fit a mlp for data of shape (3,)" in _one_line(capsys)
+
+
+def test_non_finite_weights_exit_3_naming_the_batch(toy_run, tmp_path, capsys):
+    state = read_checkpoint(toy_run / "checkpoint.pt")
+    for tensor in state["ema"].values():
+        tensor.fill_(float("nan"))
+    save_checkpoint(state, tmp_path / "nan.pt")
+    assert _main("--workdir", toy_run, "--checkpoint", tmp_path / "nan.pt", "--num_samples", 4,
+                 "--partial_dir", tmp_path / "p") == tool.EXIT_NUMERICAL == 3
+    line = _one_line(capsys)
+    assert line.startswith("error: non-finite or failed likelihood solve at pass 0, batch 0:")
+
+
+def test_bad_input_process_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "likelihood.py"), "--workdir",
+                           str(tmp_path), "--eps", "0"], env=ENV, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: flag --eps=0.0: --eps must lie in (0, 1)"]
+
+
+def test_help_lists_the_flags(capsys):
+    assert _main("--help") == 0
+    assert "--num_repeats" in capsys.readouterr().out
+
+
+# --- multiple processes -----------------------------------------------------------------------
+
+def test_torchrun_two_processes_match_one(toy_run, tmp_path):
+    # gloo on the CPU: batches sharded by rank, results gathered once; the numbers equal a
+    # single process's because each batch's noise depends only on (seed, pass, batch).
+    args = ["--workdir", toy_run, "--num_samples", 24, "--batch_size", 6, *FAST]
+    assert _main(*args, "--partial_dir", tmp_path / "one", "--output", tmp_path / "one.json") == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tools" / "likelihood.py"), *map(str, args), "--partial_dir",
+         str(tmp_path / "two"), "--output", str(tmp_path / "two.json")],
+        env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for name in ("nll_nats", "stderr", "n", "nfe_total"):
+        assert one[name] == two[name], name
+    assert sorted(p.name.split(".")[1] for p in (tmp_path / "two").iterdir()) == [
+        "rank0", "rank1"]
