@@ -31,14 +31,7 @@ TINY = dict(image_size=8, in_channels=3, nf=16, ch_mult=(1, 2), num_res_blocks=1
 BF16_RTOL = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: thread hand-offs cost more than they save, most of all on a
-    shared machine, so this module runs single-threaded and restores the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kwargs):

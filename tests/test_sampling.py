@@ -36,14 +36,7 @@ FEW_STEPS = 25
 SHAPES = {"vector": ((3, 5), torch.float64), "image": ((3, 2, 3, 2), torch.float32)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The samplers here work on small tensors, where intra-op threads cost more than they
-    # save, many times more when the cores are shared; restored after this module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed):

@@ -46,12 +46,7 @@ FIELDS = {"nll_nats", "stderr", "stderr_samples", "bpd", "bpd_stderr", "n", "num
           "world_size", "device"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

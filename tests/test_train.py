@@ -44,13 +44,7 @@ for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a single process, even und
     ENV.pop(_name, None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process training on one thread, as the subprocesses (see ENV)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(*args, timeout=120):

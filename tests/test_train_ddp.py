@@ -19,7 +19,9 @@ from score_sde.config import to_dict
 from score_sde.datasets import BatchOrder
 from score_sde.train import (DistInfo, apply_overrides, dist_from_env, process_group_backend,
                              resolve_device, train)
-from tests.test_train import _fashion_cfg, _one_thread  # noqa: F401 (an autouse fixture)
+from tests.test_train import _fashion_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 # One thread per process: two processes share the CPU, and a fixed thread count keeps each
