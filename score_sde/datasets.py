@@ -30,7 +30,7 @@ SPLITS = ("train", "test")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 NUM_LEVELS = 256  # levels of 8-bit image data
 TOY_NUM_SAMPLES = {"train": 100_000, "test": 10_000}
-# Independent random streams derived from the user's seed (see `_mix_seed`).
+# Independent random streams derived from the user's seed (see `mix_seed`).
 _TOY_STREAM, _ORDER_STREAM = 1, 2
 
 
@@ -349,14 +349,14 @@ def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor:
 def _load_toy(name, *, split, data_dir, data_path, seed, num_samples):
     _reject_unused(name, data_dir=data_dir, data_path=data_path)
     n = TOY_NUM_SAMPLES[split] if num_samples is None else num_samples
-    g = torch.Generator().manual_seed(_mix_seed(seed, _TOY_STREAM, SPLITS.index(split)))
+    g = torch.Generator().manual_seed(mix_seed(seed, _TOY_STREAM, SPLITS.index(split)))
     x = _TOY_SAMPLERS[name](n, g).to(torch.float32)
     return TensorDataset(x), DataInfo(name, (2,), False, None, None, None)
 
 
 # --- shared helpers and the entry point ---------------------------------------------------------
 
-def _mix_seed(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A well-mixed 64-bit seed from small ints: (seed, epoch) and (seed + 1, epoch - 1) differ."""
     return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0])
 
@@ -551,7 +551,7 @@ class BatchOrder:
         """The order of all items in `epoch` (int64 [num_items])."""
         check_int("epoch", epoch, minimum=0)
         if self._cache[0] != epoch:
-            g = torch.Generator().manual_seed(_mix_seed(self.seed, _ORDER_STREAM, epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, _ORDER_STREAM, epoch))
             self._cache = (epoch, torch.randperm(self.num_items, generator=g))
         return self._cache[1]
 

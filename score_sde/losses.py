@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ._utils import append_dims, check_choice, check_int, check_positive, flat_sum, float64_like
-from .sampling import check_eps, resolve_device
+from .sampling import check_eps, sample_device
 from .score import _time_in_interval
 from .sde import SDE, ScoreFn
 
@@ -204,7 +204,7 @@ class ScoreMatchingLoss:
             with importance sampling, t ~ p(t) with weight 1 / ((T - eps) p(t)).
         """
         check_int("batch", batch, minimum=1)
-        device = resolve_device(device, generator)
+        device = sample_device(device, generator)
         wide = float64_like(torch.empty(0, device=device))
         u = torch.rand(batch, generator=generator, device=device, dtype=wide)
         if not self.importance_sampling:

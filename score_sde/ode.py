@@ -20,7 +20,7 @@ import torch
 import torchdiffeq
 
 from ._utils import check_choice, check_positive, check_shape, float64_like
-from .sampling import check_eps, resolve_device
+from .sampling import check_eps, sample_device
 from .score import CountingScore
 from .sde import SDE, ReverseSDE, ScoreFn
 
@@ -207,7 +207,7 @@ def sample_ode(sde: SDE, score_fn: ScoreFn, shape, *, rtol: float = 1e-5, atol: 
     if denoise and not sde.has_marginal:
         raise ValueError(f"denoise=True needs the marginal of {type(sde).__name__}, which has "
                          f"none; pass denoise=False")
-    device = resolve_device(device, generator)
+    device = sample_device(device, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
     with torch.no_grad():
         z = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)

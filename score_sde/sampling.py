@@ -239,7 +239,7 @@ def _resolve(kind: str, value, table: dict, base: type):
                      f"{base.__name__}, got {value!r}")
 
 
-def resolve_device(device, generator: Optional[torch.Generator]) -> torch.device:
+def sample_device(device, generator: Optional[torch.Generator]) -> torch.device:
     """The device to sample on: `device`, else the generator's, else the CPU."""
     if device is not None:
         return torch.device(device)
@@ -315,7 +315,7 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
         except ValueError as err:
             raise ValueError(f"{' and '.join(chain_users)} use the SDE's discrete chain, which "
                              f"cannot have num_steps={num_steps}: {err}") from None
-    device = resolve_device(device, generator)
+    device = sample_device(device, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
 
     counting = CountingScore(score_fn, eps, sde.T)

@@ -73,7 +73,8 @@ import torch
 
 from score_sde.checkpoint import CheckpointError, read_checkpoint
 from score_sde.config import Config, from_dict
-from score_sde.datasets import DATASETS, SPLITS, DataInfo, _mix_seed, load_dataset, to_model_range
+from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_seed, to_model_range
+from score_sde.distributed import dist_from_env, resolve_device
 from score_sde.likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from score_sde.score import make_score_fn
 from score_sde.sde import SDE, ScoreFn
@@ -165,9 +166,9 @@ def unit_generators(seed: int, repeat: int, batch: int,
                     device: torch.device) -> Tuple[torch.Generator, torch.Generator]:
     """(CPU dequantization generator, probe generator on `device`) seeded from
     (seed, repeat, batch) only, so the numbers of a batch do not depend on what ran before."""
-    data_gen = torch.Generator().manual_seed(_mix_seed(seed, repeat, batch, _DEQUANT_STREAM))
+    data_gen = torch.Generator().manual_seed(mix_seed(seed, repeat, batch, _DEQUANT_STREAM))
     probe_gen = torch.Generator(device=device)
-    probe_gen.manual_seed(_mix_seed(seed, repeat, batch, _PROBE_STREAM))
+    probe_gen.manual_seed(mix_seed(seed, repeat, batch, _PROBE_STREAM))
     return data_gen, probe_gen
 
 
@@ -373,15 +374,6 @@ def define_flags(fv) -> None:
     flags.mark_flags_as_mutual_exclusive(["data_dir", "data_path"], flag_values=fv)
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise InputError("--device cuda requested but CUDA is not available; use --device cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
 def _write_json(path: Path, obj: Dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -405,9 +397,11 @@ def run(fv) -> Dict[str, object]:
         raise InputError(f"checkpoint {checkpoint} does not exist (pass --checkpoint PATH)")
     if fv.data_path is not None and fv["split"].present:
         raise InputError("--split does not apply to --data_path (the file is evaluated whole)")
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = _resolve_device(fv.device, int(os.environ.get("LOCAL_RANK", "0")))
+    layout = dist_from_env(os.environ)
+    rank, world_size = layout.rank, layout.world_size
+    device = resolve_device(fv.device, layout)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
     state = read_checkpoint(checkpoint)
     if not isinstance(state, dict) or not {"model", "ema", "step", "config"} <= set(state):
