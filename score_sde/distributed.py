@@ -60,8 +60,8 @@ def dist_from_env(env: Mapping[str, str]) -> DistInfo:
 
 
 def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
-    """The device of this process: "auto" picks CUDA if available; under torchrun, "cuda"
-    means cuda:LOCAL_RANK.
+    """The device of this process: "auto" picks CUDA if available; a plain "cuda" means the
+    current GPU (cuda:N, always with an index); under torchrun it means cuda:LOCAL_RANK.
 
     Raises:
         ValueError: CUDA requested but unavailable; under torchrun, a fixed "cuda:N" (every
@@ -73,6 +73,8 @@ def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     if dist.world_size == 1:
+        if device.type == "cuda" and device.index is None:  # pin "cuda" to a concrete GPU
+            device = torch.device("cuda", torch.cuda.current_device())
         return device
     if device.type == "cuda":
         if device.index is not None:

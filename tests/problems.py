@@ -97,7 +97,8 @@ def exact_score_fn(mixture, kernel):
         a, v = kernel(t64)
         xf = x.reshape(x.shape[0], -1)
         means = mixture.means.to(xf)  # [K, D]
-        var = (a[:, None] ** 2 * mixture.stds[None] ** 2 + v[:, None]).to(xf)  # [B, K]
+        stds = mixture.stds.to(a)
+        var = (a[:, None] ** 2 * stds[None] ** 2 + v[:, None]).to(xf)  # [B, K]
         mu = a[:, None, None].to(xf) * means[None]  # [B, K, D]
         diff = xf[:, None, :] - mu
         comp = -0.5 * (diff ** 2).sum(-1) / var - 0.5 * mixture.dim * torch.log(2 * math.pi * var)

@@ -33,8 +33,10 @@ _spec.loader.exec_module(tool)
 
 # One thread per process: on a shared, loaded CPU, OpenMP threads of small convolutions spin
 # against each other and a solve slows down tenfold.
+# These are the CPU tests (the tool's default device "auto" would pick a GPU where there is
+# one; tests/test_cuda.py covers that path).
 ENV = dict(os.environ, PYTHONPATH=str(REPO), MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE",
-           OMP_NUM_THREADS="1")
+           OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 EPS = 1e-5
 BPD_TOL = 1e-3  # accuracy of the likelihood at rtol = atol = 1e-5, bits/dim
 FAST = ["--rtol", "1e-3", "--atol", "1e-3"]  # where the tolerance is not what is tested
@@ -64,7 +66,10 @@ def toy_run(tmp_path_factory):
 
 
 def _main(*args):
-    return tool.main(["likelihood.py", *map(str, args)])
+    args = list(map(str, args))
+    if "--device" not in args:
+        args += ["--device", "cpu"]
+    return tool.main(["likelihood.py", *args])
 
 
 def _one_line(capsys):

@@ -39,7 +39,7 @@ def _toy_cfg(**training):
 # threads under load, which changes the order of floating-point reductions. One thread: these
 # small networks run several times faster on a shared CPU than with contended threads.
 ENV = dict(os.environ, PYTHONPATH=str(REPO), MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE",
-           OMP_NUM_THREADS="1")
+           OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU tests
 for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a single process, even under torchrun
     ENV.pop(_name, None)
 
@@ -168,7 +168,7 @@ def test_dry_run_prints_resolved_config(tmp_path):
     (["--n_iters", "0"], "n_iters"),
     (["--config", "/nonexistent/cfg.py"], "does not exist"),
     (["--dataset", "fashion_mnist", "--data_dir", "/nonexistent"], "dataset-fashion-mnist"),
-    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--model", "nope"], "cuda"),
+    (["--device", "cuda:0"], "CUDA is not available"),  # ENV hides any GPU
     (["--class_conditional"], "--class_conditional needs a labelled dataset; 'toy_moons'"),
     (["--label_dropout", "0.2"], "--label_dropout needs --class_conditional"),
     (["--class_conditional", "--label_dropout", "1.5"], "label_dropout"),

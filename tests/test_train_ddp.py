@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 # One thread per process: two processes share the CPU, and a fixed thread count keeps each
 # process's reductions in a fixed order.
 ENV = dict(os.environ, PYTHONPATH=str(REPO), MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE",
-           OMP_NUM_THREADS="1")
+           OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU tests
 for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
     ENV.pop(_name, None)
 # Weights after 30 Adam steps: agreement up to summation order.
