@@ -43,6 +43,8 @@ class TrainingConfig:
     batch_size: int = 128  # global batch size
     lr: float = 2e-4  # Adam learning rate after warm-up
     warmup: int = 5000  # linear learning-rate warm-up, steps
+    lr_decay: str = "none"  # after warm-up: "none" (constant) or "cosine" (to lr_final * lr)
+    lr_final: float = 0.0  # cosine decay: final learning rate as a fraction of lr
     grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
     adam_beta1: float = 0.9
     adam_eps: float = 1e-8

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from . import datasets as data_lib
+from ._utils import check_choice
 from .checkpoint import load_checkpoint, prune_snapshots, save_checkpoint
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
                           process_group_backend, resolve_device)
@@ -167,10 +168,19 @@ def load_train_eval(data_cfg, *, seed: int):
     return s.train_x, s.eval_x, s.info
 
 
+LR_DECAYS = ("none", "cosine")
+
+
 def learning_rate(step: int, cfg: Config) -> float:
-    """Linear warm-up to cfg.training.lr over cfg.training.warmup steps, then constant."""
-    warmup = cfg.training.warmup
-    return cfg.training.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+    """Linear warm-up to cfg.training.lr over cfg.training.warmup steps, then constant
+    (lr_decay "none") or a half-cosine from lr down to lr_final * lr at step n_iters."""
+    tc = cfg.training
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    if tc.lr_decay == "none" or tc.n_iters <= tc.warmup:
+        return tc.lr
+    progress = min(1.0, (step - tc.warmup) / (tc.n_iters - tc.warmup))
+    return tc.lr * (tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def step_seed(seed: int, step: int, stream: int = STREAM_NOISE) -> int:
@@ -257,6 +267,7 @@ class Trainer:
     def __init__(self, cfg: Config, workdir: str, *, dist: DistInfo = DistInfo()):
         self.cfg, self.workdir, self.dist = cfg, Path(workdir), dist
         tc = cfg.training
+        check_config(cfg)
         check_world_size(cfg, dist)
         self.device = resolve_device(tc.device, dist)
         self.sde = build_sde(cfg)
@@ -587,6 +598,9 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(tc, name)}")
     if not tc.lr > 0:
         raise ValueError(f"lr must be > 0, got {tc.lr}")
+    check_choice("lr_decay", tc.lr_decay, LR_DECAYS)
+    if not 0 <= tc.lr_final <= 1:
+        raise ValueError(f"lr_final must lie in [0, 1] (a fraction of lr), got {tc.lr_final}")
     if not 0 <= tc.label_dropout <= 1:
         raise ValueError(f"label_dropout must lie in [0, 1], got {tc.label_dropout}")
     if tc.max_nonfinite < 0:
@@ -607,6 +621,7 @@ def _define_flags():
     flags.DEFINE_integer("n_iters", None, "Training steps.", lower_bound=1)
     flags.DEFINE_integer("batch_size", None, "Global batch size.", lower_bound=1)
     flags.DEFINE_float("lr", None, "Adam learning rate.", lower_bound=0.0)
+    flags.DEFINE_enum("lr_decay", None, list(LR_DECAYS), "Learning-rate decay after warm-up.")
     flags.DEFINE_integer("seed", None, "Random seed.", lower_bound=0)
     flags.DEFINE_string("device", None, "auto, cpu, cuda or cuda:N.")
     flags.DEFINE_boolean("likelihood_weighting", None, "Weight the loss by g(t)^2.")
@@ -639,6 +654,7 @@ FLAG_FIELDS = {
     "sde": "sde.name", "dataset": "data.dataset", "data_dir": "data.data_dir",
     "data_path": "data.data_path", "model": "model.name", "n_iters": "training.n_iters",
     "batch_size": "training.batch_size", "lr": "training.lr", "seed": "training.seed",
+    "lr_decay": "training.lr_decay",
     "device": "training.device", "likelihood_weighting": "training.likelihood_weighting",
     "importance_sampling": "training.importance_sampling", "bf16": "training.bf16",
     "channels_last": "training.channels_last", "compile": "training.compile",

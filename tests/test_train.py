@@ -19,7 +19,8 @@ from score_sde.checkpoint import read_checkpoint
 from score_sde.config import from_dict, to_dict
 from score_sde.datasets import load_dataset
 from score_sde.models import SmallUNet
-from score_sde.train import Trainer, TrainingError, apply_overrides, load_config_file, train
+from score_sde.train import (Trainer, TrainingError, apply_overrides, learning_rate,
+                             load_config_file, train)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -331,3 +332,21 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match="2 skipped steps in a row, more than "
                                             "max_nonfinite=1"):
         train(_toy_cfg(skip_nonfinite=True, max_nonfinite=1, **fast), str(tmp_path / "many"))
+
+
+def test_learning_rate_schedule_closed_form():
+    cfg = apply_overrides(_toy_cfg(n_iters=1100), {"training.lr": 2e-3, "training.warmup": 100})
+    assert learning_rate(0, cfg) == pytest.approx(2e-3 / 100)
+    assert learning_rate(49, cfg) == pytest.approx(1e-3)
+    assert learning_rate(700, cfg) == pytest.approx(2e-3)  # constant after warm-up
+    cos = apply_overrides(cfg, {"training.lr_decay": "cosine", "training.lr_final": 0.1})
+    # lr (f + (1 - f) (1 + cos(pi p)) / 2) with p = (step - warmup) / (n_iters - warmup)
+    assert learning_rate(99, cos) == pytest.approx(2e-3)
+    assert learning_rate(100, cos) == pytest.approx(2e-3)
+    assert learning_rate(600, cos) == pytest.approx(2e-3 * 0.55)
+    assert learning_rate(350, cos) == pytest.approx(2e-3 * (0.1 + 0.9 * (1 + 2 ** -0.5) / 2))
+    assert learning_rate(1100, cos) == pytest.approx(2e-4)
+    with pytest.raises(ValueError, match="unknown lr_decay 'linear'"):
+        train(apply_overrides(cfg, {"training.lr_decay": "linear"}), "unused")
+    with pytest.raises(ValueError, match="lr_final must lie in"):
+        train(apply_overrides(cos, {"training.lr_final": 1.5}), "unused")
