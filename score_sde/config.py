@@ -50,6 +50,7 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     ema_rate: Optional[float] = None  # None: 0.9999 for VP / sub-VP / cosine, 0.999 for VE
+    ema_warmup: bool = True  # decay min(ema_rate, (1 + n) / (10 + n)) at update n
     eps: float = 1e-5  # smallest training time
     likelihood_weighting: bool = False  # weight the loss by g(t)^2 instead of sigma(t)^2
     importance_sampling: bool = False  # sample t prop. to g^2 / sigma^2 (likelihood weighting)

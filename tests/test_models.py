@@ -400,3 +400,17 @@ def test_mlp_score_net(embedding_type):
 def test_models_registry():
     assert MODELS == {"ncsnpp": NCSNpp, "mlp": MLPScoreNet, "small_unet": SmallUNet}
     assert isinstance(MODELS["mlp"](dim=3), torch.nn.Module)
+
+
+def test_mlp_linear_skip_is_a_time_dependent_diagonal_map():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3)
+    t = torch.linspace(0.1, 2.0, 6)
+    plain = MLPScoreNet(dim=3, hidden=16, num_layers=2, linear_skip=False)
+    assert not any(name.startswith("skip") for name, _ in plain.named_parameters())
+    model = MLPScoreNet(dim=3, hidden=16, num_layers=2)
+    assert torch.equal(model(x, t), torch.zeros_like(x))  # zero at initialisation
+    with torch.no_grad():  # skip(temb) = (1, 2, 3) for every time: out = (1, 2, 3) * x
+        model.skip.weight.zero_()
+        model.skip.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(model(x, t), x * torch.tensor([1.0, 2.0, 3.0]))

@@ -1,6 +1,7 @@
 """The training script: configuration, command line, checkpoints and exact resumption."""
 import dataclasses
 import json
+import math
 import os
 import signal
 import struct
@@ -19,7 +20,7 @@ from score_sde.checkpoint import read_checkpoint
 from score_sde.config import from_dict, to_dict
 from score_sde.datasets import load_dataset
 from score_sde.models import SmallUNet
-from score_sde.train import (Trainer, TrainingError, apply_overrides, learning_rate,
+from score_sde.train import (Trainer, TrainingError, apply_overrides, ema_decay, learning_rate,
                              load_config_file, train)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,7 +336,8 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
 
 
 def test_learning_rate_schedule_closed_form():
-    cfg = apply_overrides(_toy_cfg(n_iters=1100), {"training.lr": 2e-3, "training.warmup": 100})
+    cfg = apply_overrides(_toy_cfg(n_iters=1100), {"training.lr": 2e-3, "training.warmup": 100,
+                                                   "training.lr_decay": "none"})
     assert learning_rate(0, cfg) == pytest.approx(2e-3 / 100)
     assert learning_rate(49, cfg) == pytest.approx(1e-3)
     assert learning_rate(700, cfg) == pytest.approx(2e-3)  # constant after warm-up
@@ -350,3 +352,17 @@ def test_learning_rate_schedule_closed_form():
         train(apply_overrides(cfg, {"training.lr_decay": "linear"}), "unused")
     with pytest.raises(ValueError, match="lr_final must lie in"):
         train(apply_overrides(cos, {"training.lr_final": 1.5}), "unused")
+
+
+def test_ema_warmup_closed_form():
+    assert ema_decay(0, 0.999, True) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert ema_decay(90, 0.999, True) == pytest.approx(0.91)
+    assert ema_decay(8991, 0.999, True) == pytest.approx(0.999)
+    assert ema_decay(10 ** 6, 0.999, True) == 0.999
+    assert ema_decay(0, 0.999, False) == 0.999
+    # With warm-up, the weight left on the initial parameters after n updates is
+    # prod_k (1 + k) / (10 + k) = 9! n! / (n + 9)!, about 3.6e5 / n^9: none after 4000 updates.
+    keep = math.prod(ema_decay(k, 0.999, True) for k in range(4000))
+    assert keep == pytest.approx(math.factorial(9) * math.factorial(3999) /
+                                 math.factorial(4008), rel=1e-9)
+    assert keep < 1e-25 < 0.999 ** 4000

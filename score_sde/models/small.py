@@ -44,7 +44,8 @@ class MLPScoreNet(nn.Module):
 
     def __init__(self, *, dim: int, hidden: int = 256, num_layers: int = 3,
                  time_embed_dim: int = 64, embedding_type: str = "positional",
-                 fourier_scale: float = 16.0, num_classes: Optional[int] = None):
+                 fourier_scale: float = 16.0, num_classes: Optional[int] = None,
+                 linear_skip: bool = True):
         super().__init__()
         check_int("dim", dim, minimum=1)
         check_int("hidden", hidden, minimum=1)
@@ -63,6 +64,8 @@ class MLPScoreNet(nn.Module):
                                      for i in range(num_layers)])
         self.temb_proj = nn.ModuleList([linear(hidden, hidden) for _ in range(num_layers)])
         self.output = linear(hidden, dim, init_scale=0.0)
+        # A time-dependent diagonal linear map of the input, zero at initialisation.
+        self.skip = linear(hidden, dim, init_scale=0.0) if linear_skip else None
 
     def forward(self, x: torch.Tensor, time_input: torch.Tensor,
                 class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -91,7 +94,10 @@ class MLPScoreNet(nn.Module):
         h = x
         for layer, proj in zip(self.layers, self.temb_proj):
             h = F.silu(layer(h) + proj(temb))
-        return self.output(h)
+        out = self.output(h)
+        if self.skip is not None:
+            out = out + self.skip(temb) * x
+        return out
 
 
 class SmallUNet(NCSNpp):
