@@ -2,8 +2,14 @@
 
 The public API is what `__all__` lists; everything else may change.
 """
+from .classifier import (CLASSIFIERS, FeatureClassifier, NoiseConditionalClassifier,
+                         classifier_log_prob_fn, load_classifier, noisy_classifier_loss,
+                         save_classifier)
+from .controllable import (classifier_free_score, classifier_guided_score, colorize, inpaint,
+                           interpolate, slerp)
 from .likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from .losses import REDUCTIONS, WEIGHTINGS, DDPMLoss, HybridLoss, ScoreMatchingLoss, SMLDLoss
+from .metrics import feature_statistics, frechet_distance, frechet_distance_from_features
 from .ode import ADAPTIVE_METHODS, data_to_latent, latent_to_data, sample_ode
 from .models import MODELS, MLPScoreNet, NCSNpp, SmallUNet, paper_config
 from .sampling import CORRECTORS, PREDICTORS, Corrector, Predictor, sample_pc
@@ -20,10 +26,18 @@ __all__ = [
     # samplers
     "sample_pc", "Predictor", "Corrector", "PREDICTORS", "CORRECTORS",
     "sample_ode", "data_to_latent", "latent_to_data", "ADAPTIVE_METHODS",
+    # controllable generation
+    "inpaint", "colorize", "classifier_guided_score", "classifier_free_score", "slerp",
+    "interpolate",
     # likelihood
     "log_likelihood", "bits_per_dim", "DIVERGENCES",
     # networks
     "NCSNpp", "SmallUNet", "MLPScoreNet", "MODELS", "paper_config",
     # training losses
     "ScoreMatchingLoss", "DDPMLoss", "SMLDLoss", "HybridLoss", "WEIGHTINGS", "REDUCTIONS",
+    # classifiers (guidance, metrics)
+    "NoiseConditionalClassifier", "FeatureClassifier", "CLASSIFIERS", "classifier_log_prob_fn",
+    "noisy_classifier_loss", "save_classifier", "load_classifier",
+    # sample-quality metrics
+    "feature_statistics", "frechet_distance", "frechet_distance_from_features",
 ]

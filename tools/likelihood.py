@@ -71,17 +71,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from score_sde.checkpoint import CheckpointError, read_checkpoint
+from score_sde.checkpoint import read_checkpoint
+from score_sde.cli import InputError, run_tool
 from score_sde.config import Config, from_dict
 from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_seed, to_model_range
 from score_sde.distributed import dist_from_env, resolve_device
 from score_sde.likelihood import DIVERGENCES, bits_per_dim, log_likelihood
+from score_sde.runs import model_from_state
 from score_sde.score import make_score_fn
 from score_sde.sde import SDE, ScoreFn
-from score_sde.train import build_model, build_sde, load_train_eval
+from score_sde.train import build_sde, load_train_eval
 
-EXIT_BAD_INPUT = 2
-EXIT_NUMERICAL = 3
 METHOD = "dopri5"  # RK45, the paper's solver
 IMAGE_REPEATS, CONTINUOUS_REPEATS = 5, 1  # default passes over the data
 # Independent random streams of one (pass, batch).
@@ -92,10 +92,6 @@ GATHER_TIMEOUT = datetime.timedelta(days=1)
 _NOT_IN_KEY = ("num_repeats", "world_size", "device")
 
 Record = Dict[str, object]  # {"repeat", "batch", "nll": [floats], "nfe", "seconds"}
-
-
-class InputError(ValueError):
-    """Bad user input: exit status 2."""
 
 
 class BatchError(RuntimeError):
@@ -312,14 +308,10 @@ def load_eval_data(cfg: Config, *, dataset: str, split: str, data_dir: Optional[
 def load_model(cfg: Config, state: Dict[str, object], info: DataInfo, *, use_ema: bool,
                device: torch.device, checkpoint: Path) -> ScoreFn:
     """The checkpoint's network in eval mode on `device`, as a score function."""
-    model = build_model(cfg, info)
-    which = "ema" if use_ema else "model"
     try:
-        model.load_state_dict(state[which])
-    except RuntimeError:
-        raise InputError(f"the {which} weights in {checkpoint} do not fit a {cfg.model.name} "
-                         f"for data of shape {info.shape}") from None
-    model.to(device).eval().requires_grad_(False)
+        model = model_from_state(cfg, state, info, use_ema=use_ema, device=device)
+    except ValueError as err:
+        raise InputError(f"{err} (in {checkpoint})") from None
     return make_score_fn(model, build_sde(cfg), prediction=cfg.model.prediction,
                          time_input=cfg.model.time_input)
 
@@ -477,29 +469,8 @@ def run(fv) -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (see the module docstring)."""
-    from absl import flags
-
-    argv = list(sys.argv if argv is None else argv)
-    fv = flags.FlagValues()
-    define_flags(fv)
-    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-        print(__doc__.split("\n\n")[0] + "\n\n" + fv.get_help())
-        return 0
-    try:
-        rest = fv(argv)
-        if len(rest) > 1:
-            raise InputError(f"unexpected arguments {rest[1:]}")
-        result = run(fv)
-    except (flags.Error, InputError, ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except BatchError as err:
-        line = f"error: non-finite or failed likelihood solve at {err}".splitlines()[0]
-        print(line, file=sys.stderr)
-        return EXIT_NUMERICAL
-    if result:
-        print(json.dumps(result))
-    return 0
+    return run_tool(argv, __doc__, define_flags, run, numerical=(BatchError,),
+                    numerical_prefix="non-finite or failed likelihood solve at ")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""Command-line plumbing shared by the tools in `tools/`: absl flags, one-line errors and the
+exit statuses 0 (done), 2 (bad input) and 3 (numerical failure)."""
+import json
+import sys
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
+
+from .checkpoint import CheckpointError
+
+EXIT_BAD_INPUT = 2
+EXIT_NUMERICAL = 3
+
+
+class InputError(ValueError):
+    """Bad user input: exit status 2."""
+
+
+def _error_line(err: BaseException, prefix: str = "") -> None:
+    print(f"error: {prefix}{err}".splitlines()[0], file=sys.stderr)
+
+
+def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[Any], None],
+             body: Callable[[Any], Optional[Dict[str, Any]]], *,
+             numerical: Tuple[Type[BaseException], ...] = (FloatingPointError,),
+             numerical_prefix: str = "") -> int:
+    """Parses `argv` into fresh absl FlagValues defined by `define_flags`, runs `body(flags)`
+    and prints its result as one JSON line; returns the exit status.
+
+    `--help` prints the first paragraph of `doc` and the flags. Flag errors, InputError,
+    ValueError, FileNotFoundError and CheckpointError print one `error: ...` line and give 2;
+    the `numerical` exceptions print one line (after `numerical_prefix`) and give 3. Anything
+    else propagates with its traceback: it is a bug, not bad input.
+    """
+    from absl import flags
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    define_flags(fv)
+    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+        print(doc.split("\n\n")[0] + "\n\n" + fv.get_help())
+        return 0
+    try:
+        rest = fv(argv)
+        if len(rest) > 1:
+            raise InputError(f"unexpected arguments {rest[1:]}")
+        result = body(fv)
+    except numerical as err:
+        _error_line(err, numerical_prefix)
+        return EXIT_NUMERICAL
+    except (flags.Error, ValueError, FileNotFoundError, CheckpointError) as err:
+        _error_line(err)
+        return EXIT_BAD_INPUT
+    if result:
+        print(json.dumps(result))
+    return 0

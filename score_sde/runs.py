@@ -1,0 +1,105 @@
+"""Trained runs: the network, SDE and data description stored in a training checkpoint.
+
+`load_trained` rebuilds what `python -m score_sde.train` saved, for the tools and for research
+code that samples from or evaluates a trained model:
+
+    run = load_trained("runs/vp_fashion_mnist/checkpoint.pt", device="cuda")
+    x, nfe = sample_pc(run.sde, run.score_fn(), (16, *run.info.shape), device="cuda")
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from .checkpoint import read_checkpoint
+from .config import Config, from_dict
+from .datasets import DataInfo, load_dataset
+from .score import make_score_fn
+from .sde import SDE, ScoreFn
+from .train import build_model, build_sde, with_labels
+
+TRAINING_KEYS = ("model", "ema", "step", "config")
+
+
+@dataclass
+class TrainedModel:
+    """A trained network in eval mode with what is needed to use it."""
+
+    cfg: Config
+    sde: SDE
+    model: torch.nn.Module
+    info: DataInfo
+    step: int
+    use_ema: bool
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Number of class labels the network takes (None: unconditional)."""
+        return self.info.num_classes if self.cfg.model.class_conditional else None
+
+    def score_fn(self, labels: Optional[torch.Tensor] = None) -> ScoreFn:
+        """The score function; a class-conditional network gets `labels` [B] (None: its null
+        label num_classes, i.e. the unconditional model learned with label dropout)."""
+        if labels is not None and self.num_classes is None:
+            raise ValueError("labels given, but the checkpoint's model is not class-conditional")
+        return make_score_fn(with_labels(self.model, labels), self.sde,
+                             prediction=self.cfg.model.prediction,
+                             time_input=self.cfg.model.time_input)
+
+
+def data_info_of(state: Dict[str, Any], cfg: Config) -> DataInfo:
+    """The DataInfo a checkpoint was trained with: stored in checkpoints written since it was
+    added, else read from the training data named in the config (which must then exist)."""
+    stored = state.get("data_info")
+    if stored is not None:
+        fields = dict(stored)
+        fields["shape"] = tuple(fields["shape"])
+        if fields.get("data_range") is not None:
+            fields["data_range"] = tuple(fields["data_range"])
+        return DataInfo(**fields)
+    _, info = load_dataset(cfg.data.dataset, split="train", data_dir=cfg.data.data_dir,
+                           data_path=cfg.data.data_path, seed=cfg.training.seed,
+                           num_samples=1)
+    return info
+
+
+def model_from_state(cfg: Config, state: Dict[str, Any], info: DataInfo, *, use_ema: bool,
+                     device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """The checkpoint's network (EMA or raw weights) in eval mode on `device`, gradients off.
+
+    Raises:
+        ValueError: the weights do not fit the network built from the config and `info`.
+    """
+    model = build_model(cfg, info)
+    which = "ema" if use_ema else "model"
+    try:
+        model.load_state_dict(state[which])
+    except RuntimeError:
+        raise ValueError(f"the {which} weights do not fit a {cfg.model.name} for data of shape "
+                         f"{info.shape}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_trained(checkpoint: Union[str, Path], *, device: Union[str, torch.device] = "cpu",
+                 use_ema: bool = True) -> TrainedModel:
+    """Loads a training checkpoint (`checkpoint.pt` or a snapshot).
+
+    Raises:
+        FileNotFoundError: no such file.
+        score_sde.checkpoint.CheckpointError: the file is corrupt.
+        ValueError: not a training checkpoint, or weights that do not fit its config.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or not set(TRAINING_KEYS) <= set(state):
+        raise ValueError(f"{path} is not a training checkpoint (needs "
+                         f"{', '.join(TRAINING_KEYS)})")
+    cfg = from_dict(state["config"])
+    info = data_info_of(state, cfg)
+    model = model_from_state(cfg, state, info, use_ema=use_ema, device=device)
+    return TrainedModel(cfg=cfg, sde=build_sde(cfg), model=model, info=info,
+                        step=int(state["step"]), use_ema=use_ema)
+

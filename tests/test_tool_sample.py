@@ -1,0 +1,300 @@
+"""tools/sample.py: smoke runs of every task on tiny checkpoints trained here, exactness of the
+known pixels in inpainting and of the grayscale in colorization, and one-line errors."""
+import dataclasses
+import importlib.util
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from score_sde.datasets import load_dataset, to_model_range
+from score_sde.runs import load_trained
+from score_sde.train import apply_overrides, load_config_file, train
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("tool_sample", REPO / "tools" / "sample.py")
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _idx(arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + \
+        arr.tobytes()
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("toy")
+    cfg = load_config_file(str(REPO / "configs" / "toy.py"))
+    training = dict(n_iters=10, batch_size=64, log_every=10, eval_every=10, eval_batches=1,
+                    sample_every=0, checkpoint_every=10, snapshot_every=10, device="cpu")
+    cfg = apply_overrides(cfg, {f"training.{k}": v for k, v in training.items()})
+    cfg = apply_overrides(cfg, {"data.num_samples": 256,
+                                "model.kwargs": dict(hidden=16, num_layers=2)})
+    train(cfg, str(workdir))
+    return workdir
+
+
+def _image_run(root, *, rgb, conditional):
+    """A 2-step run of a tiny U-Net on 8 random 8-bit images (IDX for gray, CIFAR pickles for
+    RGB)."""
+    data_dir = root / "data"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    if rgb:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                     b"labels": rng.integers(0, 10, 4).tolist()}
+            (data_dir / name).write_bytes(pickle.dumps(batch, protocol=2))
+        cfg = load_config_file(str(REPO / "configs" / "fashion_mnist.py"))
+        cfg = apply_overrides(cfg, {"data.dataset": "cifar10"})
+    else:
+        for stem, n in (("train", 8), ("t10k", 8)):
+            (data_dir / f"{stem}-images-idx3-ubyte").write_bytes(
+                _idx(rng.integers(0, 256, (n, 28, 28))))
+            (data_dir / f"{stem}-labels-idx1-ubyte").write_bytes(
+                _idx(rng.integers(0, 10, n)))
+        cfg = load_config_file(str(REPO / "configs" / "fashion_mnist.py"))
+    training = dict(n_iters=2, batch_size=4, warmup=1, log_every=1, eval_every=2,
+                    eval_batches=1, sample_every=0, checkpoint_every=2, snapshot_every=2,
+                    device="cpu")
+    overrides = {f"training.{k}": v for k, v in training.items()}
+    overrides.update({"data.data_dir": str(data_dir),
+                      "model.class_conditional": conditional,
+                      "model.kwargs": dict(nf=8, ch_mult=(1,), num_res_blocks=1,
+                                           attn_resolutions=(), dropout=0.0)})
+    workdir = root / "run"
+    train(apply_overrides(cfg, overrides), str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def gray_run(tmp_path_factory):
+    return _image_run(tmp_path_factory.mktemp("gray"), rgb=False, conditional=True)
+
+
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory):
+    return _image_run(tmp_path_factory.mktemp("rgb"), rgb=True, conditional=False)
+
+
+def _main(*args):
+    args = list(map(str, args))
+    if "--device" not in args:
+        args += ["--device", "cpu"]
+    return tool.main(["sample.py", "--noprogress", *args])
+
+
+def _result(out_dir):
+    summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    return summary, np.load(Path(out_dir) / "samples.npz")
+
+
+@pytest.mark.parametrize("sampler", ["pc", "ode", "ald"])
+def test_generate_on_toy_checkpoint(sampler, toy_run, tmp_path):
+    out = tmp_path / sampler
+    assert _main("--workdir", toy_run, "--sampler", sampler, "--num_samples", 10,
+                 "--batch_size", 4, "--num_steps", 25, "--rtol", 1e-3, "--atol", 1e-3,
+                 "--output_dir", out) == 0
+    summary, arrays = _result(out)
+    assert arrays["samples"].shape == (10, 2) and arrays["samples"].dtype == np.float32
+    assert np.isfinite(arrays["samples"]).all()
+    assert len(summary["nfe"]) == 3 and all(v > 0 for v in summary["nfe"])
+    if sampler == "pc":  # 25 predictor + 25 corrector steps and one denoising evaluation
+        assert summary["nfe"] == [51, 51, 51]
+    assert summary["sampler"] == sampler and summary["eps"] == 1e-3
+    assert (out / "samples.png").exists()
+
+
+def test_same_seed_same_samples(toy_run, tmp_path):
+    for name in ("a", "b"):
+        assert _main("--workdir", toy_run, "--num_samples", 6, "--num_steps", 25,
+                     "--output_dir", tmp_path / name) == 0
+    a, b = (_result(tmp_path / n)[1]["samples"] for n in ("a", "b"))
+    assert np.array_equal(a, b)
+    assert _main("--workdir", toy_run, "--num_samples", 6, "--num_steps", 25, "--seed", 1,
+                 "--output_dir", tmp_path / "c") == 0
+    assert not np.array_equal(a, _result(tmp_path / "c")[1]["samples"])
+
+
+def test_inpainting_keeps_known_pixels_exactly(gray_run, tmp_path):
+    out = tmp_path / "inpaint"
+    assert _main("--workdir", gray_run, "--task", "inpaint", "--mask", "right",
+                 "--num_samples", 3, "--num_steps", 25, "--output_dir", out) == 0
+    _, arrays = _result(out)
+    samples, inputs, masks = arrays["samples"], arrays["inputs"], arrays["masks"]
+    assert samples.shape == inputs.shape == masks.shape == (3, 1, 28, 28)
+    assert samples.dtype == np.uint8
+    known = masks == 1
+    assert known[:, :, :, 14:].all() and not known[:, :, :, :14].any()
+    assert np.array_equal(samples[known], inputs[known])
+    # The inputs are the first test images, unchanged.
+    run = load_trained(gray_run / "checkpoint.pt")
+    ds, _ = load_dataset("fashion_mnist", split="test", data_dir=run.cfg.data.data_dir)
+    assert np.array_equal(inputs, ds.tensors[0][:3].numpy())
+
+
+def test_inpainting_with_a_mask_file(gray_run, tmp_path):
+    mask = (np.arange(28 * 28).reshape(28, 28) % 3 == 0).astype(np.float32)
+    np.save(tmp_path / "mask.npy", mask)
+    out = tmp_path / "inpaint"
+    assert _main("--workdir", gray_run, "--task", "inpaint", "--mask", tmp_path / "mask.npy",
+                 "--num_samples", 2, "--num_steps", 25, "--output_dir", out) == 0
+    _, arrays = _result(out)
+    known = arrays["masks"] == 1
+    assert np.array_equal(known[0, 0], mask == 1)
+    assert np.array_equal(arrays["samples"][known], arrays["inputs"][known])
+
+
+class _GaussianNoisePredictor(torch.nn.Module):
+    """The exact noise prediction for data N(0, v I) under VP: sigma x / (alpha^2 v + sigma^2),
+    fed the plain time t."""
+
+    def __init__(self, sde, v):
+        super().__init__()
+        self.sde, self.v = sde, v
+
+    def forward(self, x, t, class_labels=None):
+        alpha, sigma = self.sde.marginal_coeffs(t)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return x * (sigma / (alpha ** 2 * self.v + sigma ** 2)).reshape(shape)
+
+
+def test_colorization_keeps_the_grayscale(rgb_run, tmp_path, monkeypatch):
+    # A two-step network sends samples far outside [-1, 1], where 8-bit clipping would hide
+    # the property; the checkpoint's network is swapped for the exact one of N(0, 0.1 I).
+    def load(path, **kwargs):
+        run = load_trained(path, **kwargs)
+        cfg = dataclasses.replace(run.cfg, model=dataclasses.replace(run.cfg.model,
+                                                                     time_input="t"))
+        return dataclasses.replace(run, cfg=cfg, model=_GaussianNoisePredictor(run.sde, 0.1))
+
+    monkeypatch.setattr(tool, "load_trained", load)
+    out = tmp_path / "color"
+    assert _main("--workdir", rgb_run, "--task", "colorize", "--num_samples", 2,
+                 "--num_steps", 50, "--output_dir", out) == 0
+    _, arrays = _result(out)
+    assert arrays["samples"].shape == (2, 3, 32, 32)
+    # The channel mean of the generated colours is the input's gray level up to the 8-bit
+    # rounding of the channels and of the gray level (half a level each), wherever no channel
+    # was clipped to [0, 255].
+    samples = arrays["samples"]
+    gen = to_model_range(torch.from_numpy(samples), dequantize=False)
+    gray = to_model_range(torch.from_numpy(arrays["inputs"]), dequantize=False)
+    inside = torch.from_numpy(((samples > 0) & (samples < 255)).all(axis=1, keepdims=True))
+    assert inside.float().mean() > 0.3
+    err = (gen.mean(1, keepdim=True) - gray).abs()[inside]
+    assert float(err.max()) <= 2 / 256 + 1e-6
+    # ... and the colours vary: the channels are not all equal to the gray level.
+    assert float((gen - gen.mean(1, keepdim=True)).abs().mean()) > 0.05
+
+
+def test_class_conditional_and_cfg(gray_run, tmp_path):
+    for guidance in ("none", "cfg"):
+        out = tmp_path / guidance
+        args = ["--workdir", gray_run, "--class_label", -1, "--num_samples", 4,
+                "--num_steps", 25, "--output_dir", out]
+        if guidance == "cfg":
+            args += ["--guidance", "cfg", "--guidance_scale", 2.0]
+        assert _main(*args) == 0
+        summary, arrays = _result(out)
+        assert arrays["labels"].tolist() == [0, 1, 2, 3]
+        assert summary["guidance"] == guidance
+        # 25 predictor + 25 corrector steps + denoising; a guided evaluation costs two
+        # network passes (label and null label).
+        assert summary["nfe"] == [51]
+        assert summary["network_passes_per_eval"] == (2 if guidance == "cfg" else 1)
+
+
+def test_classifier_guidance(gray_run, tmp_path, capsys):
+    _spec2 = importlib.util.spec_from_file_location("tool_clf", REPO / "tools" /
+                                                    "train_classifier.py")
+    clf_tool = importlib.util.module_from_spec(_spec2)
+    _spec2.loader.exec_module(clf_tool)
+    run = load_trained(gray_run / "checkpoint.pt")
+    common = ["--dataset", "fashion_mnist", "--data_dir", run.cfg.data.data_dir, "--n_iters",
+              "2", "--batch_size", "4", "--device", "cpu", "--num_test", "4"]
+    assert clf_tool.main(["train_classifier.py", "--kind", "noisy", "--sde", "vp",
+                          "--output", str(tmp_path / "noisy.pt"), *common]) == 0
+    out = tmp_path / "guided"
+    assert _main("--workdir", gray_run, "--class_label", 2, "--guidance", "classifier",
+                 "--classifier", tmp_path / "noisy.pt", "--guidance_scale", 3.0,
+                 "--num_samples", 2, "--num_steps", 25, "--output_dir", out) == 0
+    summary, arrays = _result(out)
+    assert arrays["labels"].tolist() == [2, 2] and summary["guidance"] == "classifier"
+    assert arrays["samples"].shape == (2, 1, 28, 28)
+    # A classifier of another forward process is refused, as is one for clean images.
+    assert clf_tool.main(["train_classifier.py", "--kind", "noisy", "--sde", "ve",
+                          "--output", str(tmp_path / "ve.pt"), *common]) == 0
+    assert clf_tool.main(["train_classifier.py", "--kind", "clean",
+                          "--output", str(tmp_path / "clean.pt"), *common]) == 0
+    for name, message in (("ve.pt", "trained on the ve SDE"), ("clean.pt", "not a noisy")):
+        assert _main("--workdir", gray_run, "--class_label", 2, "--guidance", "classifier",
+                     "--classifier", tmp_path / name, "--num_samples", 1,
+                     "--num_steps", 25) == 2, name
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_interpolation_endpoints(toy_run, tmp_path):
+    out = tmp_path / "interp"
+    assert _main("--workdir", toy_run, "--task", "interpolate", "--num_samples", 2,
+                 "--num_interp", 5, "--output_dir", out) == 0
+    _, arrays = _result(out)
+    frames = arrays["frames"]
+    assert frames.shape == (2, 5, 2)
+    run = load_trained(toy_run / "checkpoint.pt")
+    ds, _ = load_dataset(run.cfg.data.dataset, split="test", seed=run.cfg.training.seed)
+    src = ds.tensors[0][:4].numpy()
+    # Encoding then decoding returns the data up to the ODE tolerance.
+    assert np.allclose(frames[:, 0], src[0::2], atol=1e-2)
+    assert np.allclose(frames[:, -1], src[1::2], atol=1e-2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir", "{toy}", "--task", "inpaint"], "needs image data"),
+    (["--workdir", "{gray}", "--task", "colorize"], "needs RGB data"),
+    (["--workdir", "{toy}", "--class_label", "1"], "class-conditional checkpoint"),
+    (["--workdir", "{gray}", "--class_label", "10"], "--class_label must lie in [-1, 9]"),
+    (["--workdir", "{gray}", "--guidance", "cfg"], "--guidance cfg needs --class_label"),
+    (["--workdir", "{gray}", "--task", "inpaint", "--mask", "{tmp}/nope.npy"],
+     "neither one of"),
+    (["--workdir", "{gray}", "--task", "inpaint", "--mask", "{tmp}/bad.npy"],
+     "must hold only 0 and 1"),
+    (["--workdir", "{gray}", "--task", "inpaint", "--sampler", "ode"], "predictor-corrector"),
+    (["--workdir", "{tmp}"], "does not exist"),
+    (["--workdir", "{toy}", "--rtol", "0"], "--rtol must be > 0"),
+    (["--workdir", "{toy}", "--task", "paint"], "task"),
+    (["--workdir", "{gray}", "--class_label", "1", "--guidance", "classifier"],
+     "needs --classifier"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, toy_run, gray_run, tmp_path, capsys):
+    np.save(tmp_path / "bad.npy", np.full((28, 28), 0.5, dtype=np.float32))
+    args = [a.format(toy=toy_run, gray=gray_run, tmp=tmp_path) for a in args]
+    assert _main(*args, "--num_steps", 2, "--num_samples", 1) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_command_line_process(toy_run, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), "--workdir",
+                           str(toy_run), "--num_samples", "4", "--num_steps", "25",
+                           "--output_dir", str(tmp_path / "o")],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["num_samples"] == 4
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), "--workdir",
+                          str(tmp_path / "none")], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

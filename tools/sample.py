@@ -1,0 +1,377 @@
+"""Samples from a trained checkpoint: generation, inpainting, colorization, interpolation.
+
+Examples:
+    python tools/sample.py --workdir runs/vp_fashion_mnist --num_samples 64
+    python tools/sample.py --workdir runs/vp_fashion_mnist --sampler ode --rtol 1e-5
+    python tools/sample.py --workdir runs/ve_cifar10 --sampler ald --num_steps 1000
+    python tools/sample.py --workdir W --task inpaint --mask right --num_samples 16
+    python tools/sample.py --workdir W --task colorize --data_dir ~/data/cifar10
+    python tools/sample.py --workdir W --class_label 3 --guidance cfg --guidance_scale 2
+    python tools/sample.py --workdir W --class_label 3 --guidance classifier \\
+        --classifier runs/noisy_classifier.pt --guidance_scale 1
+    python tools/sample.py --workdir W --task interpolate --num_samples 4 --num_interp 8
+
+Run it from an install of the package (`pip install -e .`) or with PYTHONPATH set to the
+repository root.
+
+Samplers. pc: predictor-corrector (Song et al. 2021, Algorithm 1; --predictor, --corrector,
+--snr, --num_steps, --corrector_steps); ode: the probability-flow ODE with an adaptive solver
+(--rtol, --atol); ald: annealed Langevin dynamics (corrector "ald" alone, Song & Ermon 2019).
+Sampling ends at --eps (default 1e-3 for VP / sub-VP, 1e-5 for VE) with Tweedie denoising.
+
+Tasks. generate; inpaint (known pixels from the data split, --mask left|right|top|bottom|
+center|random or a .npy file of 0/1 values shaped like one image, 1 = known; the known pixels
+are returned exactly and the generated ones carry no leftover noise); colorize (RGB data: the
+grayscale of each data image is kept, colours are generated); interpolate (two data images are
+encoded with the probability-flow ODE, their latents interpolated spherically and decoded).
+Source images are the first --num_samples of --split (default test) of the checkpoint's
+dataset (--data_dir / --data_path override where it is read from).
+
+Classes. --class_label K (or -1: labels 0, 1, 2, ... cycling) conditions on a class: for a
+class-conditional network by its label input, with --guidance cfg at scale w the score is
+(1 + w) s(x, y) - w s(x) (classifier-free guidance); with --guidance classifier, the gradient
+of a time-dependent classifier from tools/train_classifier.py is added at --guidance_scale.
+
+Output (--output_dir, default WORKDIR/samples_<task>): samples.npz ("samples": uint8 images
+[N, C, H, W] for 8-bit datasets, else float32 in the data's units; "labels" when conditioned;
+"inputs" and "masks" for inpainting and colorization; "frames" [N, num_interp, ...] for
+interpolation), samples.png (a grid, or a scatter plot for 2-D data) and summary.json, also
+printed as one JSON line: nfe (score evaluations per batch; with --guidance cfg each costs
+two network passes, network_passes_per_eval), seconds, and the settings.
+
+Exit status: 0 done; 2 bad input (one line on stderr); 3 non-finite samples.
+"""
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from score_sde.cli import InputError, run_tool
+from score_sde.config import from_dict
+from score_sde.datasets import DATASETS, SPLITS, from_model_range, load_dataset, to_model_range
+from score_sde.distributed import resolve_device
+from score_sde.ode import sample_ode
+from score_sde.runs import load_trained
+from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
+from score_sde.train import build_sde
+from score_sde.visualize import save_samples_png
+
+SAMPLERS = ("pc", "ode", "ald")
+TASKS = ("generate", "inpaint", "colorize", "interpolate")
+MASKS = ("left", "right", "top", "bottom", "center", "random")
+GUIDANCE = ("none", "cfg", "classifier")
+
+
+def built_in_mask(name: str, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """A 0/1 mask [C, H, W] (1 = known) for image shape (C, H, W)."""
+    c, h, w = shape
+    m = torch.zeros(h, w)
+    if name == "left":  # the left half is known, the right half generated
+        m[:, : w // 2] = 1
+    elif name == "right":
+        m[:, w // 2:] = 1
+    elif name == "top":
+        m[: h // 2] = 1
+    elif name == "bottom":
+        m[h // 2:] = 1
+    elif name == "center":  # everything but a centred square is known
+        m[:] = 1
+        m[h // 4: h - h // 4, w // 4: w - w // 4] = 0
+    else:  # random: each pixel known with probability 1/2
+        m = (torch.rand(h, w, generator=generator) < 0.5).float()
+    return m.expand(c, h, w).clone()
+
+
+def load_mask(spec: str, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    if spec in MASKS:
+        return built_in_mask(spec, shape, generator)
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"--mask {spec!r} is neither one of {', '.join(MASKS)} nor a file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise InputError(f"--mask {path} is not a .npy array: {err}") from None
+    m = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise InputError(f"--mask {path} must hold only 0 and 1 (1 = known pixel)")
+    try:
+        return torch.broadcast_to(m, tuple(shape)).clone()
+    except RuntimeError:
+        raise InputError(f"--mask {path} has shape {tuple(m.shape)}, which does not broadcast "
+                         f"to the image shape {tuple(shape)}") from None
+
+
+def _labels(fv, run, n: int, offset: int, device) -> Optional[torch.Tensor]:
+    if fv.class_label is None:
+        return None
+    k = run.info.num_classes if fv.guidance == "classifier" else run.num_classes
+    if fv.class_label == -1:
+        return (torch.arange(offset, offset + n, device=device) % k).long()
+    return torch.full((n,), fv.class_label, dtype=torch.long, device=device)
+
+
+def _score_fn(fv, run, labels: Optional[torch.Tensor], classifier):
+    from score_sde import controllable
+
+    if labels is None or fv.guidance == "classifier" and classifier is None:
+        return run.score_fn()
+    if fv.guidance == "classifier":
+        return controllable.classifier_guided_score(run.score_fn(), classifier, labels,
+                                                    fv.guidance_scale)
+    if fv.guidance == "cfg":
+        return controllable.classifier_free_score(run.score_fn(labels), run.score_fn(),
+                                                  fv.guidance_scale)
+    return run.score_fn(labels)
+
+
+def _check_flags(fv, run) -> None:
+    info = run.info
+    image = len(info.shape) == 3
+    if fv.task in ("inpaint", "colorize") and not image:
+        raise InputError(f"--task {fv.task} needs image data; the checkpoint's data has shape "
+                         f"{info.shape}")
+    if fv.task == "colorize" and info.shape[0] != 3:
+        raise InputError(f"--task colorize needs RGB data; the checkpoint's images have "
+                         f"{info.shape[0]} channel(s)")
+    if fv.task in ("inpaint", "colorize") and fv.sampler != "pc":
+        raise InputError(f"--task {fv.task} runs the predictor-corrector sampler; drop "
+                         f"--sampler {fv.sampler}")
+    if fv.task == "interpolate" and fv.class_label is not None:
+        raise InputError("--task interpolate is unconditional; drop --class_label")
+    if fv.class_label is not None:
+        k = run.info.num_classes
+        if fv.guidance == "classifier":
+            if not fv.classifier:
+                raise InputError("--guidance classifier needs --classifier PATH (a noisy "
+                                 "classifier from tools/train_classifier.py)")
+        elif run.num_classes is None:
+            raise InputError("--class_label needs a class-conditional checkpoint or "
+                             "--guidance classifier with --classifier PATH")
+        if k is None or not -1 <= fv.class_label < k:
+            raise InputError(f"--class_label must lie in [-1, {0 if k is None else k - 1}], "
+                             f"got {fv.class_label}")
+    elif fv.guidance != "none":
+        raise InputError(f"--guidance {fv.guidance} needs --class_label")
+    if fv.guidance_scale < 0:
+        raise InputError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}")
+
+
+def _source_images(fv, run, n: int) -> torch.Tensor:
+    """The first n data samples of the split, in the model's range."""
+    cfg = run.cfg
+    dataset = fv.dataset or cfg.data.dataset
+    data_dir = fv.data_dir or (cfg.data.data_dir if dataset == cfg.data.dataset else None)
+    data_path = fv.data_path or (cfg.data.data_path if dataset == cfg.data.dataset else None)
+    split = "train" if data_path and not fv.data_path else fv.split
+    ds, info = load_dataset(dataset, split=split, data_dir=data_dir, data_path=data_path,
+                            seed=cfg.training.seed, num_samples=None)
+    x = ds.tensors[0][:n]
+    if len(x) < n:
+        raise InputError(f"--num_samples {n} exceeds the {len(x)} samples of the {split} split")
+    if tuple(x.shape[1:]) != tuple(run.info.shape):
+        raise InputError(f"the {dataset} images have shape {tuple(x.shape[1:])}, the model "
+                         f"takes {tuple(run.info.shape)}")
+    return to_model_range(x, dequantize=False) if info.discrete else x.float()
+
+
+def _to_output(x: torch.Tensor, discrete: bool) -> np.ndarray:
+    x = x.detach().cpu()
+    return from_model_range(x).numpy() if discrete else x.float().numpy()
+
+
+def run(fv) -> Dict[str, object]:
+    """Samples with parsed flags; returns the summary."""
+    from score_sde import controllable
+
+    wall = time.time()
+    checkpoint = Path(fv.checkpoint) if fv.checkpoint else Path(fv.workdir or ".") / \
+        "checkpoint.pt"
+    if fv.workdir is None and fv.checkpoint is None:
+        raise InputError("pass --workdir (a training run folder) or --checkpoint PATH")
+    if not checkpoint.is_file():
+        raise InputError(f"checkpoint {checkpoint} does not exist")
+    device = resolve_device(fv.device)
+    run_ = load_trained(checkpoint, device=device, use_ema=fv.use_ema)
+    _check_flags(fv, run_)
+    sde, info = run_.sde, run_.info
+    eps = fv.eps if fv.eps is not None else (1e-5 if sde.__class__.__name__ == "VESDE"
+                                             else 1e-3)
+    classifier = None
+    if fv.guidance == "classifier":
+        from score_sde.classifier import classifier_log_prob_fn, load_classifier
+
+        try:
+            clf, meta = load_classifier(fv.classifier, device)
+        except FileNotFoundError:
+            raise InputError(f"--classifier {fv.classifier} does not exist") from None
+        if meta.get("kind") != "noisy" or not meta.get("sde_config"):
+            raise InputError(f"--classifier {fv.classifier} is not a noisy (time-dependent) "
+                             f"classifier; train one with tools/train_classifier.py --kind noisy")
+        clf_cfg = from_dict({"sde": meta["sde_config"]})
+        if clf_cfg.sde != run_.cfg.sde:
+            raise InputError(f"--classifier was trained on the {clf_cfg.sde.name} SDE "
+                             f"{dataclasses.asdict(clf_cfg.sde)}, the checkpoint uses "
+                             f"{dataclasses.asdict(run_.cfg.sde)}")
+        if tuple(meta.get("image_shape", ())) != tuple(info.shape):
+            raise InputError(f"--classifier takes images of shape {meta.get('image_shape')}, "
+                             f"the checkpoint's data have shape {info.shape}")
+        # The classifier's own SDE (equal to the run's) sets its time input.
+        classifier = classifier_log_prob_fn(clf, build_sde(clf_cfg), meta["time_input"])
+    gen = torch.Generator(device=device).manual_seed(fv.seed)
+    mask_gen = torch.Generator().manual_seed(fv.seed)
+    n, bs = fv.num_samples, fv.batch_size
+    outputs: Dict[str, list] = {"samples": [], "labels": [], "inputs": [], "masks": [],
+                                "frames": []}
+    nfes = []
+    from tqdm.auto import tqdm
+
+    sources = _source_images(fv, run_, n * (2 if fv.task == "interpolate" else 1)) \
+        if fv.task != "generate" else None
+    mask = load_mask(fv.mask, info.shape, mask_gen) if fv.task == "inpaint" else None
+    pc = dict(num_steps=fv.num_steps, eps=eps, snr=fv.snr, corrector_steps=fv.corrector_steps,
+              generator=gen)
+    if fv.sampler == "ald":
+        pc.update(predictor="none", corrector="ald")
+    else:
+        pc.update(predictor=fv.predictor, corrector=fv.corrector)
+    for start in tqdm(range(0, n, bs), desc=f"{fv.task} ({fv.sampler})", unit="batch",
+                      disable=not fv.progress):
+        b = min(bs, n - start)
+        labels = _labels(fv, run_, b, start, device)
+        score_fn = _score_fn(fv, run_, labels, classifier)
+        if fv.task == "generate":
+            if fv.sampler == "ode":
+                x, nfe = sample_ode(sde, score_fn, (b, *info.shape), rtol=fv.rtol, atol=fv.atol,
+                                    eps=eps, device=device, generator=gen)
+            else:
+                x, nfe = sample_pc(sde, score_fn, (b, *info.shape), device=device, **pc)
+        elif fv.task == "inpaint":
+            known = sources[start:start + b].to(device)
+            m = mask.to(device).expand_as(known)
+            x, nfe = controllable.inpaint(sde, score_fn, known, m, **pc)
+            outputs["inputs"].append(_to_output(known, info.discrete))
+            outputs["masks"].append(m.cpu().numpy().astype(np.uint8))
+        elif fv.task == "colorize":
+            rgb = sources[start:start + b].to(device)
+            gray = rgb.mean(dim=1, keepdim=True)
+            x, nfe = controllable.colorize(sde, score_fn, gray, **pc)
+            outputs["inputs"].append(_to_output(gray, info.discrete))
+        else:
+            pair = sources[2 * start: 2 * (start + b)].to(device)
+            frames, nfe = controllable.interpolate(sde, score_fn, pair[0::2], pair[1::2],
+                                                   num=fv.num_interp, rtol=fv.rtol,
+                                                   atol=fv.atol, eps=eps)
+            # frames [num_interp, b, ...] -> per pair [b, num_interp, ...]
+            outputs["frames"].append(_to_output(frames.transpose(0, 1), info.discrete))
+            x = frames[-1]
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(f"non-finite samples in the batch starting at sample "
+                                     f"{start}")
+        outputs["samples"].append(_to_output(x, info.discrete))
+        if labels is not None:
+            outputs["labels"].append(labels.cpu().numpy())
+        nfes.append(int(nfe))
+    out_dir = Path(fv.output_dir) if fv.output_dir else checkpoint.parent / f"samples_{fv.task}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.concatenate(v) for k, v in outputs.items() if v}
+    np.savez(out_dir / "samples.npz", **arrays)
+    picture = arrays["frames"].reshape(-1, *info.shape) if "frames" in arrays else \
+        arrays["samples"]
+    if info.discrete:
+        picture = torch.from_numpy(picture.astype(np.float32)) / 127.5 - 1
+    else:
+        picture = torch.from_numpy(picture)
+    png = save_samples_png(picture, out_dir / "samples.png")
+    summary = {
+        "checkpoint": str(checkpoint.resolve()), "step": run_.step, "use_ema": fv.use_ema,
+        "sde": run_.cfg.sde.name, "task": fv.task, "sampler": fv.sampler,
+        "predictor": pc.get("predictor") if fv.sampler != "ode" else None,
+        "corrector": pc.get("corrector") if fv.sampler != "ode" else None,
+        "num_steps": fv.num_steps or (sde.num_steps if fv.sampler != "ode" else None),
+        "snr": fv.snr if fv.sampler != "ode" else None, "rtol": fv.rtol, "atol": fv.atol,
+        "eps": eps, "num_samples": n, "batch_size": bs, "seed": fv.seed,
+        "class_label": fv.class_label, "guidance": fv.guidance,
+        "guidance_scale": fv.guidance_scale if fv.guidance != "none" else None,
+        "mask": fv.mask if fv.task == "inpaint" else None,
+        "nfe": nfes, "nfe_mean": float(np.mean(nfes)),
+        "network_passes_per_eval": 2 if fv.guidance == "cfg" else 1,
+        "seconds": time.time() - wall,
+        "device": str(device), "output_dir": str(out_dir),
+        "png": str(png) if png else None,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def define_flags(fv) -> None:
+    from absl import flags
+
+    kw = dict(flag_values=fv)
+    f = flags
+    f.DEFINE_string("workdir", None, "Run folder of the training script.", **kw)
+    f.DEFINE_string("checkpoint", None, "Checkpoint file; default WORKDIR/checkpoint.pt.", **kw)
+    f.DEFINE_enum("task", "generate", list(TASKS), "What to sample.", **kw)
+    f.DEFINE_enum("sampler", "pc", list(SAMPLERS), "pc, ode or ald.", **kw)
+    f.DEFINE_enum("predictor", "reverse_diffusion", list(PREDICTORS), "PC predictor.", **kw)
+    f.DEFINE_enum("corrector", "langevin", list(CORRECTORS), "PC corrector.", **kw)
+    f.DEFINE_float("snr", 0.16, "Corrector signal-to-noise ratio.", lower_bound=0.0, **kw)
+    f.DEFINE_integer("num_steps", None, "Predictor steps; default the SDE's (1000).",
+                     lower_bound=1, **kw)
+    f.DEFINE_integer("corrector_steps", 1, "Corrector steps per time point.", lower_bound=0,
+                     **kw)
+    f.DEFINE_float("rtol", 1e-5, "ODE relative tolerance (sampler ode, interpolate).", **kw)
+    f.DEFINE_float("atol", 1e-5, "ODE absolute tolerance (sampler ode, interpolate).", **kw)
+    f.DEFINE_float("eps", None, "Final time; default 1e-3 (VP, sub-VP) or 1e-5 (VE).", **kw)
+    f.DEFINE_integer("num_samples", 64, "Samples (pairs for interpolate).", lower_bound=1,
+                     **kw)
+    f.DEFINE_integer("batch_size", 64, "Samples per batch.", lower_bound=1, **kw)
+    f.DEFINE_integer("seed", 0, "Seeds all sampling noise.", lower_bound=0, **kw)
+    f.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "auto: CUDA if available.", **kw)
+    f.DEFINE_boolean("use_ema", True, "EMA weights (--nouse_ema: the raw weights).", **kw)
+    f.DEFINE_string("output_dir", None, "Default WORKDIR/samples_<task>.", **kw)
+    f.DEFINE_string("mask", "right", f"inpaint: {', '.join(MASKS)} or a .npy file (1 = known).",
+                    **kw)
+    f.DEFINE_enum("dataset", None, list(DATASETS), "Source images; default the checkpoint's.",
+                  **kw)
+    f.DEFINE_string("data_dir", None, "Image dataset folder; default the checkpoint's.", **kw)
+    f.DEFINE_string("data_path", None, ".npy/.npz array of source samples.", **kw)
+    f.DEFINE_enum("split", "test", list(SPLITS), "Split of the source images.", **kw)
+    f.DEFINE_integer("num_interp", 8, "interpolate: frames per pair, endpoints included.",
+                     lower_bound=2, **kw)
+    f.DEFINE_integer("class_label", None, "Class to sample (-1: cycle through all).", **kw)
+    f.DEFINE_enum("guidance", "none", list(GUIDANCE), "How --class_label steers sampling.",
+                  **kw)
+    f.DEFINE_float("guidance_scale", 1.0, "Guidance scale (cfg: w; classifier: gradient "
+                   "weight).", **kw)
+    f.DEFINE_string("classifier", None, "Noisy classifier checkpoint for --guidance "
+                    "classifier.", **kw)
+    f.DEFINE_boolean("progress", True, "Show a progress bar.", **kw)
+
+
+def _checked_run(fv) -> Dict[str, object]:
+    for name in ("rtol", "atol"):
+        if not getattr(fv, name) > 0:
+            raise InputError(f"--{name} must be > 0, got {getattr(fv, name)}")
+    if fv.eps is not None and not 0 < fv.eps < 1:
+        raise InputError(f"--eps must lie in (0, 1), got {fv.eps}")
+    try:
+        return run(fv)
+    except RuntimeError as err:  # the samplers' non-finite state, or a failed ODE solve
+        if "non-finite" in str(err) or "tolerance" in str(err):
+            raise FloatingPointError(str(err)) from None
+        raise
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (see the module docstring)."""
+    return run_tool(argv, __doc__, define_flags, _checked_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
