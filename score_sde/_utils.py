@@ -39,6 +39,26 @@ def check_time(t: torch.Tensor, name: str = "t") -> None:
         raise ValueError(f"{name} must be a one-dimensional floating-point tensor [B], got {got}")
 
 
+# Round-off allowance of time range checks (float32 resolves about 6e-8 near t = 1).
+TIME_SLACK = 1e-6
+
+
+def check_time_range(t: torch.Tensor, lo: float, hi: float, *, open_lo: bool = False,
+                     why: str = "") -> None:
+    """Raises ValueError unless every t lies in [lo, hi] (or (lo, hi] with `open_lo`), up to
+    `TIME_SLACK` of round-off. CPU tensors only: on an accelerator the check would stall the
+    device queue (and break graph capture) at every call, so there the callers' own checks of
+    their time grids (eps > 0, end time T) stand in for it."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return
+    t_min, t_max = float(t.min()), float(t.max())
+    low_bad = t_min <= lo if open_lo else t_min < lo - TIME_SLACK
+    if low_bad or t_max > hi + TIME_SLACK or t_min != t_min or t_max != t_max:
+        bad = t_min if (low_bad or t_min != t_min) else t_max
+        interval = f"({lo:g}, {hi:g}]" if open_lo else f"[{lo:g}, {hi:g}]"
+        raise ValueError(f"t must lie in {interval}{why}, got {bad:g}")
+
+
 def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
     """Raises ValueError naming the accepted values when `value` is not one of `choices`."""
     choices = list(choices)

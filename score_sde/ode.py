@@ -48,10 +48,18 @@ class _ODEFunc:
         self.rhs = rhs
         self.batch = batch
         self.t_reached = t_start
+        self.t_min, self.t_max = min(t_start, t_end), max(t_start, t_end)
         # Integrating backward, torchdiffeq reports the true t0 but a positive step.
         self.direction = 1.0 if t_end >= t_start else -1.0
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
+        # The first-step heuristic may probe a time outside the interval (module docstring):
+        # evaluate the right-hand side at the nearest time inside instead.
+        if not bool(torch.isfinite(t)):  # a non-finite state made the step size NaN
+            raise RuntimeError(f"the solver's time became {float(t)} after t={self.t_reached:g}:"
+                               f" the ODE state is non-finite; check that score_fn is finite on "
+                               f"[eps, T]")
+        t = t.clamp(self.t_min, self.t_max)
         return self.rhs(t.reshape(1).expand(self.batch), y)
 
     def callback_accept_step(self, t0, y0, dt):

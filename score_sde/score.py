@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ._utils import append_dims, check_choice
+from ._utils import append_dims, check_choice, check_time_range
 from .sde import SDE, ScoreFn
 
 __all__ = ["make_score_fn", "PREDICTIONS", "TIME_INPUTS"]
@@ -74,7 +74,13 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     to_score = PREDICTIONS[prediction]
     to_time = TIME_INPUTS[time_input]
 
+    divides = prediction != "score" or time_input == "std"
+    why = (f" for prediction={prediction!r}, time_input={time_input!r}: sigma(0) = 0 would be "
+           f"divided by (samplers stop at eps > 0)")
+
     def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            check_time_range(t, 0.0, sde.T, open_lo=divides, why=why if divides else "")
         t64 = t.double() if t.device.type != "mps" else t
         t_in = to_time(sde, t64)
         if t_in.is_floating_point():

@@ -17,15 +17,17 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ._utils import (append_dims, check_batch_time, check_int, check_positive, check_time,
-                     flat_sum, float64_like)
+                     check_time_range, flat_sum, float64_like)
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE"]
 
 
-def _t64(t: torch.Tensor) -> torch.Tensor:
+def _t64(t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """t checked for shape, dtype and range [0, T] (see `check_time_range`), in float64."""
     check_time(t)
+    check_time_range(t, 0.0, T)
     return t.to(float64_like(t))
 
 
@@ -110,7 +112,7 @@ class SDE(abc.ABC):
     def marginal_prob(self, x: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean [B, ...] and std [B] of p_t(x_t | x_0 = x)."""
         check_batch_time(x, t)
-        alpha, sigma = self.marginal_coeffs(_t64(t))
+        alpha, sigma = self.marginal_coeffs(_t64(t, self.T))
         return append_dims(alpha.to(x.dtype), x.ndim) * x, sigma.to(x.dtype)
 
     def discretize(self, x: torch.Tensor, t: torch.Tensor,
@@ -141,9 +143,16 @@ class SDE(abc.ABC):
         return i.clamp(0, self.num_steps - 1)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """Tweedie's formula E[x_0 | x_t = x] = (x + sigma(t)^2 score) / alpha(t)."""
+        """Tweedie's formula E[x_0 | x_t = x] = (x + sigma(t)^2 score) / alpha(t).
+
+        Raises:
+            ValueError: t outside [0, T], or alpha(t) = 0 (nothing of x_0 is left to recover).
+        """
         check_batch_time(x, t)
-        alpha, sigma = self.marginal_coeffs(_t64(t))
+        alpha, sigma = self.marginal_coeffs(_t64(t, self.T))
+        if alpha.device.type == "cpu" and bool((alpha <= 0).any()):
+            raise ValueError(f"denoise needs alpha(t) > 0; alpha underflows to 0 at t = "
+                             f"{float(t[alpha <= 0][0]):g} for this {type(self).__name__}")
         alpha, sigma = append_dims(alpha, x.ndim), append_dims(sigma, x.ndim)
         return ((x + (sigma ** 2).to(x.dtype) * score) / alpha.to(x.dtype))
 

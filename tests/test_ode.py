@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import score_sde
-from score_sde import data_to_latent, latent_to_data, log_likelihood, sample_ode, sample_pc
+from score_sde import (SubVPSDE, data_to_latent, latent_to_data, log_likelihood, sample_ode,
+                       sample_pc)
 from tests.problems import (KERNELS, GaussianMixture, exact_log_prob_t, exact_score_fn,
                             ring_mixture)
 
@@ -153,3 +154,22 @@ def test_bad_latent_inputs_raise():
         data_to_latent("vp", score_fn, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="score_fn must be callable"):
         data_to_latent(sde, None, torch.zeros(2, 2))
+
+
+def test_drift_is_never_evaluated_outside_the_interval():
+    # torchdiffeq's first-step heuristic probes a trial time that can lie outside [eps, T];
+    # the solver's right-hand side is evaluated at the nearest time inside instead.
+    seen = []
+
+    class Recording(SubVPSDE):
+        def sde(self, x, t):
+            seen.append(t.detach().clone())
+            return super().sde(x, t)
+
+    sde = Recording()
+    score = lambda x, t: -x  # noqa: E731
+    x, _ = sample_ode(sde, score, (4, 3), eps=1e-3, generator=torch.Generator().manual_seed(0),
+                      dtype=torch.float64)
+    times = torch.cat(seen)
+    assert float(times.min()) >= 1e-3 and float(times.max()) <= 1.0
+    assert torch.isfinite(x).all()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import integrate, optimize, stats
 
+from score_sde import make_score_fn
 from score_sde._utils import append_dims
 from score_sde.sde import SDE, CosineVPSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE
 from tests.problems import KERNELS
@@ -709,3 +710,42 @@ def test_gradcheck_mean_and_drift_wrt_x(name, rank):
     t = batch_times(x.shape[0])
     assert torch.autograd.gradcheck(lambda x: sde.marginal_prob(x, t)[0], (x,))
     assert torch.autograd.gradcheck(lambda x: sde.sde(x, t)[0], (x,))
+
+
+# --- times outside the domain are rejected where they would divide by zero or give NaN -------
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), CosineVPSDE()],
+                         ids=["vp", "subvp", "ve", "cosine"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_times_outside_zero_to_T_are_rejected(sde, bad):
+    x = torch.ones(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.5, bad], dtype=torch.float64)
+    for call in (lambda: sde.marginal_prob(x, t), lambda: sde.sde(x, t),
+                 lambda: sde.marginal_coeffs(t)):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            call()
+    # The ends themselves are fine (t = 0: alpha = 1, sigma = 0).
+    alpha, sigma = sde.marginal_coeffs(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert float(alpha[0]) == 1.0 and float(sigma[0]) == 0.0
+
+
+def test_score_from_noise_prediction_rejects_t_zero():
+    x = torch.ones(3, 2, dtype=torch.float64)
+    t0 = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+    net = lambda x, t: torch.ones_like(x)  # noqa: E731
+    for prediction in ("noise", "x0"):
+        f = make_score_fn(net, VESDE(), prediction=prediction, time_input="t")
+        with pytest.raises(ValueError, match=r"t must lie in \(0, 1\].*sigma\(0\) = 0"):
+            f(x, t0)
+        assert torch.isfinite(f(x, t0 + 1e-3)).all()
+    # A score-predicting network read at t has no division: t = 0 is allowed.
+    f = make_score_fn(net, VPSDE(), prediction="score", time_input="t")
+    assert torch.equal(f(x, t0), torch.ones_like(x))
+
+
+def test_denoise_rejects_vanishing_alpha():
+    sde = VPSDE(beta_max=1e5, num_steps=10 ** 6)  # alpha(1) = exp(-25000) underflows to 0
+    one = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="alpha"):
+        sde.denoise(torch.ones(1, 2, dtype=torch.float64), one, torch.zeros(1, 2,
+                                                                             dtype=torch.float64))
