@@ -16,13 +16,15 @@ from typing import Optional, Tuple
 import torch
 
 from ._utils import check_choice, check_int, flat_sum, float64_like
-from .ode import _check_common, _check_data, _check_finite, odeint_interval
+from .ode import MAX_SOLVER_STEPS, _check_common, _check_data, _check_finite, odeint_interval
+from .per_sample_ode import odeint_per_sample
 from .score import CountingScore
 from .sde import SDE, ReverseSDE, ScoreFn
 
 __all__ = ["log_likelihood", "bits_per_dim", "DIVERGENCES"]
 
 DIVERGENCES = ("rademacher", "gaussian", "exact")
+STEP_CONTROLS = ("batch", "per_sample")
 # Cotangent elements handed to one batched vector–Jacobian product in the exact divergence.
 _EXACT_CHUNK_ELEMENTS = 1 << 22
 
@@ -68,8 +70,8 @@ def _exact_divergence(drift, x):
 def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float = 1e-5,
                    atol: float = 1e-5, method: str = "dopri5", eps: float = 1e-5,
                    divergence: str = "rademacher", num_probes: int = 1,
-                   generator: Optional[torch.Generator] = None
-                   ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+                   generator: Optional[torch.Generator] = None,
+                   step_control: str = "batch") -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample log-density log p_eps(x) in nats by the probability-flow ODE from eps to T.
 
     The score function must treat batch elements independently (no batch statistics) and be
@@ -87,10 +89,15 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             product per dimension, for low dimensions).
         num_probes: Hutchinson probes averaged per sample (ignored for "exact").
         generator: torch.Generator for the probes.
+        step_control: "batch" (one torchdiffeq solve for the batch; its step size is set by
+            the hardest sample) or "per_sample" (Dormand–Prince with a time and step size per
+            sample, `score_sde.per_sample_ode`; `method` must be "dopri5"): each result is the
+            one the sample would get alone, and easy samples stop early.
 
     Returns:
         (logp, z, nfe): logp [B] in nats in x's dtype, the latent z = x_T shaped like x, and the
-        number of score (network) evaluations.
+        number of score (network) evaluations; with per-sample control, the number of batched
+        evaluations (each over the samples still integrating).
 
     Raises:
         ValueError: invalid arguments, or a score that is not differentiable in x.
@@ -100,6 +107,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     _check_data(x, "x")
     check_choice("divergence", divergence, DIVERGENCES)
     check_int("num_probes", num_probes, minimum=1)
+    check_choice("step_control", step_control, STEP_CONTROLS)
+    if step_control == "per_sample" and method != "dopri5":
+        raise ValueError(f"step_control='per_sample' integrates with dopri5; got method "
+                         f"{method!r}")
 
     dtype, batch = x.dtype, x.shape[0]
     counting = CountingScore(score_fn, eps, sde.T)
@@ -112,7 +123,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             probes = torch.sign(probes)
             probes[probes == 0] = 1
 
-    def rhs(t, state):
+    def rhs(t, state, idx=None):
         y, _ = state
         with torch.enable_grad():
             xt = y.to(dtype).detach().requires_grad_(True)
@@ -124,13 +135,17 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             if probes is None:
                 div = _exact_divergence(drift, xt)
             else:
-                div = _hutchinson_divergence(drift, xt, probes)
+                div = _hutchinson_divergence(drift, xt, probes if idx is None else probes[:, idx])
         return drift.detach().to(y.dtype), div.detach().to(y.dtype)
 
     wide = float64_like(x)
     y0 = (x.detach().to(wide), torch.zeros(batch, dtype=wide, device=x.device))
-    z, delta = odeint_interval(rhs, y0, eps, sde.T, batch=batch, rtol=rtol, atol=atol,
-                               method=method)
+    if step_control == "per_sample":
+        (z, delta), _, _ = odeint_per_sample(rhs, y0, eps, sde.T, rtol=rtol, atol=atol,
+                                             max_steps=MAX_SOLVER_STEPS)
+    else:
+        z, delta = odeint_interval(rhs, y0, eps, sde.T, batch=batch, rtol=rtol, atol=atol,
+                                   method=method)
     z = z.to(dtype)
     _check_finite(z, "the latent z")
     logp = sde.prior_logp(z).to(wide) + delta

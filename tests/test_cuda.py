@@ -63,7 +63,8 @@ def _relerr(a, b):
 
 
 @pytest.mark.parametrize("model_fn", [
-    lambda: SmallUNet(in_channels=1, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,)),
+    lambda: SmallUNet(in_channels=1, nf=16, ch_mult=(1, 2), num_res_blocks=1,
+                      attn_resolutions=(14,)),
     lambda: NCSNpp(image_size=16, in_channels=3, nf=16, ch_mult=(1, 2), num_res_blocks=1,
                    attn_resolutions=(8,), fir=True, progressive="output_skip",
                    progressive_input="input_skip", embedding_type="fourier"),

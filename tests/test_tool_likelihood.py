@@ -341,3 +341,17 @@ def test_torchrun_two_processes_match_one(toy_run, tmp_path):
         assert one[name] == two[name], name
     assert sorted(p.name.split(".")[1] for p in (tmp_path / "two").iterdir()) == [
         "rank0", "rank1"]
+
+
+def test_per_sample_step_control(toy_run, tmp_path):
+    args = ["--workdir", toy_run, "--num_samples", 16, "--batch_size", 8, "--divergence",
+            "exact"]
+    assert _main(*args, "--output", tmp_path / "batch.json", "--partial_dir",
+                 tmp_path / "p1") == 0
+    assert _main(*args, "--step_control", "per_sample", "--output", tmp_path / "ps.json",
+                 "--partial_dir", tmp_path / "p2") == 0
+    batch = json.loads((tmp_path / "batch.json").read_text())
+    per_sample = json.loads((tmp_path / "ps.json").read_text())
+    assert per_sample["step_control"] == "per_sample" and batch["step_control"] == "batch"
+    # Same model and data, both solves at rtol = atol = 1e-5: the same NLL up to the tolerance.
+    assert abs(per_sample["nll_nats"] - batch["nll_nats"]) < 1e-3
