@@ -4,7 +4,9 @@ A checkpoint is one dict (model, EMA, optimizer, step, config) saved with `torch
 temporary file in the target folder, flushed to disk and renamed over the target, so a kill at
 any moment leaves either the old file or the new one, never a torn one. The payload is followed
 by its SHA-256, so a truncated or corrupted file is detected on load; loading then falls back to
-the newest good snapshot.
+the newest good snapshot. A writer killed before its rename leaves a temporary file
+`.NAME.tmpPID` beside the target; loading ignores such files and `remove_stale_temporaries`
+deletes them.
 """
 import hashlib
 import io
@@ -12,13 +14,15 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 _MAGIC = b"score_sde-checkpoint-v1\n"
 _DIGEST = 32
 _SNAPSHOT = re.compile(r"^snapshot_(\d+)\.pt$")
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # .NAME.tmpPID, see `_temporary`
+_CHUNK = 1 << 24  # bytes hashed at a time by `is_intact`
 
 
 class CheckpointError(RuntimeError):
@@ -36,7 +40,7 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             f.write(_MAGIC)
@@ -53,6 +57,11 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _temporary(path: Path) -> Path:
+    # The writer's process id makes the name unique and tells a stale file from one in flight.
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
@@ -79,10 +88,39 @@ def snapshots(folder: Path):
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def load_checkpoint(latest: Path, snapshot_dir: Path) -> Optional[Dict[str, Any]]:
+def is_intact(path: Path) -> bool:
+    """True if `path` is a complete checkpoint file whose checksum matches (read in chunks,
+    not unpickled); False for a missing, truncated, corrupted or foreign file."""
+    try:
+        size = os.path.getsize(path)
+        if size < len(_MAGIC) + _DIGEST:
+            return False
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            if f.read(len(_MAGIC)) != _MAGIC:
+                return False
+            left = size - len(_MAGIC) - _DIGEST
+            while left:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    return False
+                digest.update(chunk)
+                left -= len(chunk)
+            return f.read() == digest.digest()
+    except OSError:
+        return False
+
+
+def _warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load_checkpoint(latest: Path, snapshot_dir: Path, *,
+                    warn: Callable[[str], None] = _warn_stderr) -> Optional[Dict[str, Any]]:
     """The newest good state: `latest`, else the newest verifiable snapshot, else None.
 
-    Every unusable file is reported in one line on stderr and skipped.
+    Every unusable file is reported by one line passed to `warn` (default: printed on stderr)
+    and skipped. Temporary files of interrupted writes are never read.
     """
     candidates = ([Path(latest)] if Path(latest).exists() else []) + snapshots(snapshot_dir)
     best = None
@@ -90,9 +128,14 @@ def load_checkpoint(latest: Path, snapshot_dir: Path) -> Optional[Dict[str, Any]
         try:
             state = read_checkpoint(path)
         except (CheckpointError, OSError, RuntimeError, EOFError) as err:
-            print(f"warning: skipping unusable checkpoint {path}: {err}", file=sys.stderr)
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+            warn(f"warning: skipping unusable checkpoint {path}: {problem}")
             continue
-        if best is None or state["step"] > best["step"]:
+        if not isinstance(state, dict):
+            warn(f"warning: skipping unusable checkpoint {path}: it holds a "
+                 f"{type(state).__name__}, not a dict")
+            continue
+        if best is None or state.get("step", -1) > best.get("step", -1):
             best = state
         if path == Path(latest):
             continue
@@ -101,6 +144,52 @@ def load_checkpoint(latest: Path, snapshot_dir: Path) -> Optional[Dict[str, Any]
 
 
 def prune_snapshots(folder: Path, *, keep: int) -> None:
-    """Deletes all but the `keep` newest snapshots (the newest is never deleted)."""
-    for path in snapshots(folder)[max(keep, 1):]:
+    """Deletes all but the `keep` newest snapshots, never the newest one nor the newest intact
+    one (`is_intact`): if the `keep` newest are all damaged, the newest good older one stays.
+
+    Snapshots are checked newest first until one is intact, so normally only the newest (just
+    written) is read back.
+    """
+    found = snapshots(folder)
+    if len(found) <= max(keep, 1):
+        return
+    newest_good = next((p for p in found if is_intact(p)), None)
+    for path in found[max(keep, 1):]:
+        if path != newest_good:
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> List[Path]:
+    """Deletes the temporary files `.NAME.tmpPID` that writers killed before their rename
+    left in `folder`, and returns their paths.
+
+    A file whose writer is still running on this machine (another process writing into the
+    same folder) is left alone. The calling process's own files count as stale: call this
+    before writing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        m = _TEMPORARY.match(path.name)
+        if m is None or not path.is_file():
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _process_exists(pid):
+            continue
         path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OSError:
+        return False
+    return True

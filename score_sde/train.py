@@ -12,7 +12,16 @@ Everything goes to --workdir (default runs/<sde>_<dataset>): config.json, log.tx
 TensorBoard events (tb/), checkpoint.pt (the latest state, for resuming), snapshots/ and
 samples/. Running again with the same --workdir resumes from checkpoint.pt. Every random draw of
 step k (data order, dequantization, label dropout, t, noise, dropout) is seeded from (seed, k),
-so a resumed run ends with exactly the weights of an uninterrupted one on the CPU.
+so a resumed run ends with exactly the weights of an uninterrupted one on the CPU. Checkpoints
+are written atomically (`score_sde.checkpoint`): a run killed at any moment, even while writing
+one, resumes from the last complete one; a damaged checkpoint.pt is reported and the newest good
+snapshot is used instead.
+
+Exit status: 0 done; 2 bad input (flags, config, data, a checkpoint of another model in
+--workdir); 3 a non-finite loss or gradient (without --skip_nonfinite); 4 the file system
+failed (disk full, no permission), e.g. while writing a checkpoint: the files written before
+stay intact and the same command resumes once that is fixed. Errors print one line on stderr
+(and, once training has started, in log.txt).
 
 Multi-process training (DistributedDataParallel) starts when torchrun's RANK, WORLD_SIZE and
 LOCAL_RANK are set: backend "nccl" on CUDA (process LOCAL_RANK on cuda:LOCAL_RANK), "gloo" on
@@ -30,6 +39,7 @@ import copy
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -43,7 +53,9 @@ import torch
 
 from . import datasets as data_lib
 from ._utils import check_choice
-from .checkpoint import load_checkpoint, prune_snapshots, save_checkpoint
+from .checkpoint import (load_checkpoint, prune_snapshots, remove_stale_temporaries,
+                         save_checkpoint)
+from .cli import EXIT_BAD_INPUT, EXIT_NUMERICAL
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
                           process_group_backend, resolve_device)
 from .config import Config, from_dict, to_dict
@@ -65,10 +77,21 @@ EMA_RATES = {"vp": 0.9999, "subvp": 0.9999, "cosine": 0.9999, "ve": 0.999}
 # dropout; held-out loss noise and data; sample grids; network dropout (+ rank).
 STREAM_NOISE, STREAM_DATA, STREAM_EVAL_NOISE, STREAM_EVAL_DATA, STREAM_SAMPLES = range(5)
 STREAM_DROPOUT = 5
+# Exit status of the command line when the file system fails (disk full, no permission): the
+# run can resume once that is fixed. 2 (bad input) and 3 (non-finite) are the tools' codes.
+EXIT_WRITE_FAILED = 4
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, unusable checkpoint, ...)."""
+
+
+class NonFiniteError(TrainingError):
+    """A non-finite loss or gradient stopped training."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (disk full, no permission, ...)."""
 
 
 def check_world_size(cfg: Config, dist: DistInfo) -> None:
@@ -98,7 +121,8 @@ def build_model(cfg: Config, info: "data_lib.DataInfo") -> torch.nn.Module:
     it embeds `info.num_classes` labels plus the null label.
 
     Raises:
-        ValueError: unknown model, data of the wrong rank, num_classes in the model kwargs, or
+        ValueError: unknown model, data of the wrong rank, model kwargs that disagree with the
+            data's shape or that the model does not take, num_classes in the model kwargs, or
             class conditioning on data without labels.
     """
     if cfg.model.name not in MODELS:
@@ -116,14 +140,23 @@ def build_model(cfg: Config, info: "data_lib.DataInfo") -> torch.nn.Module:
         if len(info.shape) != 1:
             raise ValueError(f"model 'mlp' needs vector data [N, D], got per-sample shape "
                              f"{info.shape}; use an image model")
-        kwargs.setdefault("dim", info.shape[0])
+        from_data = {"dim": info.shape[0]}
     else:
         if len(info.shape) != 3 or info.shape[1] != info.shape[2]:
             raise ValueError(f"model {cfg.model.name!r} needs square images [N, C, H, H], got "
                              f"per-sample shape {info.shape}")
-        kwargs.setdefault("in_channels", info.shape[0])
-        kwargs.setdefault("image_size", info.shape[1])
-    return MODELS[cfg.model.name](**kwargs)
+        from_data = {"in_channels": info.shape[0], "image_size": info.shape[1]}
+    for key, value in from_data.items():
+        if kwargs.setdefault(key, value) != value:
+            raise ValueError(f"model.kwargs {key}={kwargs[key]!r} does not fit the data "
+                             f"{info.name!r} of per-sample shape {info.shape}, which needs "
+                             f"{key}={value}; drop {key} from model.kwargs or use such data")
+    cls = MODELS[cfg.model.name]
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"model.kwargs do not fit model {cfg.model.name!r}: {err}") from None
+    return cls(**kwargs)
 
 
 class Splits(NamedTuple):
@@ -302,7 +335,9 @@ class Trainer:
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(net) if tc.compile else net
+        self.score_fn(self.model)  # checks prediction / time_input before anything is written
         self.step = 0
+        self.saved_step: Optional[int] = None  # step of the last checkpoint written or loaded
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.nonfinite_streak = 0  # ... of which the latest, in a row
 
@@ -373,43 +408,99 @@ class Trainer:
                 "config": to_dict(self.cfg), "data_info": dataclasses.asdict(self.info)}
 
     def restore(self, state: Dict[str, Any]) -> None:
+        """Loads a checkpoint's state.
+
+        Raises:
+            TrainingError: the checkpoint was written for another model, SDE or data shape.
+        """
+        where = f"the checkpoint in {self.workdir}"
+        missing = [k for k in ("model", "ema", "optimizer", "step", "config") if k not in state]
+        if missing:
+            raise TrainingError(f"{where} is not a training checkpoint (it lacks "
+                                f"{', '.join(missing)}); use a new --workdir")
         saved = from_dict(state["config"])
         if saved.model != self.cfg.model or saved.sde != self.cfg.sde:
             raise TrainingError(
-                f"{self.workdir / 'checkpoint.pt'} was written for a different model or SDE "
-                f"configuration ({saved.model.name}, {saved.sde.name}); use a new --workdir")
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+                f"{where} was written for a different model or SDE configuration "
+                f"({saved.model.name}, {saved.sde.name}); use a new --workdir")
+        saved_shape = tuple(state.get("data_info", {}).get("shape", self.info.shape))
+        if saved_shape != self.info.shape:
+            raise TrainingError(f"{where} was written for data of per-sample shape "
+                                f"{saved_shape}, this run's data have shape {self.info.shape}; "
+                                f"use a new --workdir")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise TrainingError(f"{where} does not fit this run's model "
+                                f"({str(err).strip().splitlines()[0]}); use a new --workdir"
+                                ) from None
         self.step = int(state["step"])
+        self.saved_step = self.step
         self.skipped = int(state.get("skipped", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
 
     def save(self, *, snapshot: bool) -> None:
-        """Rank 0 writes checkpoint.pt (and a snapshot); every process waits for it."""
+        """Rank 0 writes checkpoint.pt (and a snapshot); every process waits for it.
+
+        Raises:
+            CheckpointWriteError: on every process, when rank 0 could not write (disk full, no
+                permission). Each file is replaced atomically, so the files written before
+                stay intact and loadable.
+        """
+        failure = None
         if self.dist.is_main:
             state = self.state()
-            save_checkpoint(state, self.workdir / "checkpoint.pt")
-            if snapshot:
-                snaps = self.workdir / "snapshots"
-                save_checkpoint(state, snaps / f"snapshot_{self.step:08d}.pt")
-                prune_snapshots(snaps, keep=self.cfg.training.keep_snapshots)
+            path = self.workdir / "checkpoint.pt"
+            try:
+                save_checkpoint(state, path)
+                self.saved_step = self.step
+                if snapshot:
+                    snaps = self.workdir / "snapshots"
+                    path = snaps / f"snapshot_{self.step:08d}.pt"
+                    save_checkpoint(state, path)
+                    prune_snapshots(snaps, keep=self.cfg.training.keep_snapshots)
+            except OSError as err:
+                kept = ("no checkpoint was written before" if self.saved_step is None else
+                        f"the last good checkpoint (step {self.saved_step}) is kept")
+                failure = (f"could not write {path} at step {self.step}: {err}; {kept}; free "
+                           f"disk space or fix permissions, then rerun the same command to "
+                           f"resume")
         if self.dist.world_size > 1:
-            torch.distributed.barrier()
+            # Doubles as the barrier, so the other processes stop too instead of waiting.
+            failed = torch.tensor([float(failure is not None)], device=self.device)
+            torch.distributed.all_reduce(failed)
+            if failure is None and failed.item():
+                failure = f"rank 0 could not write the checkpoint of step {self.step}"
+        if failure is not None:
+            raise CheckpointWriteError(failure)
 
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> Dict[str, float]:
         tc = self.cfg.training
         main = self.dist.is_main
+        notes = []  # for log.txt, which is opened after resuming
         if main:
             self.workdir.mkdir(parents=True, exist_ok=True)
-        state = load_checkpoint(self.workdir / "checkpoint.pt", self.workdir / "snapshots")
+            for folder in (self.workdir, self.workdir / "snapshots"):
+                notes += [f"removed {path.name}, left in {folder} by an interrupted checkpoint "
+                          f"write" for path in remove_stale_temporaries(folder)]
+
+        def warn(message: str) -> None:
+            print(message, file=sys.stderr)
+            notes.append(message)
+
+        state = load_checkpoint(self.workdir / "checkpoint.pt", self.workdir / "snapshots",
+                                warn=warn)
         if state is not None:
             self.restore(state)
         if main:
             (self.workdir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         report = _Reporter(self.workdir, enabled=main, total=tc.n_iters, initial=self.step)
+        for note in notes:
+            report.line(note)
         procs = f" x {self.dist.world_size} processes" if self.dist.world_size > 1 else ""
         report.line(f"start at step {self.step} of {tc.n_iters} on {self.device}{procs}")
         last_time, last_step, metrics = time.time(), self.step, {}
@@ -443,6 +534,12 @@ class Trainer:
                 if snapshot or self.step % tc.checkpoint_every == 0:
                     self.save(snapshot=snapshot)
             report.line(f"done at step {self.step}")
+        except TrainingError as err:
+            try:
+                report.line(f"stopped at step {self.step}: {err}")
+            except OSError:  # the disk may be full
+                pass
+            raise
         finally:
             report.close()
         return metrics
@@ -482,15 +579,15 @@ class Trainer:
         problem = f"non-finite {what} at step {step}"
         keep = f"the last good checkpoint is kept in {self.workdir}"
         if not tc.skip_nonfinite:
-            raise TrainingError(f"{problem}; {keep} (--skip_nonfinite skips such steps)")
+            raise NonFiniteError(f"{problem}; {keep} (--skip_nonfinite skips such steps)")
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         self.nonfinite_streak += 1
         report.line(f"step {step + 1} skipped: {problem} ({self.nonfinite_streak} in a row, "
                     f"{self.skipped} in all)")
         if self.nonfinite_streak > tc.max_nonfinite:
-            raise TrainingError(f"{problem}: {self.nonfinite_streak} skipped steps in a row, "
-                                f"more than max_nonfinite={tc.max_nonfinite}; {keep}")
+            raise NonFiniteError(f"{problem}: {self.nonfinite_streak} skipped steps in a row, "
+                                 f"more than max_nonfinite={tc.max_nonfinite}; {keep}")
 
     @torch.no_grad()
     def eval_loss(self) -> float:
@@ -539,7 +636,8 @@ def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None) -> Dict
 
     Raises:
         ValueError, FileNotFoundError: bad configuration or data.
-        TrainingError: non-finite values or an incompatible checkpoint.
+        TrainingError: an incompatible checkpoint; its subclasses NonFiniteError (non-finite
+            loss or gradient) and CheckpointWriteError (disk full, no permission).
     """
     dist = dist_from_env(os.environ) if dist is None else dist
     if dist.world_size == 1:
@@ -560,16 +658,28 @@ def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None) -> Dict
 # --- command line ---------------------------------------------------------------------------
 
 def load_config_file(path: str) -> Config:
-    """Runs `get_config()` of a config file and checks that it returns a Config."""
+    """Runs `get_config()` of a config file and checks that it returns a Config.
+
+    Raises:
+        ValueError: a missing file, one that is not Python or fails to run (one line naming the
+            exception), no get_config(), or a result that is not a Config.
+    """
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"--config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"_score_sde_config_{file.stem}", file)
+    if spec is None:
+        raise ValueError(f"--config file {path} must be a Python file (.py)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config file {path} defines no get_config()")
-    cfg = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"--config file {path} defines no get_config()")
+        cfg = module.get_config()
+    except ValueError:
+        raise
+    except Exception as err:  # the file is user input: one line, not a traceback
+        raise ValueError(f"--config file {path} failed: {type(err).__name__}: {err}") from None
     if not isinstance(cfg, Config):
         raise ValueError(f"get_config() in {path} must return score_sde.config.Config, got "
                          f"{type(cfg).__name__}")
@@ -590,7 +700,12 @@ def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
 
 
 def check_config(cfg: Config) -> None:
-    """Cross-field checks whose failure names both settings."""
+    """Range checks of single settings and cross-field checks whose failure names both.
+
+    Raises:
+        ValueError: a setting outside its range (the message names it and the range) or two
+            settings that conflict.
+    """
     tc = cfg.training
     if tc.importance_sampling and not tc.likelihood_weighting:
         raise ValueError("--importance_sampling needs --likelihood_weighting (it samples t for "
@@ -605,6 +720,20 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(tc, name)}")
     if not tc.lr > 0:
         raise ValueError(f"lr must be > 0, got {tc.lr}")
+    if tc.warmup < 0 or tc.sample_every < 0:
+        name = "warmup" if tc.warmup < 0 else "sample_every"
+        raise ValueError(f"{name} must be >= 0, got {getattr(tc, name)}")
+    if tc.ema_rate is not None and not 0 < tc.ema_rate < 1:
+        raise ValueError(f"ema_rate must lie in (0, 1) or be None (the SDE's default), got "
+                         f"{tc.ema_rate}")
+    if not 0 < tc.eps < 1:
+        raise ValueError(f"eps (the smallest training time) must lie in (0, 1), got {tc.eps}")
+    if tc.device != "auto":
+        try:
+            torch.device(tc.device)
+        except RuntimeError:
+            raise ValueError(f"device must be auto or a torch device such as cpu, cuda or "
+                             f"cuda:1, got {tc.device!r}") from None
     check_choice("lr_decay", tc.lr_decay, LR_DECAYS)
     if not 0 <= tc.lr_final <= 1:
         raise ValueError(f"lr_final must lie in [0, 1] (a fraction of lr), got {tc.lr_final}")
@@ -687,6 +816,8 @@ def resolve(flag_values) -> tuple:
     if flag_values["max_nonfinite"].present and not cfg.training.skip_nonfinite:
         raise ValueError("--max_nonfinite needs --skip_nonfinite")
     workdir = flag_values.workdir or os.path.join("runs", f"{cfg.sde.name}_{cfg.data.dataset}")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} exists and is not a folder")
     return cfg, workdir
 
 
@@ -694,7 +825,8 @@ def main(argv) -> None:
     from absl import flags
 
     if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     dist = DistInfo()
     try:
         dist = dist_from_env(os.environ)
@@ -705,12 +837,21 @@ def main(argv) -> None:
                 print(json.dumps({"workdir": workdir, **to_dict(cfg)}, indent=2))
             return
         metrics = train(cfg, workdir, dist=dist)
-    except (ValueError, FileNotFoundError, TrainingError) as err:
+    except (ValueError, OSError, TrainingError) as err:
         where = f" (rank {dist.rank})" if dist.world_size > 1 else ""
-        print(f"error{where}: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error{where}: {err}".splitlines()[0], file=sys.stderr)
+        sys.exit(_exit_status(err))
     if dist.is_main:
         print(json.dumps({"workdir": workdir, "step": cfg.training.n_iters, **metrics}))
+
+
+def _exit_status(err: BaseException) -> int:
+    if isinstance(err, NonFiniteError):
+        return EXIT_NUMERICAL
+    if isinstance(err, CheckpointWriteError) or (isinstance(err, OSError)
+                                                 and not isinstance(err, FileNotFoundError)):
+        return EXIT_WRITE_FAILED
+    return EXIT_BAD_INPUT
 
 
 def _parse_flags(argv):
@@ -719,8 +860,8 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def run() -> None:
