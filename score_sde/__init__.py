@@ -7,6 +7,8 @@ from .classifier import (CLASSIFIERS, FeatureClassifier, NoiseConditionalClassif
                          save_classifier)
 from .controllable import (classifier_free_score, classifier_guided_score, colorize, inpaint,
                            interpolate, slerp)
+from .fast_sampling import (DPM_METHODS, DPM_PREDICTIONS, TIME_GRIDS, sample_ddim,
+                            sample_dpm_solver, sample_heun)
 from .likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from .losses import REDUCTIONS, WEIGHTINGS, DDPMLoss, HybridLoss, ScoreMatchingLoss, SMLDLoss
 from .metrics import feature_statistics, frechet_distance, frechet_distance_from_features
@@ -26,6 +28,9 @@ __all__ = [
     # samplers
     "sample_pc", "Predictor", "Corrector", "PREDICTORS", "CORRECTORS",
     "sample_ode", "data_to_latent", "latent_to_data", "ADAPTIVE_METHODS",
+    # fast samplers
+    "sample_ddim", "sample_dpm_solver", "sample_heun", "TIME_GRIDS", "DPM_METHODS",
+    "DPM_PREDICTIONS",
     # controllable generation
     "inpaint", "colorize", "classifier_guided_score", "classifier_free_score", "slerp",
     "interpolate",
