@@ -1,7 +1,9 @@
 """Command-line plumbing shared by the tools in `tools/`: absl flags, one-line errors and the
 exit statuses 0 (done), 2 (bad input) and 3 (numerical failure)."""
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 
 from .checkpoint import CheckpointError
@@ -12,6 +14,15 @@ EXIT_NUMERICAL = 3
 
 class InputError(ValueError):
     """Bad user input: exit status 2."""
+
+
+def write_json(path: Path, obj: Dict[str, Any]) -> None:
+    """Writes `obj` as indented JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _error_line(err: BaseException, prefix: str = "") -> None:

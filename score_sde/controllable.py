@@ -22,7 +22,7 @@ import torch
 
 from ._utils import append_dims, check_int, check_positive
 from .ode import _check_data, data_to_latent, latent_to_data
-from .sampling import CORRECTORS, PREDICTORS, Corrector, Predictor, _resolve, check_eps
+from .sampling import Corrector, Predictor, pc_components
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -47,22 +47,8 @@ def _check_pc_args(sde, score_fn, predictor, corrector, snr, corrector_steps, nu
     if not callable(score_fn):
         raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
     check_positive("snr", snr)
-    check_int("corrector_steps", corrector_steps, minimum=0)
-    num_steps = sde.num_steps if num_steps is None else num_steps
-    check_int("num_steps", num_steps, minimum=1)
-    check_eps(eps, sde)
-    predictor_cls = _resolve("predictor", predictor, PREDICTORS, Predictor)
-    corrector_cls = _resolve("corrector", corrector, CORRECTORS, Corrector)
-    # As in sample_pc: steps of the SDE's discrete chain must follow the sampler's grid.
-    chain_users = [c.__name__ for c in (predictor_cls, corrector_cls)
-                   if c.uses_chain and (c is predictor_cls or corrector_steps > 0)]
-    if num_steps != sde.num_steps and chain_users:
-        try:
-            sde = sde.with_num_steps(num_steps)
-        except ValueError as err:
-            raise ValueError(f"{' and '.join(chain_users)} use the SDE's discrete chain, which "
-                             f"cannot have num_steps={num_steps}: {err}") from None
-    return sde, predictor_cls, corrector_cls, num_steps
+    return pc_components(sde, predictor, corrector, corrector_steps=corrector_steps,
+                         num_steps=num_steps, eps=eps)
 
 
 def _check_generator(generator, x):

@@ -252,6 +252,35 @@ def check_eps(eps: float, sde: SDE) -> None:
         raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
 
 
+def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int,
+                  num_steps: Optional[int], eps: float
+                  ) -> Tuple[SDE, Type[Predictor], Type[Corrector], int]:
+    """Validated set-up of a predictor-corrector loop, shared by `sample_pc` and the
+    controllable-generation samplers: (the SDE, re-discretized to `num_steps` when a component
+    steps its discrete chain, the predictor class, the corrector class, num_steps).
+
+    Raises:
+        ValueError: unknown components, bad step counts or eps, or a chain that cannot take
+            `num_steps` steps.
+    """
+    check_int("corrector_steps", corrector_steps, minimum=0)
+    num_steps = sde.num_steps if num_steps is None else num_steps
+    check_int("num_steps", num_steps, minimum=1)
+    check_eps(eps, sde)
+    predictor_cls = _resolve("predictor", predictor, PREDICTORS, Predictor)
+    corrector_cls = _resolve("corrector", corrector, CORRECTORS, Corrector)
+    chain_users = [c.__name__ for c in (predictor_cls, corrector_cls)
+                   if c.uses_chain and (c is predictor_cls or corrector_steps > 0)]
+    if num_steps != sde.num_steps and chain_users:
+        # Steps of the SDE's discrete chain must follow the sampler's grid.
+        try:
+            sde = sde.with_num_steps(num_steps)
+        except ValueError as err:
+            raise ValueError(f"{' and '.join(chain_users)} use the SDE's discrete chain, which "
+                             f"cannot have num_steps={num_steps}: {err}") from None
+    return sde, predictor_cls, corrector_cls, num_steps
+
+
 def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
               predictor: Union[str, Type[Predictor]] = "reverse_diffusion",
               corrector: Union[str, Type[Corrector]] = "langevin",
@@ -297,24 +326,11 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
         raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
     shape = check_shape(shape)
     check_positive("snr", snr)
-    check_int("corrector_steps", corrector_steps, minimum=0)
-    num_steps = sde.num_steps if num_steps is None else num_steps
-    check_int("num_steps", num_steps, minimum=1)
-    check_eps(eps, sde)
     if denoise and not sde.has_marginal:
         raise ValueError(f"denoise=True needs the marginal of {type(sde).__name__}, which has "
                          f"none; pass denoise=False")
-    predictor_cls = _resolve("predictor", predictor, PREDICTORS, Predictor)
-    corrector_cls = _resolve("corrector", corrector, CORRECTORS, Corrector)
-    chain_users = [c.__name__ for c in (predictor_cls, corrector_cls)
-                   if c.uses_chain and (c is predictor_cls or corrector_steps > 0)]
-    if num_steps != sde.num_steps and chain_users:
-        # Steps of the SDE's discrete chain must follow the sampler's grid.
-        try:
-            sde = sde.with_num_steps(num_steps)
-        except ValueError as err:
-            raise ValueError(f"{' and '.join(chain_users)} use the SDE's discrete chain, which "
-                             f"cannot have num_steps={num_steps}: {err}") from None
+    sde, predictor_cls, corrector_cls, num_steps = pc_components(
+        sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
     device = sample_device(device, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
 

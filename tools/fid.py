@@ -49,7 +49,6 @@ Exit status: 0 done; 2 bad input (flags, missing or malformed files, keys, shape
 on stderr; 3 numerical failure (no usable matrix square root).
 """
 import hashlib
-import json
 import os
 import sys
 import time
@@ -61,7 +60,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from score_sde.cli import InputError, run_tool
+from score_sde.cli import InputError, run_tool, write_json
 from score_sde.classifier import FeatureClassifier, load_classifier
 from score_sde.datasets import SPLITS, from_model_range, load_dataset, to_model_range
 from score_sde.distributed import resolve_device
@@ -232,13 +231,6 @@ def define_flags(fv) -> None:
     flags.mark_flag_as_required("samples", flag_values=fv)
 
 
-def _write_json(path: Path, obj: Dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(fv) -> Dict[str, object]:
     """Computes the distances with parsed flags; returns the result.
 
@@ -333,7 +325,7 @@ def run(fv) -> Dict[str, object]:
 def _run_and_write(fv) -> Dict[str, object]:
     result = run(fv)
     if fv.output:
-        _write_json(Path(fv.output), result)
+        write_json(Path(fv.output), result)
     return result
 
 

@@ -73,7 +73,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from score_sde.checkpoint import read_checkpoint
-from score_sde.cli import InputError, run_tool
+from score_sde.cli import InputError, run_tool, write_json
 from score_sde.config import Config, from_dict
 from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_seed, to_model_range
 from score_sde.distributed import dist_from_env, resolve_device
@@ -373,13 +373,6 @@ def define_flags(fv) -> None:
     flags.mark_flags_as_mutual_exclusive(["data_dir", "data_path"], flag_values=fv)
 
 
-def _write_json(path: Path, obj: Dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(fv) -> Dict[str, object]:
     """Evaluates with parsed flags; returns the result (rank 0: complete, others: {}).
 
@@ -472,7 +465,7 @@ def run(fv) -> Dict[str, object]:
     result = {**summarize(records, num_data=len(data), num_repeats=num_repeats, info=info),
               "seconds": time.time() - wall, "complete": True, **settings}
     if fv.output:
-        _write_json(Path(fv.output), result)
+        write_json(Path(fv.output), result)
     return result
 
 

@@ -43,9 +43,7 @@ Exit status: 0 done; 2 bad input (flags, missing or malformed data), one line on
 3 a non-finite training loss, one line naming the step.
 """
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +52,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from score_sde.cli import InputError, run_tool
+from score_sde.cli import InputError, run_tool, write_json
 from score_sde.classifier import (FeatureClassifier, NoiseConditionalClassifier,
                                   noisy_classifier_loss, save_classifier)
 from score_sde.config import Config, SDEConfig
@@ -187,13 +185,6 @@ def _eval_times(values: List[str]) -> List[float]:
     return times
 
 
-def _write_json(path: Path, obj: Dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(fv) -> Dict[str, object]:
     """Trains and evaluates with parsed flags; returns the summary.
 
@@ -268,7 +259,7 @@ def run(fv) -> Dict[str, object]:
         "num_train": len(images), "num_test": len(test_images),
         "train_loss": sum(recent) / len(recent), **metrics, "device": str(device),
         "output": str(output), "seconds": time.time() - wall}
-    _write_json(summary_path, summary)
+    write_json(summary_path, summary)
     return summary
 
 
