@@ -118,6 +118,21 @@ def test_generate_on_toy_checkpoint(sampler, toy_run, tmp_path):
     assert (out / "samples.png").exists()
 
 
+@pytest.mark.parametrize("sampler, extra, nfe", [
+    ("ddim", ["--num_steps", 10, "--eta", 0.5], 10),
+    ("dpm_solver", ["--num_steps", 12, "--order", 3], 12),
+    ("dpm_solver", ["--num_steps", 12, "--dpm_method", "singlestep"], 12),
+    ("heun", ["--num_steps", 6], 11),
+])
+def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
+    out = tmp_path / sampler
+    assert _main("--workdir", toy_run, "--sampler", sampler, *extra, "--num_samples", 8,
+                 "--output_dir", out) == 0
+    summary, arrays = _result(out)
+    assert arrays["samples"].shape == (8, 2) and np.isfinite(arrays["samples"]).all()
+    assert summary["nfe"] == [nfe] and summary["sampler"] == sampler
+
+
 def test_same_seed_same_samples(toy_run, tmp_path):
     for name in ("a", "b"):
         assert _main("--workdir", toy_run, "--num_samples", 6, "--num_steps", 25,
@@ -273,6 +288,8 @@ def test_interpolation_endpoints(toy_run, tmp_path):
     (["--workdir", "{gray}", "--task", "inpaint", "--mask", "{tmp}/bad.npy"],
      "must hold only 0 and 1"),
     (["--workdir", "{gray}", "--task", "inpaint", "--sampler", "ode"], "predictor-corrector"),
+    (["--workdir", "{toy}", "--task", "interpolate", "--sampler", "heun"], "drop --sampler"),
+    (["--workdir", "{toy}", "--sampler", "dpm_solver", "--order", "4"], "order"),
     (["--workdir", "{tmp}"], "does not exist"),
     (["--workdir", "{toy}", "--rtol", "0"], "--rtol must be > 0"),
     (["--workdir", "{toy}", "--task", "paint"], "task"),

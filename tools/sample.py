@@ -16,7 +16,10 @@ repository root.
 
 Samplers. pc: predictor-corrector (Song et al. 2021, Algorithm 1; --predictor, --corrector,
 --snr, --num_steps, --corrector_steps); ode: the probability-flow ODE with an adaptive solver
-(--rtol, --atol); ald: annealed Langevin dynamics (corrector "ald" alone, Song & Ermon 2019).
+(--rtol, --atol); ald: annealed Langevin dynamics (corrector "ald" alone, Song & Ermon 2019);
+few-step samplers (generate only): ddim (--num_steps, default 50, --eta), dpm_solver
+(--num_steps evaluations, default 20, --order, --dpm_method) and heun (EDM, --num_steps,
+default 18, 2 num_steps - 1 evaluations).
 Sampling ends at --eps (default 1e-3 for VP / sub-VP, 1e-5 for VE) with Tweedie denoising.
 
 Tasks. generate; inpaint (known pixels from the data split, --mask left|right|top|bottom|
@@ -55,13 +58,15 @@ from score_sde.cli import InputError, run_tool
 from score_sde.config import from_dict
 from score_sde.datasets import DATASETS, SPLITS, from_model_range, load_dataset, to_model_range
 from score_sde.distributed import resolve_device
+from score_sde.fast_sampling import sample_ddim, sample_dpm_solver, sample_heun
 from score_sde.ode import sample_ode
 from score_sde.runs import load_trained
 from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
 from score_sde.train import build_sde
 from score_sde.visualize import save_samples_png
 
-SAMPLERS = ("pc", "ode", "ald")
+SAMPLERS = ("pc", "ode", "ald", "ddim", "dpm_solver", "heun")
+FAST = ("ddim", "dpm_solver", "heun")
 TASKS = ("generate", "inpaint", "colorize", "interpolate")
 MASKS = ("left", "right", "top", "bottom", "center", "random")
 GUIDANCE = ("none", "cfg", "classifier")
@@ -142,6 +147,9 @@ def _check_flags(fv, run) -> None:
     if fv.task in ("inpaint", "colorize") and fv.sampler != "pc":
         raise InputError(f"--task {fv.task} runs the predictor-corrector sampler; drop "
                          f"--sampler {fv.sampler}")
+    if fv.task == "interpolate" and fv.sampler in FAST:
+        raise InputError(f"--task interpolate encodes and decodes with the probability-flow "
+                         f"ODE solver; drop --sampler {fv.sampler}")
     if fv.task == "interpolate" and fv.class_label is not None:
         raise InputError("--task interpolate is unconditional; drop --class_label")
     if fv.class_label is not None:
@@ -246,9 +254,20 @@ def run(fv) -> Dict[str, object]:
         labels = _labels(fv, run_, b, start, device)
         score_fn = _score_fn(fv, run_, labels, classifier)
         if fv.task == "generate":
+            shape = (b, *info.shape)
             if fv.sampler == "ode":
-                x, nfe = sample_ode(sde, score_fn, (b, *info.shape), rtol=fv.rtol, atol=fv.atol,
+                x, nfe = sample_ode(sde, score_fn, shape, rtol=fv.rtol, atol=fv.atol,
                                     eps=eps, device=device, generator=gen)
+            elif fv.sampler == "ddim":
+                x, nfe = sample_ddim(sde, score_fn, shape, num_steps=fv.num_steps or 50,
+                                     eta=fv.eta, eps=eps, device=device, generator=gen)
+            elif fv.sampler == "dpm_solver":
+                x, nfe = sample_dpm_solver(sde, score_fn, shape, num_steps=fv.num_steps or 20,
+                                           order=fv.order, method=fv.dpm_method, eps=eps,
+                                           device=device, generator=gen)
+            elif fv.sampler == "heun":
+                x, nfe = sample_heun(sde, score_fn, shape, num_steps=fv.num_steps or 18,
+                                     eps=fv.eps, device=device, generator=gen)
             else:
                 x, nfe = sample_pc(sde, score_fn, (b, *info.shape), device=device, **pc)
         elif fv.task == "inpaint":
@@ -291,10 +310,14 @@ def run(fv) -> Dict[str, object]:
     summary = {
         "checkpoint": str(checkpoint.resolve()), "step": run_.step, "use_ema": fv.use_ema,
         "sde": run_.cfg.sde.name, "task": fv.task, "sampler": fv.sampler,
-        "predictor": pc.get("predictor") if fv.sampler != "ode" else None,
-        "corrector": pc.get("corrector") if fv.sampler != "ode" else None,
-        "num_steps": fv.num_steps or (sde.num_steps if fv.sampler != "ode" else None),
-        "snr": fv.snr if fv.sampler != "ode" else None, "rtol": fv.rtol, "atol": fv.atol,
+        "predictor": pc.get("predictor") if fv.sampler in ("pc", "ald") else None,
+        "corrector": pc.get("corrector") if fv.sampler in ("pc", "ald") else None,
+        "num_steps": fv.num_steps or {"ddim": 50, "dpm_solver": 20, "heun": 18, "ode": None}.get(
+            fv.sampler, sde.num_steps),
+        "eta": fv.eta if fv.sampler == "ddim" else None,
+        "order": fv.order if fv.sampler == "dpm_solver" else None,
+        "dpm_method": fv.dpm_method if fv.sampler == "dpm_solver" else None,
+        "snr": fv.snr if fv.sampler in ("pc", "ald") else None, "rtol": fv.rtol, "atol": fv.atol,
         "eps": eps, "num_samples": n, "batch_size": bs, "seed": fv.seed,
         "class_label": fv.class_label, "guidance": fv.guidance,
         "guidance_scale": fv.guidance_scale if fv.guidance != "none" else None,
@@ -317,7 +340,13 @@ def define_flags(fv) -> None:
     f.DEFINE_string("workdir", None, "Run folder of the training script.", **kw)
     f.DEFINE_string("checkpoint", None, "Checkpoint file; default WORKDIR/checkpoint.pt.", **kw)
     f.DEFINE_enum("task", "generate", list(TASKS), "What to sample.", **kw)
-    f.DEFINE_enum("sampler", "pc", list(SAMPLERS), "pc, ode or ald.", **kw)
+    f.DEFINE_enum("sampler", "pc", list(SAMPLERS), "pc, ode, ald, or a few-step sampler: "
+                  "ddim, dpm_solver, heun.", **kw)
+    f.DEFINE_float("eta", 0.0, "ddim: 0 deterministic, 1 DDPM-like.", lower_bound=0.0,
+                   upper_bound=1.0, **kw)
+    f.DEFINE_integer("order", 2, "dpm_solver: order 1, 2 or 3.", lower_bound=1, upper_bound=3,
+                     **kw)
+    f.DEFINE_enum("dpm_method", "multistep", ["multistep", "singlestep"], "dpm_solver.", **kw)
     f.DEFINE_enum("predictor", "reverse_diffusion", list(PREDICTORS), "PC predictor.", **kw)
     f.DEFINE_enum("corrector", "langevin", list(CORRECTORS), "PC corrector.", **kw)
     f.DEFINE_float("snr", 0.16, "Corrector signal-to-noise ratio.", lower_bound=0.0, **kw)
