@@ -22,7 +22,7 @@ import score_sde
 from score_sde.checkpoint import read_checkpoint, save_checkpoint
 from score_sde.config import to_dict
 from score_sde.datasets import DataInfo, load_dataset
-from score_sde.train import apply_overrides, build_model, load_config_file, train
+from score_sde.train import apply_overrides, build_model, load_config_file
 from tests.problems import KERNELS, exact_log_prob_t, exact_score_fn, random_mixture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,20 +49,6 @@ FIELDS = {"nll_nats", "stderr", "stderr_samples", "bpd", "bpd_stderr", "n", "num
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    """A workdir with a tiny toy checkpoint (MLP, 8 Gaussians, 10 steps)."""
-    workdir = tmp_path_factory.mktemp("toy_run")
-    cfg = load_config_file(str(REPO / "configs" / "toy.py"))
-    training = dict(n_iters=10, batch_size=64, log_every=10, eval_every=10, eval_batches=1,
-                    sample_every=0, checkpoint_every=10, snapshot_every=10, device="cpu")
-    cfg = apply_overrides(cfg, {f"training.{k}": v for k, v in training.items()})
-    cfg = apply_overrides(cfg, {"data.num_samples": 256,
-                                "model.kwargs": dict(hidden=16, num_layers=2)})
-    train(cfg, str(workdir))
-    return workdir
 
 
 def _main(*args):

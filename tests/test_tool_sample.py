@@ -34,19 +34,6 @@ def _idx(arr):
         arr.tobytes()
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("toy")
-    cfg = load_config_file(str(REPO / "configs" / "toy.py"))
-    training = dict(n_iters=10, batch_size=64, log_every=10, eval_every=10, eval_batches=1,
-                    sample_every=0, checkpoint_every=10, snapshot_every=10, device="cpu")
-    cfg = apply_overrides(cfg, {f"training.{k}": v for k, v in training.items()})
-    cfg = apply_overrides(cfg, {"data.num_samples": 256,
-                                "model.kwargs": dict(hidden=16, num_layers=2)})
-    train(cfg, str(workdir))
-    return workdir
-
-
 def _image_run(root, *, rgb, conditional):
     """A 2-step run of a tiny U-Net on 8 random 8-bit images (IDX for gray, CIFAR pickles for
     RGB)."""
