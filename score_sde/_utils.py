@@ -1,5 +1,6 @@
 """Small shared helpers: broadcasting over data rank, argument validation, float64 time."""
 import math
+import sys
 from typing import Iterable, Tuple
 
 import torch
@@ -51,7 +52,7 @@ def check_time_range(t: torch.Tensor, lo: float, hi: float, *, open_lo: bool = F
     their time grids (eps > 0, end time T) stand in for it."""
     if t.device.type != "cpu" or t.numel() == 0:
         return
-    t_min, t_max = float(t.min()), float(t.max())
+    t_min, t_max = float(t.detach().min()), float(t.detach().max())
     low_bad = t_min <= lo if open_lo else t_min < lo - TIME_SLACK
     if low_bad or t_max > hi + TIME_SLACK or t_min != t_min or t_max != t_max:
         bad = t_min if (low_bad or t_min != t_min) else t_max
@@ -105,3 +106,14 @@ def flat_sum(x: torch.Tensor) -> torch.Tensor:
 def batch_norm2(x: torch.Tensor) -> torch.Tensor:
     """Per-sample Euclidean norm over all non-batch dimensions: [B, ...] -> [B]."""
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+
+
+def stderr_line(text: str) -> None:
+    """Writes the first line of `text` to stderr in one write, then flushes.
+
+    One write keeps the line whole when several processes (torchrun ranks) share the stream;
+    `print` writes the text and its newline separately, so their lines could run together.
+    """
+    lines = str(text).splitlines()
+    sys.stderr.write((lines[0] if lines else "") + "\n")
+    sys.stderr.flush()

@@ -12,11 +12,12 @@ import hashlib
 import io
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from ._utils import stderr_line
 
 _MAGIC = b"score_sde-checkpoint-v1\n"
 _DIGEST = 32
@@ -112,7 +113,7 @@ def is_intact(path: Path) -> bool:
 
 
 def _warn_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    stderr_line(message)
 
 
 def load_checkpoint(latest: Path, snapshot_dir: Path, *,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 
+from ._utils import stderr_line
 from .checkpoint import CheckpointError
 
 EXIT_BAD_INPUT = 2
@@ -26,7 +27,7 @@ def write_json(path: Path, obj: Dict[str, Any]) -> None:
 
 
 def _error_line(err: BaseException, prefix: str = "") -> None:
-    print(f"error: {prefix}{err}".splitlines()[0], file=sys.stderr)
+    stderr_line(f"error: {prefix}{err}")
 
 
 def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[Any], None],

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from . import datasets as data_lib
-from ._utils import check_choice
+from ._utils import check_choice, stderr_line
 from .checkpoint import (load_checkpoint, prune_snapshots, remove_stale_temporaries,
                          save_checkpoint)
 from .cli import EXIT_BAD_INPUT, EXIT_NUMERICAL
@@ -489,7 +489,7 @@ class Trainer:
                           f"write" for path in remove_stale_temporaries(folder)]
 
         def warn(message: str) -> None:
-            print(message, file=sys.stderr)
+            stderr_line(message)
             notes.append(message)
 
         state = load_checkpoint(self.workdir / "checkpoint.pt", self.workdir / "snapshots",
@@ -825,7 +825,7 @@ def main(argv) -> None:
     from absl import flags
 
     if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        stderr_line(f"error: unexpected arguments {argv[1:]}")
         sys.exit(EXIT_BAD_INPUT)
     dist = DistInfo()
     try:
@@ -839,7 +839,7 @@ def main(argv) -> None:
         metrics = train(cfg, workdir, dist=dist)
     except (ValueError, OSError, TrainingError) as err:
         where = f" (rank {dist.rank})" if dist.world_size > 1 else ""
-        print(f"error{where}: {err}".splitlines()[0], file=sys.stderr)
+        stderr_line(f"error{where}: {err}")
         sys.exit(_exit_status(err))
     if dist.is_main:
         print(json.dumps({"workdir": workdir, "step": cfg.training.n_iters, **metrics}))
@@ -860,7 +860,7 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
+        stderr_line(f"error: {err}")
         sys.exit(EXIT_BAD_INPUT)
 
 
