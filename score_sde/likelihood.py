@@ -67,11 +67,30 @@ def _exact_divergence(drift, x):
     return div
 
 
+def _check_probes(probes: torch.Tensor, x: torch.Tensor, divergence: str) -> torch.Tensor:
+    if divergence == "exact":
+        raise ValueError("probes are for the Hutchinson divergences ('rademacher', "
+                         "'gaussian'); divergence='exact' uses none")
+    if (not isinstance(probes, torch.Tensor) or probes.ndim != x.ndim + 1
+            or tuple(probes.shape[1:]) != tuple(x.shape) or probes.shape[0] < 1
+            or probes.device != x.device):
+        got = (f"{tuple(probes.shape)} on {probes.device}" if isinstance(probes, torch.Tensor)
+               else type(probes).__name__)
+        want = ", ".join(map(str, x.shape))
+        raise ValueError(f"probes must be a tensor [K, {want}] (K >= 1 probes of x's shape) "
+                         f"on {x.device}, got {got}")
+    if not torch.isfinite(probes).all():
+        raise ValueError("probes contain non-finite values")
+    return probes.to(x.dtype)
+
+
 def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float = 1e-5,
                    atol: float = 1e-5, method: str = "dopri5", eps: float = 1e-5,
                    divergence: str = "rademacher", num_probes: int = 1,
                    generator: Optional[torch.Generator] = None,
-                   step_control: str = "batch") -> Tuple[torch.Tensor, torch.Tensor, int]:
+                   step_control: str = "batch",
+                   probes: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample log-density log p_eps(x) in nats by the probability-flow ODE from eps to T.
 
     The score function must treat batch elements independently (no batch statistics) and be
@@ -93,6 +112,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             the hardest sample) or "per_sample" (Dormand–Prince with a time and step size per
             sample, `score_sde.per_sample_ode`; `method` must be "dopri5"): each result is the
             one the sample would get alone, and easy samples stop early.
+        probes: explicit Hutchinson probes [K, B, ...] (K probes per sample, on x's device)
+            instead of drawing them; for comparing solvers, precisions or batch sizes on the
+            same estimator. Not allowed with divergence="exact"; `num_probes` and `generator`
+            are then unused.
 
     Returns:
         (logp, z, nfe): logp [B] in nats in x's dtype, the latent z = x_T shaped like x, and the
@@ -115,8 +138,9 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     dtype, batch = x.dtype, x.shape[0]
     counting = CountingScore(score_fn, eps, sde.T)
     rsde = ReverseSDE(sde, counting, probability_flow=True)
-    probes = None
-    if divergence != "exact":
+    if probes is not None:
+        probes = _check_probes(probes, x, divergence)
+    elif divergence != "exact":
         shape = (num_probes,) + tuple(x.shape)
         probes = torch.randn(shape, generator=generator, device=x.device, dtype=dtype)
         if divergence == "rademacher":

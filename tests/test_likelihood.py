@@ -147,6 +147,47 @@ def test_same_generator_same_result():
     assert torch.equal(a, b)
 
 
+def test_basis_probes_give_the_exact_divergence():
+    # Probes sqrt(D) e_1, ..., sqrt(D) e_D: the mean of p^T J p over them is exactly tr J, so
+    # the estimate equals the exact divergence and so does the log-likelihood.
+    mixture, sde, kernel = random_mixture(4, seed=3), score_sde.VPSDE(), KERNELS["vp"]
+    score_fn = exact_score_fn(mixture, kernel)
+    x, _ = mixture.sample(3, torch.Generator().manual_seed(4))
+    d = x.shape[1]
+    probes = math.sqrt(d) * torch.eye(d, dtype=x.dtype)[:, None, :].expand(d, 3, d)
+    exact, _, _ = log_likelihood(sde, score_fn, x, divergence="exact")
+    basis, _, _ = log_likelihood(sde, score_fn, x, probes=probes.contiguous())
+    assert (basis - exact).abs().max() < 1e-6
+
+
+def test_given_probes_make_per_sample_results_independent_of_the_batch():
+    # With per-sample step control each result is the sample's own solve; with the probes
+    # given, a sample's value is the same alone as in a batch.
+    mixture, sde, kernel = random_mixture(8, seed=2), score_sde.VPSDE(), KERNELS["vp"]
+    score_fn = exact_score_fn(mixture, kernel)
+    x, _ = mixture.sample(4, torch.Generator().manual_seed(0))
+    probes = torch.randn((2,) + tuple(x.shape), generator=torch.Generator().manual_seed(1),
+                         dtype=x.dtype)
+    batch, _, _ = log_likelihood(sde, score_fn, x, probes=probes, step_control="per_sample")
+    for i in range(4):
+        alone, _, _ = log_likelihood(sde, score_fn, x[i:i + 1], probes=probes[:, i:i + 1],
+                                     step_control="per_sample")
+        assert torch.allclose(alone, batch[i:i + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("probes, divergence, match", [
+    (torch.ones(1, 2, 2), "exact", "divergence='exact' uses none"),
+    (torch.ones(2, 2), "rademacher", r"probes must be a tensor \[K, 2, 2\]"),
+    (torch.ones(1, 3, 2), "rademacher", "got \\(1, 3, 2\\)"),
+    (torch.full((1, 2, 2), float("nan")), "gaussian", "non-finite"),
+])
+def test_bad_probes_raise(probes, divergence, match):
+    score_fn = exact_score_fn(ring_mixture(), KERNELS["vp"])
+    with pytest.raises(ValueError, match=match):
+        log_likelihood(score_sde.VPSDE(), score_fn, torch.zeros(2, 2), probes=probes,
+                       divergence=divergence)
+
+
 def test_bits_per_dim_hand_computed():
     # Uniform data on [-1, 1]^D has density 2^-D, so 8-bit data dequantized uniformly has
     # exactly 8 bits/dim; in [0, 1] (width 1) the density is 1 and the answer is again 8.
