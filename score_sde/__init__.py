@@ -12,7 +12,7 @@ from .fast_sampling import (DPM_METHODS, DPM_PREDICTIONS, TIME_GRIDS, sample_ddi
 from .likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from .losses import REDUCTIONS, WEIGHTINGS, DDPMLoss, HybridLoss, ScoreMatchingLoss, SMLDLoss
 from .metrics import feature_statistics, frechet_distance, frechet_distance_from_features
-from .ode import ADAPTIVE_METHODS, data_to_latent, latent_to_data, sample_ode
+from .ode import ADAPTIVE_METHODS, ERROR_NORMS, data_to_latent, latent_to_data, sample_ode
 from .models import MODELS, MLPScoreNet, NCSNpp, SmallUNet, paper_config
 from .sampling import CORRECTORS, PREDICTORS, Corrector, Predictor, sample_pc
 from .score import make_score_fn
@@ -27,7 +27,7 @@ __all__ = [
     "make_score_fn",
     # samplers
     "sample_pc", "Predictor", "Corrector", "PREDICTORS", "CORRECTORS",
-    "sample_ode", "data_to_latent", "latent_to_data", "ADAPTIVE_METHODS",
+    "sample_ode", "data_to_latent", "latent_to_data", "ADAPTIVE_METHODS", "ERROR_NORMS",
     # fast samplers
     "sample_ddim", "sample_dpm_solver", "sample_heun", "TIME_GRIDS", "DPM_METHODS",
     "DPM_PREDICTIONS",

@@ -8,13 +8,16 @@ still integrating, each at its own time, so the network still sees batches. A sa
 is the one it would get alone, up to the batched network's own floating-point dependence on
 the batch.
 
-Error control per sample: max over its elements of |err| / (atol + rtol max(|y|, |y_new|))
-(the max norm of `score_sde.ode`), step factor 0.9 err^(-1/5) clipped to [0.2, 10], the first
+Error control per sample: the max (or, with error_norm="rms", the root mean square) over its
+elements of |err| / (atol + rtol max(|y|, |y_new|)), the norms of `score_sde.ode`; step factor 0.9 err^(-1/5) clipped to [0.2, 10], the first
 step by Hairer, Nørsett & Wanner's heuristic (Solving ODEs I, II.4) inside the interval.
 """
 from typing import Callable, Tuple
 
 import torch
+
+from ._utils import check_choice
+from .ode import ERROR_NORMS, per_sample_rms
 
 Tensors = Tuple[torch.Tensor, ...]
 # rhs(t [b] float64, y (each [b, ...]), idx [b] int64 sample indices) -> dy/dt (each [b, ...])
@@ -52,34 +55,35 @@ def _combine(y: Tensors, h: torch.Tensor, ks, weights) -> Tensors:
     return tuple(out)
 
 
-def _scaled_max(v: Tensors, y0: Tensors, y1: Tensors, rtol: float, atol: float) -> torch.Tensor:
-    """Per-sample max over elements of |v| / (atol + rtol max(|y0|, |y1|))."""
-    worst = None
-    for vi, a, b in zip(v, y0, y1):
-        r = vi.abs() / (atol + rtol * torch.maximum(a.abs(), b.abs()))
-        r = r.reshape(r.shape[0], -1).amax(dim=1) if r.ndim > 1 else r
-        worst = r if worst is None else torch.maximum(worst, r)
-    return worst
+def _scaled_norm(v: Tensors, y0: Tensors, y1: Tensors, rtol: float, atol: float,
+                 rms: bool) -> torch.Tensor:
+    """[B]: per sample, the max (or root mean square) over its elements of
+    |v| / (atol + rtol max(|y0|, |y1|))."""
+    scaled = tuple(vi.abs() / (atol + rtol * torch.maximum(a.abs(), b.abs()))
+                   for vi, a, b in zip(v, y0, y1))
+    if rms:
+        return per_sample_rms(scaled)
+    return torch.stack([r.reshape(r.shape[0], -1).amax(dim=1) for r in scaled]).amax(dim=0)
 
 
 def _first_step(rhs: RHS, t0: torch.Tensor, y0: Tensors, f0: Tensors, idx: torch.Tensor,
-                span: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+                span: torch.Tensor, rtol: float, atol: float, rms: bool) -> torch.Tensor:
     """|h0| per sample (Hairer et al.), at most the interval length; costs one evaluation."""
-    d0 = _scaled_max(y0, y0, y0, rtol, atol)
-    d1 = _scaled_max(f0, y0, y0, rtol, atol)
+    d0 = _scaled_norm(y0, y0, y0, rtol, atol, rms)
+    d1 = _scaled_norm(f0, y0, y0, rtol, atol, rms)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     h0 = torch.minimum(h0, span.abs())
     sign = torch.sign(span)
     y1 = _combine(y0, sign * h0, [f0], [1.0])
     f1 = rhs(t0 + sign * h0, y1, idx)
-    d2 = _scaled_max(tuple(b - a for a, b in zip(f0, f1)), y0, y0, rtol, atol) / h0
+    d2 = _scaled_norm(tuple(b - a for a, b in zip(f0, f1)), y0, y0, rtol, atol, rms) / h0
     big = torch.maximum(d1, d2)
     h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / big) ** (1 / 5))
     return torch.minimum(torch.minimum(100 * h0, h1), span.abs())
 
 
 def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rtol: float,
-                      atol: float, max_steps: int = 100_000
+                      atol: float, max_steps: int = 100_000, error_norm: str = "max"
                       ) -> Tuple[Tensors, torch.Tensor, int]:
     """Integrates dy/dt = rhs(t, y, idx) from t_start to t_end for every sample on its own.
 
@@ -88,8 +92,9 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
             subset's state tensors and their indices [b] into the batch.
         y0: state tensors, each [B, ...] (float64 recommended).
         t_start, t_end: the interval (either direction).
-        rtol, atol: tolerances of the per-sample max-norm error control.
+        rtol, atol: tolerances of the per-sample error control.
         max_steps: accepted plus rejected steps allowed per sample.
+        error_norm: "max" or "rms" over each sample's elements (`score_sde.ode.ERROR_NORMS`).
 
     Returns:
         (y(t_end) as a tuple, steps [B] accepted plus rejected steps per sample, number of rhs
@@ -99,6 +104,8 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
         RuntimeError: a sample exceeded max_steps or its state became non-finite (the message
             names the sample and the time it reached).
     """
+    check_choice("error_norm", error_norm, ERROR_NORMS)
+    rms = error_norm == "rms"
     ref = y0[0]
     batch, device = ref.shape[0], ref.device
     t = torch.full((batch,), float(t_start), dtype=torch.float64, device=device)
@@ -110,7 +117,7 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
     idx_all = torch.arange(batch, device=device)
     k1 = rhs(t, y, idx_all)
     calls += 1
-    h = _first_step(rhs, t, y, k1, idx_all, end - t, rtol, atol)
+    h = _first_step(rhs, t, y, k1, idx_all, end - t, rtol, atol, rms)
     calls += 1
     active = (end - t).abs() > 0
     while bool(active.any()):
@@ -126,8 +133,8 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
             ks.append(rhs(ts, ys, idx))
             calls += 1
         y_new = _combine(ya, step, ks, _A[6])
-        err = _scaled_max(_combine(tuple(torch.zeros_like(v) for v in ya), step, ks, _E), ya,
-                          y_new, rtol, atol)
+        err = _scaled_norm(_combine(tuple(torch.zeros_like(v) for v in ya), step, ks, _E), ya,
+                           y_new, rtol, atol, rms)
         finite = torch.isfinite(err)
         for v in y_new:
             finite &= torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)

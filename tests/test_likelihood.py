@@ -40,6 +40,18 @@ def test_exact_divergence_matches_closed_form(name, dim, dtype):
 
 
 @pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("step_control", ["batch", "per_sample"])
+def test_rms_error_norm_meets_the_accuracy_with_fewer_evaluations(name, step_control):
+    mixture = random_mixture(256, seed=256)
+    x, _ = mixture.sample(8, torch.Generator().manual_seed(1))
+    err, nfe_rms = _bpd_error(name, mixture, x, torch.float32, error_norm="rms",
+                              step_control=step_control)
+    assert err < BPD_TOL
+    _, nfe_max = _bpd_error(name, mixture, x, torch.float32, step_control=step_control)
+    assert nfe_rms < nfe_max
+
+
+@pytest.mark.parametrize("name", list(SDES))
 def test_exact_divergence_matches_closed_form_3072_dims(name):
     # CIFAR-10 sized: one sample, two components keep the 3072 Jacobian products affordable.
     mixture = random_mixture(3072, num_modes=2, seed=3, scale=0.3, std_range=(0.1, 0.3))

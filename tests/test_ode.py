@@ -51,6 +51,29 @@ def test_round_trip_data_latent_data(name, dtype):
     assert (back - x).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("name", list(SDES))
+def test_round_trip_with_the_rms_error_norm(name):
+    # A looser norm, the same maps: the round trip still closes within the tolerance's reach.
+    mixture = ring_mixture()
+    score_fn = exact_score_fn(mixture, KERNELS[name])
+    x, _ = mixture.sample(32, torch.Generator().manual_seed(1), dtype=torch.float64)
+    z, nfe_rms = data_to_latent(SDES[name](), score_fn, x, error_norm="rms")
+    back, _ = latent_to_data(SDES[name](), score_fn, z, error_norm="rms")
+    assert (back - x).abs().max() < 1e-3
+    _, nfe_max = data_to_latent(SDES[name](), score_fn, x)
+    assert nfe_rms <= nfe_max
+
+
+def test_per_sample_rms_by_hand():
+    from score_sde.ode import per_sample_rms
+
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])  # with delta: sample 0 has 3, 4, 0 -> sqrt(25/3)
+    delta = torch.tensor([0.0, 6.0])  # sample 1: 0, 0, 6 -> sqrt(36/3)
+    torch.testing.assert_close(per_sample_rms((x, delta)),
+                               torch.tensor([math.sqrt(25 / 3), math.sqrt(12.0)]))
+    torch.testing.assert_close(per_sample_rms(x), torch.tensor([math.sqrt(12.5), 0.0]))
+
+
 class _TimeRecorder:
     def __init__(self, score_fn):
         self.score_fn, self.times = score_fn, []
@@ -136,6 +159,7 @@ def test_score_non_finite_below_some_time_is_reported():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="euler"), "method"), (dict(rtol=0), "rtol"), (dict(atol=float("nan")), "atol"),
     (dict(eps=-1e-3), "eps"), (dict(eps=2.0), "eps"),
+    (dict(error_norm="l2"), "unknown error_norm 'l2'; accepted: 'max', 'rms'"),
 ])
 def test_bad_solver_arguments_raise(call, kwargs, match):
     sde, score_fn = score_sde.VPSDE(), (lambda x, t: -x)

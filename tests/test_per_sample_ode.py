@@ -105,6 +105,19 @@ def test_likelihood_independent_of_batch_mates_and_agrees_with_batch_control():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
 
 
+def test_rms_control_is_still_per_sample():
+    # With the rms norm too, a sample's result does not depend on its batch-mates.
+    sde = VPSDE()
+    mixture = random_mixture(16, seed=4)
+    score = exact_score_fn(mixture, KERNELS["vp"])
+    x = mixture.sample(5, torch.Generator().manual_seed(2))[0]
+    outliers = 20 * torch.randn(2, 16, generator=torch.Generator().manual_seed(3), dtype=F64)
+    kw = dict(divergence="exact", step_control="per_sample", error_norm="rms")
+    alone, _, _ = log_likelihood(sde, score, x, **kw)
+    mixed, _, _ = log_likelihood(sde, score, torch.cat([x, outliers]), **kw)
+    assert torch.equal(alone, mixed[:5])
+
+
 def test_bad_step_control_arguments():
     x = torch.zeros(2, 2)
     score = lambda x, t: -x  # noqa: E731

@@ -341,3 +341,16 @@ def test_per_sample_step_control(toy_run, tmp_path):
     assert per_sample["step_control"] == "per_sample" and batch["step_control"] == "batch"
     # Same model and data, both solves at rtol = atol = 1e-5: the same NLL up to the tolerance.
     assert abs(per_sample["nll_nats"] - batch["nll_nats"]) < 1e-3
+
+
+def test_rms_error_norm(toy_run, tmp_path):
+    args = ["--workdir", toy_run, "--num_samples", 16, "--batch_size", 8, "--divergence",
+            "exact"]
+    assert _main(*args, "--output", tmp_path / "max.json", "--partial_dir", tmp_path / "p1") == 0
+    assert _main(*args, "--error_norm", "rms", "--output", tmp_path / "rms.json",
+                 "--partial_dir", tmp_path / "p2") == 0
+    strict = json.loads((tmp_path / "max.json").read_text())
+    rms = json.loads((tmp_path / "rms.json").read_text())
+    assert rms["error_norm"] == "rms" and strict["error_norm"] == "max"
+    assert abs(rms["nll_nats"] - strict["nll_nats"]) < 1e-3
+    assert rms["nfe_total"] <= strict["nfe_total"]

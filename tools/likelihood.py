@@ -37,9 +37,9 @@ Output. One JSON line on stdout and, with --output, the same object in a file: n
 stderr_samples, bpd, bpd_stderr, n, num_data, nfe_mean (score evaluations per solve),
 nfe_total, seconds (wall time of this run), solve_seconds (summed per-batch solve times, resumed
 batches included), complete, and every setting (checkpoint, step, use_ema, sde, model, dataset,
-split, data_source, num_dims, batch_size, divergence, num_probes, method, step_control, rtol,
-atol, eps, num_repeats, seed, dequantization, data_width, num_levels, class_labels, world_size,
-device).
+split, data_source, num_dims, batch_size, divergence, num_probes, method, step_control,
+error_norm, rtol, atol, eps, num_repeats, seed, dequantization, data_width, num_levels,
+class_labels, world_size, device).
 A class-conditional checkpoint is evaluated with the null label (the unconditional model;
 class_labels is "null"), which is meaningful only if it was trained with label dropout.
 
@@ -78,6 +78,7 @@ from score_sde.config import Config, from_dict
 from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_seed, to_model_range
 from score_sde.distributed import dist_from_env, resolve_device
 from score_sde.likelihood import DIVERGENCES, bits_per_dim, log_likelihood
+from score_sde.ode import ERROR_NORMS
 from score_sde.runs import model_from_state
 from score_sde.score import make_score_fn
 from score_sde.sde import SDE, ScoreFn
@@ -174,7 +175,8 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
              batch_size: int, num_repeats: int, seed: int = 0,
              device: torch.device = torch.device("cpu"), divergence: str = "rademacher",
              num_probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
-             step_control: str = "batch", partial: Optional[PartialLog] = None,
+             step_control: str = "batch", error_norm: str = "max",
+             partial: Optional[PartialLog] = None,
              rank: int = 0, world_size: int = 1,
              max_batches: Optional[int] = None, progress: bool = False,
              to_report: Optional[Callable[[float], Dict[str, str]]] = None) -> List[Record]:
@@ -190,7 +192,7 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
         batch_size, num_repeats: batch size and number of passes over the data.
         seed: seeds every (pass, batch) through `unit_generators`.
         device: where the solves run.
-        divergence, num_probes, rtol, atol, eps, step_control: forwarded to
+        divergence, num_probes, rtol, atol, eps, step_control, error_norm: forwarded to
             `score_sde.log_likelihood`.
         partial: log of finished units to resume from and append to; None: no resume.
         rank, world_size: this process's share of the batches.
@@ -229,7 +231,7 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
             logp, _, nfe = log_likelihood(sde, score_fn, x, rtol=rtol, atol=atol, method=METHOD,
                                           eps=eps, divergence=divergence,
                                           num_probes=num_probes, generator=probe_gen,
-                                          step_control=step_control)
+                                          step_control=step_control, error_norm=error_norm)
         except RuntimeError as err:
             raise BatchError(repeat, batch, err) from None
         nll = (-logp).double().cpu().tolist()
@@ -350,6 +352,9 @@ def define_flags(fv) -> None:
     f.DEFINE_enum("step_control", "batch", ["batch", "per_sample"], "batch: one step size per "
                   "batch (the paper); per_sample: each sample its own (results independent of "
                   "batch-mates).", **kw)
+    f.DEFINE_enum("error_norm", "max", list(ERROR_NORMS), "Step error per sample: max over its "
+                  "elements, or rms (SciPy's RK45 norm, as in the paper's code; fewer steps).",
+                  **kw)
     f.DEFINE_float("rtol", 1e-5, "Relative tolerance of dopri5 (> 0).", **kw)
     f.DEFINE_float("atol", 1e-5, "Absolute tolerance of dopri5 (> 0).", **kw)
     f.DEFINE_float("eps", 1e-5, "Start time of the probability-flow ODE, in (0, 1).", **kw)
@@ -414,7 +419,7 @@ def run(fv) -> Dict[str, object]:
         "data_source": source, "num_data": len(data), "num_dims": info.num_dims,
         "batch_size": fv.batch_size, "divergence": fv.divergence,
         "num_probes": fv.num_probes, "method": METHOD, "step_control": fv.step_control,
-        "rtol": fv.rtol, "atol": fv.atol,
+        "error_norm": fv.error_norm, "rtol": fv.rtol, "atol": fv.atol,
         "eps": fv.eps, "num_repeats": num_repeats, "seed": fv.seed,
         "dequantization": "uniform" if info.discrete else None,
         "data_width": (info.data_range[1] - info.data_range[0]) if info.discrete else None,
@@ -446,7 +451,7 @@ def run(fv) -> Dict[str, object]:
             prepare=_prepare_discrete if info.discrete else _prepare_continuous,
             batch_size=fv.batch_size, num_repeats=num_repeats, seed=fv.seed, device=device,
             divergence=fv.divergence, num_probes=fv.num_probes, rtol=fv.rtol, atol=fv.atol,
-            step_control=fv.step_control,
+            step_control=fv.step_control, error_norm=fv.error_norm,
             eps=fv.eps, partial=partial, rank=rank, world_size=world_size,
             max_batches=fv.max_batches, progress=rank == 0, to_report=report)
         if world_size > 1:
