@@ -36,6 +36,7 @@ DPM_PREDICTIONS = ("data", "noise")  # DPM-Solver++ / DPM-Solver
 # r1 = 1/2 for order 2; r1 = 1/3, r2 = 2/3 for order 3, whose last stage then gains an order).
 SINGLESTEP_FRACTIONS = {1: (), 2: (1 / 2,), 3: (1 / 3, 2 / 3)}
 EDM_SIGMA_MIN = 0.002  # EDM's smallest noise level, the default end of sample_heun's grid
+EDM_SIGMA_MAX = 80.0  # EDM's largest noise level, where sample_heun's grid starts at most
 BISECTION_STEPS = 100  # halvings of [0, T]: t(lambda) to float64 round-off
 MONOTONE_CHECK_POINTS = 1001  # where lambda(t) must be strictly decreasing
 
@@ -390,7 +391,8 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
 # --- EDM Heun -----------------------------------------------------------------------------------
 
 def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho: float = 7.0,
-                eps: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
+                eps: Optional[float] = None, sigma_max: Optional[float] = EDM_SIGMA_MAX,
+                device=None, dtype: Optional[torch.dtype] = None,
                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, int]:
     """EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1 without churn).
 
@@ -400,12 +402,15 @@ def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho:
 
         s_i = (s_max^(1/rho) + i / (num_steps - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho,
 
-    for i < num_steps, from s_max = s(T) to s_min = s(eps), then s = 0; each s_i is turned back
-    into a time t_i by float64 bisection of lambda(t). Steps between the s_i are Heun's, with
+    for i < num_steps, from s_max = min(sigma_max, s(T)) to s_min = s(eps), then s = 0; each s_i
+    is turned back into a time t_i by float64 bisection of lambda(t). When s(T) exceeds
+    sigma_max (VP's is 152, cosine VP's about 6000), the grid starts at the time t_0 < T where
+    s = sigma_max, from EDM's prior y ~ N(0, sigma_max^2 I), i.e. x ~ N(0, sigma(t_0)^2 I);
+    the steps EDM saves there are spent where the data take shape. Steps between the s_i are Heun's, with
     2 evaluations each (as in EDM, the second is not reused: the next step starts from the
     corrected point), and the last, from s_min to 0, is Euler's, so the sample is the denoised
     D(y; s_min) in data space. NFE = 2 num_steps - 1; num_steps = 1 denoises the prior draw
-    at T.
+    at the start.
 
     Args:
         sde: forward SDE with closed-form marginals (VP, sub-VP, cosine VP, VE, ...).
@@ -415,9 +420,12 @@ def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho:
         rho: exponent of the time steps (> 0); 7 in EDM.
         eps: time of the smallest noise level, in (0, T); by default the time where
             sigma / alpha = 0.002 (EDM's sigma_min).
+        sigma_max: largest noise level sigma / alpha of the grid (> s(eps)); 80 in EDM. None
+            starts at T, from the SDE's prior.
         device: device of the samples; defaults to the generator's device, else CPU.
         dtype: dtype of the samples (default: torch's default dtype).
-        generator: torch.Generator for the prior draw (the only randomness).
+        generator: torch.Generator for the prior draw (the only randomness): one standard
+            normal draw of `shape`.
 
     Returns:
         (x, nfe): denoised samples of `shape` and the number of score evaluations.
@@ -440,19 +448,34 @@ def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho:
         check_eps(eps, sde)
     sched.check(eps)
 
-    # EDM's Eq. 5 between s(T) and s(eps), mapped back to times; the ends exactly.
+    # EDM's Eq. 5 between s(t_0) and s(eps), mapped back to times; the ends exactly.
     s_max, s_min = (math.exp(-float(v)) for v in
                     sched.lam(torch.tensor([sde.T, eps], dtype=torch.float64)))
+    t_start = sde.T
+    if sigma_max is not None:
+        check_positive("sigma_max", sigma_max)
+        if sigma_max <= s_min:
+            raise ValueError(f"sigma_max must exceed the noise level at eps, {s_min:.6g}; got "
+                             f"{sigma_max:g}")
+        if s_max > sigma_max:
+            t_start = float(sched.time_of(torch.tensor([-math.log(sigma_max)],
+                                                       dtype=torch.float64), t_lo=eps))
+            s_max = math.exp(-float(sched.lam(torch.tensor([t_start], dtype=torch.float64))))
     frac = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     levels = (s_max ** (1 / rho) + frac * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     t = sched.time_of(-torch.log(levels))
     t[-1] = eps
-    t[0] = sde.T  # with num_steps = 1 the only level is s(T)
+    t[0] = t_start  # with num_steps = 1 the only level is s(t_0)
     points = sched.points(t)
     model = _Model(sde, CountingScore(score_fn, eps, sde.T))
 
     with torch.no_grad():
-        x = _prior(sde, shape, device, dtype, generator)
+        if t_start < sde.T:
+            x = points[0].sigma * torch.randn(shape, generator=generator,
+                                              device=sample_device(device, generator),
+                                              dtype=dtype or torch.get_default_dtype())
+        else:
+            x = _prior(sde, shape, device, dtype, generator)
         y = x / points[0].alpha
         for i, p in enumerate(points):
             s_cur = math.exp(-p.lam)

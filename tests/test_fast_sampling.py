@@ -296,9 +296,10 @@ FD_FACTOR = 1.5
 # found below 1.5 (scanning DPM-Solver at 8, 10, 12, 15, 20, DDIM in steps of 10, Heun
 # at 31, 41, ...), for VP / sub-VP / VE / cosine: DPM-Solver multistep order 2 (noise)
 # 12 / 15 / 15 / 15; multistep order 3 (noise) 8 / 10 / 10 / 10; singlestep order 3 (data)
-# 10 / 15 / 10 / 15; DDIM 40 / 40 / 40 / 30; Heun 41 / 41 / 31 / 61 (19 evaluations give 4 to
-# 240 x the floor; cosine's noise level at T is 6000, VP's 152, and the rho = 7 grid spends
-# many steps up there). DPM-Solver++ multistep order 2 (data) measured 1.53 x at 20 for
+# 10 / 15 / 10 / 15; DDIM 40 / 40 / 40 / 30; Heun 31 for all four with EDM's sigma_max = 80
+# (1.49 / 1.49 / 1.39 / 1.49 over 3 seeds in benchmarks/bench.py; 19 evaluations give 3 to 4 x
+# the floor). Without the cap Heun needed 41 / 41 / 31 / 61: cosine's noise level at T is 6000,
+# VP's 152, and the rho = 7 grid spends many steps up there. DPM-Solver++ multistep order 2 (data) measured 1.53 x at 20 for
 # sub-VP and cosine (3000 samples, 8 seeds): their lambda ranges are wider (sub-VP reaches 9.1
 # at eps, cosine starts at -8.7) and uniform logSNR steps spend more of the budget where the
 # data prediction hardly moves.
@@ -306,7 +307,7 @@ FD_NFE = {
     "dpm_ms2_noise": {"vp": 20, "subvp": 20, "ve": 20, "cosine": 20},
     "dpm_ms3_noise": {"vp": 15, "subvp": 15, "ve": 15, "cosine": 15},
     "dpm_ss3_data": {"vp": 20, "subvp": 20, "ve": 20, "cosine": 20},
-    "heun": {"vp": 51, "subvp": 51, "ve": 51, "cosine": 81},
+    "heun": {"vp": 41, "subvp": 41, "ve": 41, "cosine": 41},
     "ddim": {"vp": 60, "subvp": 60, "ve": 60, "cosine": 60},
 }
 
@@ -417,17 +418,21 @@ def test_time_grids_in_t(time_grid):
 
 
 @pytest.mark.parametrize("name", list(SDES))
-def test_heun_noise_levels_follow_edm(name):
+@pytest.mark.parametrize("sigma_max", [80.0, None])
+def test_heun_noise_levels_follow_edm(name, sigma_max):
     # Calls at s_0, s_1, s_1, s_2, ..., s_{N-1} (Heun re-evaluates at the corrected point) with
     # s_i = (s_max^(1/rho) + i / (N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho (EDM Eq. 5),
-    # s_max = s(T) and, by default, s_min = 0.002.
+    # s_max = min(sigma_max, s(T)) (s(T) with sigma_max=None) and, by default, s_min = 0.002.
+    # VP's s(T) is 152 and cosine's 6000, above EDM's 80; VE's is 50.
     recorder, num_steps, rho = TimeRecorder(gaussian_score(name)), 6, 7.0
     _, nfe = sample_heun(make_sde(name), recorder, (2, 2), num_steps=num_steps, rho=rho,
-                         dtype=F64)
+                         sigma_max=sigma_max, dtype=F64)
     assert nfe == 2 * num_steps - 1
     times = recorder.times[:1] + recorder.times[1::2]
     assert recorder.times[1::2] == recorder.times[2::2]
     s_max, s_min = float(noise_level(name, 1.0)), 0.002
+    if sigma_max is not None:
+        s_max = min(s_max, sigma_max)
     i = np.arange(num_steps)
     levels = (s_max ** (1 / rho) + i / (num_steps - 1) * (s_min ** (1 / rho)
                                                           - s_max ** (1 / rho))) ** rho
@@ -436,8 +441,8 @@ def test_heun_noise_levels_follow_edm(name):
 
 def test_heun_with_one_level_denoises_the_prior():
     recorder = TimeRecorder(gaussian_score("vp"))
-    x, nfe = sample_heun(make_sde("vp"), recorder, (4, 3), num_steps=1, dtype=F64,
-                         generator=gen(0))
+    x, nfe = sample_heun(make_sde("vp"), recorder, (4, 3), num_steps=1, sigma_max=None,
+                         dtype=F64, generator=gen(0))
     a_T, v_T = kernel("vp", 1.0)
     prior = torch.randn((4, 3), generator=gen(0), dtype=F64)
     # E[x_0 | x_T] = a_T s^2 x_T / V_T for Gaussian data, about 0.003 x_T: the Euler step
@@ -445,6 +450,23 @@ def test_heun_with_one_level_denoises_the_prior():
     expected = a_T * CONV_STD ** 2 / (a_T ** 2 * CONV_STD ** 2 + v_T) * prior
     torch.testing.assert_close(x, expected, rtol=1e-9, atol=0)
     assert nfe == 1 and recorder.times == [1.0]
+
+
+@pytest.mark.parametrize("name", ["vp", "cosine"])
+def test_heun_clipped_at_sigma_max_starts_from_edm_prior(name):
+    # s(T) > 80: one level at the time t_0 with s(t_0) = 80, where the draw is
+    # x = sigma(t_0) z (EDM's y ~ N(0, 80^2 I) times alpha(t_0)); the sample is
+    # E[x_0 | x_t0] = a s^2 / (a^2 s^2 + v) x for Gaussian data of std s.
+    recorder = TimeRecorder(gaussian_score(name))
+    x, nfe = sample_heun(make_sde(name), recorder, (4, 3), num_steps=1, dtype=F64,
+                         generator=gen(0))
+    (t0,) = recorder.times
+    assert nfe == 1 and 0 < t0 < 1
+    assert float(noise_level(name, t0)) == pytest.approx(80.0, rel=1e-12)
+    a, v = kernel(name, t0)
+    z = torch.randn((4, 3), generator=gen(0), dtype=F64)
+    expected = a * CONV_STD ** 2 / (a ** 2 * CONV_STD ** 2 + v) * torch.sqrt(v) * z
+    torch.testing.assert_close(x, expected, rtol=1e-9, atol=0)
 
 
 # --- 6. determinism ----------------------------------------------------------------------------
@@ -572,6 +594,8 @@ BAD = {
         (dict(eps=0.0), "eps"), (dict(eps=1.5), "eps"),
         (dict(sde=score_sde.VESDE(sigma_min=1e-4, sigma_max=1e-3)), "eps=None"),
         (dict(sde=IncreasingLambdaSDE(), eps=1e-3), "strictly decreasing"),
+        (dict(sigma_max=0.0), "sigma_max"), (dict(sigma_max=-80.0), "sigma_max"),
+        (dict(sigma_max=0.001), r"sigma_max must exceed the noise level at eps, 0.002"),
     ],
 }
 FUNCTIONS = {"ddim": sample_ddim, "dpm": sample_dpm_solver, "heun": sample_heun}
