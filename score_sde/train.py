@@ -46,7 +46,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -233,13 +233,36 @@ def ema_decay(step: int, rate: float, warmup: bool) -> float:
     return min(rate, (1 + step) / (10 + step)) if warmup else rate
 
 
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
-    """ema <- rate * ema + (1 - rate) * model, parameters and floating buffers."""
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float,
+               apply: Optional[torch.Tensor] = None) -> None:
+    """ema <- rate * ema + (1 - rate) * model for the parameters; buffers are copied.
+
+    `apply`, a 0-dim boolean tensor on the device, makes the update conditional without
+    reading it on the host: where it is false the parameters are left as they are.
+    """
     e_params = [p for p in ema.parameters()]
     m_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e_params, m_params, 1.0 - rate)
+    if apply is None:
+        torch._foreach_lerp_(e_params, m_params, 1.0 - rate)
+    elif e_params:
+        weight = apply.to(e_params[0].dtype) * (1.0 - rate)
+        torch._foreach_lerp_(e_params, m_params, [weight] * len(e_params))
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
+
+
+def make_adam(params, *, lr: float, betas: Tuple[float, float], eps: float,
+              weight_decay: float) -> Tuple[torch.optim.Adam, bool]:
+    """Adam, fused (one kernel for all parameters) where the parameters' device supports it;
+    returns (optimizer, fused). Only the fused form can skip a step on the device
+    (`found_inf`), which spares the host a wait for the device at every step."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                fused=True), True
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps,
+                                weight_decay=weight_decay), False
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -322,9 +345,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.ema_rate = tc.ema_rate if tc.ema_rate is not None else EMA_RATES[cfg.sde.name]
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr,
-                                          betas=(tc.adam_beta1, 0.999), eps=tc.adam_eps,
-                                          weight_decay=tc.weight_decay)
+        self.optimizer, self.fused_adam = make_adam(
+            self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, 0.999), eps=tc.adam_eps,
+            weight_decay=tc.weight_decay)
         self.loss_fn = ScoreMatchingLoss(
             self.sde, weighting="likelihood" if tc.likelihood_weighting else "sigma2",
             reduction="mean" if tc.reduce_mean else "sum", eps=tc.eps,
@@ -340,6 +363,8 @@ class Trainer:
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or loaded
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.nonfinite_streak = 0  # ... of which the latest, in a row
+        # (step, [loss finite, gradient finite]) on the device, not yet read by `settle`.
+        self.unsettled: List[Tuple[int, torch.Tensor]] = []
 
     # --- data -----------------------------------------------------------------------------
 
@@ -350,6 +375,9 @@ class Trainer:
         return x.float()
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # From pageable memory the copy would first wait for all queued device work.
+            x = x.pin_memory()
         x = x.to(self.device, non_blocking=True)
         if self.cfg.training.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -371,7 +399,7 @@ class Trainer:
             return x, None
         drop = torch.rand(len(idx), generator=gen) < tc.label_dropout
         labels = self.train_y[idx].masked_fill(drop, self.num_classes)
-        return x, labels[shard].to(self.device)
+        return x, self.to_device(labels[shard])
 
     # --- losses ---------------------------------------------------------------------------
 
@@ -509,7 +537,15 @@ class Trainer:
             while self.step < tc.n_iters:
                 loss, lr, grad_norm = self.train_step(report)
                 postfix = {}
-                if self.step % tc.log_every == 0 or self.step == tc.n_iters:
+                last = self.step == tc.n_iters
+                snapshot = self.step % tc.snapshot_every == 0 or last
+                save = snapshot or self.step % tc.checkpoint_every == 0
+                log = self.step % tc.log_every == 0 or last
+                evaluate = self.step % tc.eval_every == 0 or last
+                sample = tc.sample_every > 0 and (self.step % tc.sample_every == 0 or last)
+                if log or save or evaluate or sample:  # the same steps on every process
+                    self.settle(report)
+                if log:
                     now = time.time()
                     rate = (self.step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
@@ -522,16 +558,14 @@ class Trainer:
                         f"{k}={v:.6g}" for k, v in metrics.items()))
                     postfix = dict(loss=f"{metrics['loss']:.4g}", per_s=f"{rate:.0f}")
                 report.advance(**postfix)
-                if main and (self.step % tc.eval_every == 0 or self.step == tc.n_iters):
+                if main and evaluate:
                     # Rank 0 only, with no collectives inside; the others wait in the next one.
                     metrics["eval_loss"] = self.eval_loss()
                     report.scalars("eval", {"loss_ema": metrics["eval_loss"]}, self.step)
                     report.line(f"step {self.step} eval_loss_ema={metrics['eval_loss']:.6g}")
-                if main and tc.sample_every > 0 and (self.step % tc.sample_every == 0
-                                                     or self.step == tc.n_iters):
+                if main and sample:
                     self.write_samples()
-                snapshot = self.step % tc.snapshot_every == 0 or self.step == tc.n_iters
-                if snapshot or self.step % tc.checkpoint_every == 0:
+                if save:
                     self.save(snapshot=snapshot)
             report.line(f"done at step {self.step}")
         except TrainingError as err:
@@ -546,7 +580,13 @@ class Trainer:
 
     def train_step(self, report: _Reporter) -> Tuple[torch.Tensor, float, torch.Tensor]:
         """One optimizer step (or a skipped one); returns (loss over all processes, lr,
-        gradient norm)."""
+        gradient norm).
+
+        A step whose loss or gradient norm is not finite changes neither the weights, the EMA
+        nor the optimizer state. With fused Adam that is decided on the device (`found_inf`)
+        and the host reads the outcome later, in `settle`, so it never waits for the device
+        here; otherwise it is decided, and settled, at once.
+        """
         tc = self.cfg.training
         step = self.step
         # Network dropout: a stream of its own, different on every process.
@@ -563,15 +603,36 @@ class Trainer:
         loss = self.mean_over_processes(loss.detach())
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
+        finite = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)])
+        decay = ema_decay(step, self.ema_rate, tc.ema_warmup)
+        self.unsettled.append((step, finite))
+        if self.fused_adam:
+            ok = finite.all()
+            self.optimizer.found_inf = (~ok).float()  # the fused kernel skips the update
             self.optimizer.step()
-            ema_update(self.ema, self.model, ema_decay(step, self.ema_rate, tc.ema_warmup))
-            self.nonfinite_streak = 0
+            ema_update(self.ema, self.model, decay, apply=ok)
         else:
-            self.skip_nonfinite(step, "loss" if not torch.isfinite(loss) else "gradient norm",
-                                report)
+            if bool(finite.all()):
+                self.optimizer.step()
+                ema_update(self.ema, self.model, decay)
+            self.settle(report)
         self.step += 1
         return loss, lr, grad_norm
+
+    def settle(self, report: _Reporter) -> None:
+        """Reads the finiteness of the steps run since the last call (one wait for the device)
+        and accounts for their skips in order; raises TrainingError as `skip_nonfinite` does.
+        Called before anything that reports or saves the training state."""
+        if not self.unsettled:
+            return
+        steps = [step for step, _ in self.unsettled]
+        flags = torch.stack([f for _, f in self.unsettled]).cpu().tolist()
+        self.unsettled = []
+        for step, (loss_ok, grad_ok) in zip(steps, flags):
+            if loss_ok and grad_ok:
+                self.nonfinite_streak = 0
+            else:
+                self.skip_nonfinite(step, "loss" if not loss_ok else "gradient norm", report)
 
     def skip_nonfinite(self, step: int, what: str, report: _Reporter) -> None:
         """Skips the update of `step` (with skip_nonfinite) or raises TrainingError."""
@@ -580,7 +641,6 @@ class Trainer:
         keep = f"the last good checkpoint is kept in {self.workdir}"
         if not tc.skip_nonfinite:
             raise NonFiniteError(f"{problem}; {keep} (--skip_nonfinite skips such steps)")
-        self.optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         self.nonfinite_streak += 1
         report.line(f"step {step + 1} skipped: {problem} ({self.nonfinite_streak} in a row, "

@@ -335,6 +335,52 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
         train(_toy_cfg(skip_nonfinite=True, max_nonfinite=1, **fast), str(tmp_path / "many"))
 
 
+class _Lines:
+    def __init__(self):
+        self.lines = []
+
+    def line(self, text):
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_a_nonfinite_step_changes_no_state(tmp_path, monkeypatch, fused, kind):
+    # Fused Adam skips the step on the device and the host reads the outcome later (settle);
+    # the unfused path decides at once. Either way weights, EMA and Adam moments are untouched.
+    if not fused:
+        import score_sde.train as train_module
+
+        monkeypatch.setattr(train_module, "make_adam",
+                            lambda *a, **k: (torch.optim.Adam(*a, **k), False))
+    _poison(monkeypatch, {1: kind})
+    trainer = Trainer(_toy_cfg(skip_nonfinite=True), str(tmp_path))
+    assert trainer.fused_adam == fused
+    report = _Lines()
+    trainer.train_step(report)  # step 0: a real update
+
+    def snapshot():
+        return ([p.clone() for p in trainer.model.parameters()],
+                [p.clone() for p in trainer.ema.parameters()],
+                [{k: v.clone() for k, v in st.items()} for st in trainer.optimizer.state.values()])
+
+    before = snapshot()
+    trainer.train_step(report)  # step 1: poisoned
+    after = snapshot()
+    for a, b in zip(before[0] + before[1], after[0] + after[1]):
+        assert torch.equal(a, b)
+    for sa, sb in zip(before[2], after[2]):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    trainer.settle(report)
+    assert trainer.skipped == 1 and trainer.nonfinite_streak == 1
+    what = "loss" if kind == "loss" else "gradient norm"
+    assert report.lines == [f"step 2 skipped: non-finite {what} at step 1 (1 in a row, 1 in all)"]
+    trainer.train_step(report)  # step 2: updates again
+    trainer.settle(report)
+    assert trainer.nonfinite_streak == 0
+    assert not torch.equal(after[0][0], next(trainer.model.parameters()))
+
+
 def test_learning_rate_schedule_closed_form():
     cfg = apply_overrides(_toy_cfg(n_iters=1100), {"training.lr": 2e-3, "training.warmup": 100,
                                                    "training.lr_decay": "none"})
