@@ -27,7 +27,11 @@ sys.path.insert(0, str(REPO))
 from score_sde.train import Trainer, apply_overrides, load_config_file  # noqa: E402
 
 CONFIGS = {"ddpmpp": "cifar10_ddpmpp_cont.py", "ncsnpp": "cifar10_ncsnpp_cont.py",
-           "ddpmpp_deep": "cifar10_ddpmpp_deep.py", "ncsnpp_deep": "cifar10_ncsnpp_deep.py"}
+           "ddpmpp_deep": "cifar10_ddpmpp_deep.py", "ncsnpp_deep": "cifar10_ncsnpp_deep.py",
+           "ddpmpp_tiny": "cifar10_ddpmpp_cont.py"}
+# Model kwargs replacing the config's: a DDPM++ small enough for smoke runs on a CPU.
+MODEL_KWARGS = {"ddpmpp_tiny": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1,
+                                    attn_resolutions=(16,))}
 MODES = {
     "fp32": dict(bf16=False, channels_last=False, compile=False, tf32=False),
     "tf32": dict(bf16=False, channels_last=False, compile=False, tf32=True),
@@ -61,6 +65,8 @@ def measure(model: str, mode: str, *, data_dir: str, batch_size: int, warmup: in
     overrides = {"data.data_dir": data_dir, "training.batch_size": batch_size,
                  "training.device": device, "training.n_iters": warmup + steps}
     overrides.update({f"training.{k}": v for k, v in opts.items()})
+    if model in MODEL_KWARGS:
+        overrides["model.kwargs"] = {**cfg.model.kwargs, **MODEL_KWARGS[model]}
     cfg = apply_overrides(cfg, overrides)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(cfg, workdir)

@@ -67,6 +67,31 @@ def _exact_divergence(drift, x):
     return div
 
 
+def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.Tensor]):
+    """The right-hand side (t [B], (y, delta), idx=None) -> (drift, divergence) of the
+    probability-flow ODE augmented with its divergence: one network forward pass and the
+    vector–Jacobian products of the divergence (`probes` [K, B, ...] for Hutchinson's
+    estimate, or None for the exact trace). The network sees y in `dtype`; the results come
+    back in y's dtype. `idx` selects the probes of a subset of the samples."""
+
+    def rhs(t, state, idx=None):
+        y, _ = state
+        with torch.enable_grad():
+            xt = y.to(dtype).detach().requires_grad_(True)
+            score = rsde.score_fn(xt, t)
+            if not score.requires_grad:
+                raise ValueError("score_fn output is not differentiable in x; the likelihood "
+                                 "needs its divergence (do not detach or use torch.no_grad)")
+            drift, _ = rsde.sde(xt, t, score=score)
+            if probes is None:
+                div = _exact_divergence(drift, xt)
+            else:
+                div = _hutchinson_divergence(drift, xt, probes if idx is None else probes[:, idx])
+        return drift.detach().to(y.dtype), div.detach().to(y.dtype)
+
+    return rhs
+
+
 def _check_probes(probes: torch.Tensor, x: torch.Tensor, divergence: str) -> torch.Tensor:
     if divergence == "exact":
         raise ValueError("probes are for the Hutchinson divergences ('rademacher', "
@@ -150,21 +175,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             probes = torch.sign(probes)
             probes[probes == 0] = 1
 
-    def rhs(t, state, idx=None):
-        y, _ = state
-        with torch.enable_grad():
-            xt = y.to(dtype).detach().requires_grad_(True)
-            score = counting(xt, t)
-            if not score.requires_grad:
-                raise ValueError("score_fn output is not differentiable in x; the likelihood "
-                                 "needs its divergence (do not detach or use torch.no_grad)")
-            drift, _ = rsde.sde(xt, t, score=score)
-            if probes is None:
-                div = _exact_divergence(drift, xt)
-            else:
-                div = _hutchinson_divergence(drift, xt, probes if idx is None else probes[:, idx])
-        return drift.detach().to(y.dtype), div.detach().to(y.dtype)
-
+    rhs = augmented_rhs(rsde, dtype, probes)
     wide = float64_like(x)
     y0 = (x.detach().to(wide), torch.zeros(batch, dtype=wide, device=x.device))
     if step_control == "per_sample":

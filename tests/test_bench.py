@@ -1,0 +1,112 @@
+"""benchmarks/bench.py end to end on the CPU at smoke-test sizes.
+
+The timings themselves are not checked (they belong in BENCHMARKS.md); what is checked is that
+the one command runs every section and that its numbers hang together: the paper-code style
+likelihood solve (SciPy RK45 on a float64 host state) and the library's solves agree on the
+same data and probes, fixed-step samplers report the evaluations they were asked for, and the
+ratios are computed against the right baseline.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+SMOKE = ["--device", "cpu", "--quick", "--sdes", "vp", "--num_samples", "400",
+         "--sampler_seeds", "1", "--floor_seeds", "2", "--lik_images", "4", "--lik_batch", "4",
+         "--solve_dim", "48", "--cost_evals", "1", "--train_steps", "1", "--train_warmup", "0",
+         "--train_batch", "4"]
+
+
+def bench(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), *map(str, args)],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    out = bench(*SMOKE, "--output", folder / "bench.json", cwd=folder)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((folder / "bench.json").read_text()), out.stdout
+
+
+def test_meta_and_tables(result):
+    data, stdout = result
+    assert data["meta"]["device"] == "cpu" and data["meta"]["torch"]
+    assert set(data) == {"meta", "train", "likelihood", "samplers"}
+    for heading in ("likelihood solves:", "samplers:", "smallest NFE < 1.5 x floor", "img/s"):
+        assert heading in stdout
+
+
+def test_sampler_rows(result):
+    rows = result[0]["samplers"]["rows"]
+    by_name = {}
+    for r in rows:
+        by_name.setdefault(r["sampler"], []).append(r)
+        assert r["sde"] == "vp" and r["floor"] > 0
+        assert math.isfinite(r["fd_over_floor"]) and r["fd_over_floor"] > 0
+    # Quick mode: fixed-step samplers at 10 and 20 evaluations, Heun at 19, PC 100 steps with
+    # one corrector step each plus the denoising call.
+    for name, runs in by_name.items():
+        nfe = sorted(r["nfe"] for r in runs)
+        if name.startswith(("ddim", "dpm_solver")):
+            assert nfe == [10, 20], name
+        elif name.startswith("heun"):
+            assert nfe == [19]
+        elif name.startswith("pc"):
+            assert nfe == [201]
+        else:  # adaptive ODE solves
+            assert nfe[0] > 20, name
+    assert len(by_name) == 9
+    ode = {r["sampler"]: r for r in rows if r["sampler"].startswith("ode")}
+    assert ode["ode: sample_ode, rms norm"]["nfe"] <= ode["ode: sample_ode (dopri5, 1e-5)"]["nfe"]
+    assert all("speedup_vs_paper_code" in r for n, r in ode.items() if "sample_ode" in n)
+
+
+def test_likelihood_solves_agree_with_the_paper_code_style_solve(result):
+    solves = result[0]["likelihood"]["solves"]
+    for r in solves["rows"]:
+        # Same ODE, same probes, rtol = atol = 1e-5: bits/dim agree far below 1e-3.
+        assert r["max_abs_dbpd"] < 1e-3, r
+        assert r["evaluations"] >= r["nfe_per_solve"] > 0
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"])
+    paper = next(r for r in solves["rows"] if r["run"].startswith("paper-code"))
+    assert paper["speedup_vs_paper_code"] == 1.0
+    strict_max = solves["rows"][0]
+    strict_rms = next(r for r in solves["rows"] if r["run"] == "strict fp32, rms norm")
+    assert strict_rms["nfe_per_solve"] <= strict_max["nfe_per_solve"]
+
+
+def test_evaluation_cost_rows(result):
+    cost = result[0]["likelihood"]["evaluation_cost"]
+    assert {r["batch"] for r in cost["rows"]} == {4, 64}
+    paper = [r for r in cost["rows"] if r["run"].startswith("paper-code")]
+    assert len(paper) == 1 and paper[0]["batch"] == 64
+    for r in cost["rows"]:
+        assert r["ms_per_eval"] > 0
+        assert r["speedup_vs_paper_code"] == pytest.approx(
+            r["image_evals_per_s"] / paper[0]["image_evals_per_s"])
+
+
+def test_train_rows(result):
+    (row,) = result[0]["train"]
+    assert row["model"] == "ddpmpp_tiny" and row["mode"] == "fp32" and row["peak_gib"] is None
+    assert row["images_per_s"] > 0 and math.isfinite(row["final_loss"]) and row["params_m"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sections", "speed"], "unknown section 'speed'; accepted: train, likelihood, samplers"),
+    (["--sdes", "vp,edm"], "unknown sde 'edm'"),
+    (["--train_modes", "fp8"], "unknown mode 'fp8'"),
+    (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
+    (["--device", "cuda"], "--device cuda but CUDA is not available"),
+])
+def test_bad_arguments_exit_2(tmp_path, args, message):
+    out = bench(*args, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
