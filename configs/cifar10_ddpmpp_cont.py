@@ -10,7 +10,7 @@ def get_config() -> Config:
         model=ModelConfig(name="ncsnpp", kwargs=paper_config("ddpmpp_cont"),
                           prediction="noise", time_input="scaled_t"),
         training=TrainingConfig(n_iters=1_300_000, batch_size=128, lr=2e-4, warmup=5000,
-                                grad_clip=1.0, ema_rate=0.9999, reduce_mean=False,
+                                grad_clip=1.0, ema_rate=0.9999, reduce_mean=True,
                                 log_every=100, eval_every=5000, sample_every=50_000,
                                 checkpoint_every=5000, snapshot_every=50_000),
     )
