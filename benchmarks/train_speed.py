@@ -8,7 +8,8 @@ runs `Trainer.train_step` for warm-up steps and timed steps and prints images/s 
         --steps 50 --output train_speed.json
 
 Modes: fp32 (TF32 off), tf32, bf16 (autocast), bf16_cl (+ channels-last), bf16_cl_compile
-(+ torch.compile). Throughput needs CUDA to mean anything; on the CPU use tiny --steps.
+(+ torch.compile), bf16_cl_compile_ro (torch.compile mode "reduce-overhead": CUDA graphs).
+Throughput needs CUDA to mean anything; on the CPU use tiny --steps.
 """
 import argparse
 import json
@@ -38,6 +39,8 @@ MODES = {
     "bf16": dict(bf16=True, channels_last=False, compile=False, tf32=True),
     "bf16_cl": dict(bf16=True, channels_last=True, compile=False, tf32=True),
     "bf16_cl_compile": dict(bf16=True, channels_last=True, compile=True, tf32=True),
+    "bf16_cl_compile_ro": dict(bf16=True, channels_last=True, compile=True,
+                               compile_mode="reduce-overhead", tf32=True),
 }
 
 

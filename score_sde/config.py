@@ -68,6 +68,8 @@ class TrainingConfig:
     bf16: bool = False  # bf16 autocast for the forward pass (CUDA)
     channels_last: bool = False  # channels-last memory format for image models (CUDA)
     compile: bool = False  # torch.compile the model
+    # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", ...
+    compile_mode: str = "default"
     label_dropout: float = 0.1  # class-conditional: P(label -> null label), for CFG sampling
     skip_nonfinite: bool = False  # skip steps with a non-finite loss / gradient, don't stop
     max_nonfinite: int = 10  # with skip_nonfinite: stop after more skipped steps in a row

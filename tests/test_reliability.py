@@ -533,6 +533,8 @@ BAD_INPUTS = [
     ("max_nonfinite without skip_nonfinite", TOY + ["--max_nonfinite", "3"],
      "--max_nonfinite needs --skip_nonfinite"),
     ("bf16 on the CPU", TOY + ["--bf16", "--device", "cpu"], "--bf16 autocast is for CUDA"),
+    ("compile mode without --compile", TOY + ["--compile_mode", "reduce-overhead"],
+     "--compile_mode reduce-overhead needs --compile"),
     ("array without --data_path", ["--dataset", "array"], "--dataset array needs --data_path"),
     ("--data_path for a toy", TOY + ["--data_path", "{data}/points.npy"],
      "dataset 'toy_moons' does not use data_path"),

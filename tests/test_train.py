@@ -176,6 +176,8 @@ def test_dry_run_prints_resolved_config(tmp_path):
     (["--class_conditional", "--label_dropout", "1.5"], "label_dropout"),
     (["--max_nonfinite", "3"], "--max_nonfinite needs --skip_nonfinite"),
     (["--bf16", "--device", "cpu"], "--bf16 autocast is for CUDA"),
+    (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
+    (["--compile", "--compile_mode", "fast"], "compile_mode"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message, tmp_path):
     out = _cli("--workdir", str(tmp_path / "w"), "--dataset", "toy_moons", *args)
