@@ -14,15 +14,17 @@ Sections
   Evaluation cost: ms per evaluation of the probability-flow drift with its Hutchinson
   divergence for DDPM++ cont. (random weights, its zero-initialised layers redrawn; the cost
   does not depend on the weights), at batch 64 and --lik_batch: the library's right-hand side
-  (one forward and one vector-Jacobian product on the device) in strict fp32 and TF32, and the
-  paper's public code's (a float64 NumPy state copied to the device and back, the drift and the
+  (one forward and one vector-Jacobian product on the device) in strict fp32, TF32 and TF32
+  replayed from a CUDA graph (`CudaGraphed`; the same as TF32 on the CPU), and the paper's
+  public code's (a float64 NumPy state copied to the device and back, the drift and the
   divergence from two separate forward passes) at batch 64, the ratio to the latter.
   Solves: the same data with the same Rademacher probes solved by `log_likelihood` in strict
   fp32 with the max error norm at batch 64 (the accuracy reference), the paper code's way
   (SciPy RK45 on one flattened float64 NumPy state, a host round trip per evaluation), and the
-  library with the rms norm, TF32, --lik_batch and per-sample step control. Each row: NFE per
-  solve, ms per evaluation (solve time / evaluations), images/s, mean bits/dim, the largest
-  per-sample |bits/dim - the reference's| and the images/s ratio to the paper-code solve. The
+  library with the rms norm, TF32, --lik_batch, CUDA graphs and per-sample step control. Each
+  row: NFE per solve, ms per evaluation (solve time / evaluations), images/s, mean bits/dim,
+  the largest per-sample |bits/dim - the reference's| and the images/s ratio to the
+  paper-code solve. The
   data are the test split of --checkpoint's dataset (dequantized), or without it --lik_images
   exact samples of a --solve_dim-dimensional Gaussian mixture with its closed-form score (a
   smooth, well-posed flow; random network weights are not).
@@ -60,6 +62,7 @@ import train_speed  # noqa: E402
 from score_sde import (VESDE, VPSDE, CosineVPSDE, ReverseSDE, SubVPSDE,  # noqa: E402
                       log_likelihood, make_score_fn, sample_ddim, sample_dpm_solver,
                       sample_heun, sample_ode, sample_pc)
+from score_sde.cuda_graphs import CudaGraphed  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.datasets import DataInfo, load_dataset, to_model_range  # noqa: E402
 from score_sde.metrics import frechet_distance  # noqa: E402
@@ -140,8 +143,10 @@ def evaluation_cost(args, device: torch.device) -> Dict:
         t = torch.full((batch,), 0.5, dtype=torch.float64, device=device)
         state = (x.double(), torch.zeros(batch, dtype=torch.float64, device=device))
         rhs = augmented_rhs(rsde, torch.float32, probes)
+        graphed = CudaGraphed(lambda tt, y, d: rhs(tt, (y, d)))
         runs = [("strict fp32", lambda: (set_tf32(False), rhs(t, state))),
-                ("TF32", lambda: (set_tf32(True), rhs(t, state)))]
+                ("TF32", lambda: (set_tf32(True), rhs(t, state))),
+                ("TF32, CUDA graph", lambda: (set_tf32(True), graphed(t, *state)))]
         if batch == REFERENCE_BATCH:
             flat = np.concatenate([x.double().cpu().numpy().reshape(-1), np.zeros(batch)])
             ode_func = _paper_code_rhs(rsde, x.shape, probes, device)
@@ -241,12 +246,13 @@ def likelihood_solves(args, device: torch.device) -> Dict:
             nfes.append(nfe)
         return torch.cat(logps), nfes, seconds
 
-    def ours(tf32: bool, step_control: str = "batch", error_norm: str = "max"):
+    def ours(tf32: bool, step_control: str = "batch", error_norm: str = "max",
+             cuda_graph: bool = False):
         def solve(x, probes):
             set_tf32(tf32)
             logp, _, nfe = log_likelihood(sde, score_fn, x, probes=probes,
                                           step_control=step_control, error_norm=error_norm,
-                                          **settings)
+                                          cuda_graph=cuda_graph, **settings)
             return logp, nfe
         return solve
 
@@ -261,6 +267,7 @@ def likelihood_solves(args, device: torch.device) -> Dict:
             ("strict fp32, rms norm", REFERENCE_BATCH, ours(False, "batch", "rms")),
             ("TF32, rms norm", REFERENCE_BATCH, ours(True, "batch", "rms")),
             ("TF32, rms norm", big, ours(True, "batch", "rms")),
+            ("TF32, rms norm, CUDA graph", big, ours(True, "batch", "rms", True)),
             ("TF32, rms norm, per-sample step control", big, ours(True, "per_sample", "rms")),
             ("TF32, max norm", big, ours(True))]
     rows, ref_bpd = [], None

@@ -5,6 +5,7 @@ The public API is what `__all__` lists; everything else may change.
 from .classifier import (CLASSIFIERS, FeatureClassifier, NoiseConditionalClassifier,
                          classifier_log_prob_fn, load_classifier, noisy_classifier_loss,
                          save_classifier)
+from .cuda_graphs import CudaGraphed
 from .controllable import (classifier_free_score, classifier_guided_score, colorize, inpaint,
                            interpolate, slerp)
 from .fast_sampling import (DPM_METHODS, DPM_PREDICTIONS, TIME_GRIDS, sample_ddim,
@@ -28,6 +29,7 @@ __all__ = [
     # samplers
     "sample_pc", "Predictor", "Corrector", "PREDICTORS", "CORRECTORS",
     "sample_ode", "data_to_latent", "latent_to_data", "ADAPTIVE_METHODS", "ERROR_NORMS",
+    "CudaGraphed",
     # fast samplers
     "sample_ddim", "sample_dpm_solver", "sample_heun", "TIME_GRIDS", "DPM_METHODS",
     "DPM_PREDICTIONS",

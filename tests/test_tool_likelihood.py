@@ -354,3 +354,14 @@ def test_rms_error_norm(toy_run, tmp_path):
     assert rms["error_norm"] == "rms" and strict["error_norm"] == "max"
     assert abs(rms["nll_nats"] - strict["nll_nats"]) < 1e-3
     assert rms["nfe_total"] <= strict["nfe_total"]
+
+
+def test_cuda_graph_flag_on_the_cpu(toy_run, tmp_path):
+    args = ["--workdir", toy_run, "--num_samples", 8, "--batch_size", 8, "--divergence",
+            "exact"]
+    assert _main(*args, "--output", tmp_path / "a.json", "--partial_dir", tmp_path / "p1") == 0
+    assert _main(*args, "--cuda_graph", "--output", tmp_path / "b.json", "--partial_dir",
+                 tmp_path / "p2") == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert b["cuda_graph"] is True and a["cuda_graph"] is False
+    assert a["nll_nats"] == b["nll_nats"] and a["nfe_total"] == b["nfe_total"]

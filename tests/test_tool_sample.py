@@ -120,6 +120,18 @@ def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
     assert summary["nfe"] == [nfe] and summary["sampler"] == sampler
 
 
+def test_cuda_graph_flag_on_the_cpu_gives_the_same_samples(toy_run, tmp_path):
+    # On the CPU the graph wrapper runs the network eagerly: identical samples, every
+    # evaluation an eager call.
+    for name, extra in (("plain", []), ("graph", ["--cuda_graph"])):
+        assert _main("--workdir", toy_run, "--sampler", "dpm_solver", "--num_steps", 10,
+                     "--num_samples", 8, "--output_dir", tmp_path / name, *extra) == 0
+    plain, a = _result(tmp_path / "plain")
+    graph, b = _result(tmp_path / "graph")
+    assert np.array_equal(a["samples"], b["samples"]) and plain["cuda_graph"] is None
+    assert graph["cuda_graph"] == {"graphs": 0, "replays": 0, "eager_calls": 10}
+
+
 def test_same_seed_same_samples(toy_run, tmp_path):
     for name in ("a", "b"):
         assert _main("--workdir", toy_run, "--num_samples", 6, "--num_steps", 25,
@@ -277,6 +289,8 @@ def test_interpolation_endpoints(toy_run, tmp_path):
     (["--workdir", "{gray}", "--task", "inpaint", "--sampler", "ode"], "predictor-corrector"),
     (["--workdir", "{toy}", "--task", "interpolate", "--sampler", "heun"], "drop --sampler"),
     (["--workdir", "{toy}", "--sampler", "dpm_solver", "--order", "4"], "order"),
+    (["--workdir", "{toy}", "--sampler", "ode", "--cuda_graph"],
+     "--cuda_graph replays the network of unconditional fixed-step sampling"),
     (["--workdir", "{tmp}"], "does not exist"),
     (["--workdir", "{toy}", "--rtol", "0"], "--rtol must be > 0"),
     (["--workdir", "{toy}", "--task", "paint"], "task"),

@@ -38,8 +38,8 @@ stderr_samples, bpd, bpd_stderr, n, num_data, nfe_mean (score evaluations per so
 nfe_total, seconds (wall time of this run), solve_seconds (summed per-batch solve times, resumed
 batches included), complete, and every setting (checkpoint, step, use_ema, sde, model, dataset,
 split, data_source, num_dims, batch_size, divergence, num_probes, method, step_control,
-error_norm, rtol, atol, eps, num_repeats, seed, dequantization, data_width, num_levels,
-class_labels, world_size, device).
+error_norm, cuda_graph, rtol, atol, eps, num_repeats, seed, dequantization, data_width,
+num_levels, class_labels, world_size, device).
 A class-conditional checkpoint is evaluated with the null label (the unconditional model;
 class_labels is "null"), which is meaningful only if it was trained with label dropout.
 
@@ -91,7 +91,7 @@ _DEQUANT_STREAM, _PROBE_STREAM = 0, 1
 # Ranks finish their adaptive solves at different times before the one final all-gather.
 GATHER_TIMEOUT = datetime.timedelta(days=1)
 # Settings that do not change any batch's numbers, left out of the resume key.
-_NOT_IN_KEY = ("num_repeats", "world_size", "device")
+_NOT_IN_KEY = ("num_repeats", "world_size", "device", "cuda_graph")
 
 Record = Dict[str, object]  # {"repeat", "batch", "nll": [floats], "nfe", "seconds"}
 
@@ -175,7 +175,7 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
              batch_size: int, num_repeats: int, seed: int = 0,
              device: torch.device = torch.device("cpu"), divergence: str = "rademacher",
              num_probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
-             step_control: str = "batch", error_norm: str = "max",
+             step_control: str = "batch", error_norm: str = "max", cuda_graph: bool = False,
              partial: Optional[PartialLog] = None,
              rank: int = 0, world_size: int = 1,
              max_batches: Optional[int] = None, progress: bool = False,
@@ -192,7 +192,8 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
         batch_size, num_repeats: batch size and number of passes over the data.
         seed: seeds every (pass, batch) through `unit_generators`.
         device: where the solves run.
-        divergence, num_probes, rtol, atol, eps, step_control, error_norm: forwarded to
+        divergence, num_probes, rtol, atol, eps, step_control, error_norm, cuda_graph:
+            forwarded to
             `score_sde.log_likelihood`.
         partial: log of finished units to resume from and append to; None: no resume.
         rank, world_size: this process's share of the batches.
@@ -231,7 +232,8 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
             logp, _, nfe = log_likelihood(sde, score_fn, x, rtol=rtol, atol=atol, method=METHOD,
                                           eps=eps, divergence=divergence,
                                           num_probes=num_probes, generator=probe_gen,
-                                          step_control=step_control, error_norm=error_norm)
+                                          step_control=step_control, error_norm=error_norm,
+                                          cuda_graph=cuda_graph)
         except RuntimeError as err:
             raise BatchError(repeat, batch, err) from None
         nll = (-logp).double().cpu().tolist()
@@ -352,6 +354,8 @@ def define_flags(fv) -> None:
     f.DEFINE_enum("step_control", "batch", ["batch", "per_sample"], "batch: one step size per "
                   "batch (the paper); per_sample: each sample its own (results independent of "
                   "batch-mates).", **kw)
+    f.DEFINE_boolean("cuda_graph", False, "Replay each function evaluation (network and "
+                     "divergence) from a CUDA graph (CUDA; no effect on the CPU).", **kw)
     f.DEFINE_enum("error_norm", "max", list(ERROR_NORMS), "Step error per sample: max over its "
                   "elements, or rms (SciPy's RK45 norm, as in the paper's code; fewer steps).",
                   **kw)
@@ -419,7 +423,8 @@ def run(fv) -> Dict[str, object]:
         "data_source": source, "num_data": len(data), "num_dims": info.num_dims,
         "batch_size": fv.batch_size, "divergence": fv.divergence,
         "num_probes": fv.num_probes, "method": METHOD, "step_control": fv.step_control,
-        "error_norm": fv.error_norm, "rtol": fv.rtol, "atol": fv.atol,
+        "error_norm": fv.error_norm, "cuda_graph": fv.cuda_graph,
+        "rtol": fv.rtol, "atol": fv.atol,
         "eps": fv.eps, "num_repeats": num_repeats, "seed": fv.seed,
         "dequantization": "uniform" if info.discrete else None,
         "data_width": (info.data_range[1] - info.data_range[0]) if info.discrete else None,
@@ -451,7 +456,7 @@ def run(fv) -> Dict[str, object]:
             prepare=_prepare_discrete if info.discrete else _prepare_continuous,
             batch_size=fv.batch_size, num_repeats=num_repeats, seed=fv.seed, device=device,
             divergence=fv.divergence, num_probes=fv.num_probes, rtol=fv.rtol, atol=fv.atol,
-            step_control=fv.step_control, error_norm=fv.error_norm,
+            step_control=fv.step_control, error_norm=fv.error_norm, cuda_graph=fv.cuda_graph,
             eps=fv.eps, partial=partial, rank=rank, world_size=world_size,
             max_batches=fv.max_batches, progress=rank == 0, to_report=report)
         if world_size > 1:
