@@ -10,6 +10,11 @@ runs `Trainer.train_step` for warm-up steps and timed steps and prints images/s 
 Modes: fp32 (TF32 off), tf32, bf16 (autocast), bf16_cl (+ channels-last), bf16_cl_compile
 (+ torch.compile), bf16_cl_compile_ro (torch.compile mode "reduce-overhead": CUDA graphs).
 Throughput needs CUDA to mean anything; on the CPU use tiny --steps.
+
+--parity_steps N also trains N steps in fp32 and in each mode from the same initialisation,
+batches and noise, and compares window means of the loss curves (relative difference and its
+z-score against the spread of the per-step differences): a faster mode should track fp32
+within noise.
 """
 import argparse
 import json
@@ -58,21 +63,27 @@ def write_synthetic_cifar(folder: Path, n_train: int, seed: int = 0) -> None:
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
 
 
-def measure(model: str, mode: str, *, data_dir: str, batch_size: int, warmup: int, steps: int,
-            device: str) -> dict:
+def make_trainer(model: str, mode: str, workdir: str, *, data_dir: str, batch_size: int,
+                 n_iters: int, device: str) -> Trainer:
+    """A Trainer of `model` in precision `mode` (TF32 switched as the mode says)."""
     opts = dict(MODES[mode])
     tf32 = opts.pop("tf32")
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     cfg = load_config_file(str(REPO / "configs" / CONFIGS[model]))
     overrides = {"data.data_dir": data_dir, "training.batch_size": batch_size,
-                 "training.device": device, "training.n_iters": warmup + steps}
+                 "training.device": device, "training.n_iters": n_iters}
     overrides.update({f"training.{k}": v for k, v in opts.items()})
     if model in MODEL_KWARGS:
         overrides["model.kwargs"] = {**cfg.model.kwargs, **MODEL_KWARGS[model]}
-    cfg = apply_overrides(cfg, overrides)
+    return Trainer(apply_overrides(cfg, overrides), workdir)
+
+
+def measure(model: str, mode: str, *, data_dir: str, batch_size: int, warmup: int, steps: int,
+            device: str) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(cfg, workdir)
+        trainer = make_trainer(model, mode, workdir, data_dir=data_dir, batch_size=batch_size,
+                               n_iters=warmup + steps, device=device)
         dev = trainer.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -99,6 +110,40 @@ def measure(model: str, mode: str, *, data_dir: str, batch_size: int, warmup: in
                 gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
 
 
+def loss_curve(model: str, mode: str, *, data_dir: str, batch_size: int, steps: int,
+               device: str) -> np.ndarray:
+    """Per-step training losses of `steps` steps from the seeded initialisation: every mode sees
+    the same batches and the same noise (all seeded from the step)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = make_trainer(model, mode, workdir, data_dir=data_dir, batch_size=batch_size,
+                               n_iters=steps, device=device)
+        losses = [trainer.train_step(_Quiet())[0].detach().float() for _ in range(steps)]
+        return torch.stack(losses).cpu().double().numpy()
+
+
+def parity(curves: dict, reference: str, window: int) -> list:
+    """Window means of each mode's loss curve against the reference mode's: the difference in
+    units of its standard error (from the spread of the per-step differences in the window;
+    the noise is shared, so differences are far less noisy than either curve)."""
+    rows = []
+    ref = curves[reference]
+    for mode, curve in curves.items():
+        if mode == reference:
+            continue
+        windows = []
+        for start in range(0, len(ref) - window + 1, window):
+            a, b = curve[start:start + window], ref[start:start + window]
+            diff = a - b
+            se = diff.std(ddof=1) / np.sqrt(window)
+            windows.append(dict(start=start, mean=float(a.mean()), reference_mean=float(b.mean()),
+                                rel_diff=float(diff.mean() / b.mean()),
+                                z=float(diff.mean() / se) if se > 0 else 0.0))
+        rows.append(dict(mode=mode, reference=reference, window=window, windows=windows,
+                         max_abs_rel_diff=max(abs(w["rel_diff"]) for w in windows),
+                         max_abs_z=max(abs(w["z"]) for w in windows)))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="ddpmpp,ncsnpp")
@@ -107,6 +152,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--parity_steps", type=int, default=0,
+                   help="also train this many steps per mode and compare the loss curves with "
+                        "fp32 (0: off)")
+    p.add_argument("--parity_window", type=int, default=100)
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     models, modes = args.models.split(","), args.modes.split(",")
@@ -130,6 +179,20 @@ def main(argv=None) -> int:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"{r['model']:<12}{r['mode']:<18}{r['params_m']:>7.1f}M{r['images_per_s']:>10.0f}"
               f"{r['ms_per_step']:>10.1f}{peak:>10}")
+    if args.parity_steps > 0:
+        with tempfile.TemporaryDirectory() as data_dir:
+            write_synthetic_cifar(Path(data_dir), n_train=max(5 * args.batch_size, 1280))
+            for model in models:
+                curves = {mode: loss_curve(model, mode, data_dir=data_dir,
+                                           batch_size=args.batch_size, steps=args.parity_steps,
+                                           device=args.device)
+                          for mode in ["fp32"] + [m for m in modes if m != "fp32"]}
+                for row in parity(curves, "fp32", min(args.parity_window, args.parity_steps)):
+                    row["model"] = model
+                    rows.append(row)
+                    print(f"{model:<12}{row['mode']:<18} loss vs fp32 over {args.parity_steps} "
+                          f"steps: max |rel diff| {row['max_abs_rel_diff']:.4f}, max |z| "
+                          f"{row['max_abs_z']:.2f} (windows of {row['window']})")
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1))
     return 0

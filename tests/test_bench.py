@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,3 +111,31 @@ def test_train_rows(result):
 def test_bad_arguments_exit_2(tmp_path, args, message):
     out = bench(*args, cwd=tmp_path)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_loss_parity_windows():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_speed
+
+    rng = np.random.default_rng(0)
+    ref = 1.0 + 0.1 * rng.standard_normal(300)
+    curves = {"fp32": ref, "same": ref.copy(), "off": ref * 1.01 + 0.001 * rng.standard_normal(300)}
+    rows = {r["mode"]: r for r in train_speed.parity(curves, "fp32", 100)}
+    assert set(rows) == {"same", "off"} and len(rows["off"]["windows"]) == 3
+    assert rows["same"]["max_abs_rel_diff"] == 0 and rows["same"]["max_abs_z"] == 0
+    # A 1% offset: the relative difference is 1%, and with shared noise it is many standard
+    # errors away from zero.
+    assert abs(rows["off"]["max_abs_rel_diff"] - 0.01) < 2e-3 and rows["off"]["max_abs_z"] > 10
+
+
+def test_train_speed_parity_run(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"),
+                          "--models", "ddpmpp_tiny", "--modes", "fp32,tf32", "--batch_size", "4",
+                          "--warmup", "0", "--steps", "1", "--device", "cpu", "--parity_steps",
+                          "6", "--parity_window", "3", "--output", str(tmp_path / "t.json")],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "t.json").read_text())
+    (parity,) = [r for r in rows if "windows" in r]
+    # On the CPU TF32 does not exist: the same arithmetic, the same curve.
+    assert parity["mode"] == "tf32" and parity["max_abs_rel_diff"] == 0
