@@ -487,7 +487,7 @@ def train_runs(args, device: torch.device) -> List[Dict]:
     return rows
 
 
-# --- tables and the command line -------------------------------------------------------------------
+# --- tables and the command line 
 
 def print_tables(result: Dict) -> None:
     if "train" in result:

@@ -406,10 +406,10 @@ def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho:
     is turned back into a time t_i by float64 bisection of lambda(t). When s(T) exceeds
     sigma_max (VP's is 152, cosine VP's about 6000), the grid starts at the time t_0 < T where
     s = sigma_max, from EDM's prior y ~ N(0, sigma_max^2 I), i.e. x ~ N(0, sigma(t_0)^2 I);
-    the steps EDM saves there are spent where the data take shape. Steps between the s_i are Heun's, with
-    2 evaluations each (as in EDM, the second is not reused: the next step starts from the
-    corrected point), and the last, from s_min to 0, is Euler's, so the sample is the denoised
-    D(y; s_min) in data space. NFE = 2 num_steps - 1; num_steps = 1 denoises the prior draw
+    the steps EDM saves there are spent where the data take shape. Steps between the s_i are
+    Heun's, with 2 evaluations each (as in EDM, the second is not reused: the next step starts
+    from the corrected point), and the last, from s_min to 0, is Euler's, so the sample is the
+    denoised D(y; s_min) in data space. NFE = 2 num_steps - 1; num_steps = 1 denoises the prior draw
     at the start.
 
     Args:

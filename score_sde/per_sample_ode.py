@@ -9,8 +9,9 @@ is the one it would get alone, up to the batched network's own floating-point de
 the batch.
 
 Error control per sample: the max (or, with error_norm="rms", the root mean square) over its
-elements of |err| / (atol + rtol max(|y|, |y_new|)), the norms of `score_sde.ode`; step factor 0.9 err^(-1/5) clipped to [0.2, 10], the first
-step by Hairer, Nørsett & Wanner's heuristic (Solving ODEs I, II.4) inside the interval.
+elements of |err| / (atol + rtol max(|y|, |y_new|)), the norms of `score_sde.ode`; step
+factor 0.9 err^(-1/5) clipped to [0.2, 10], the first step by Hairer, Nørsett & Wanner's
+heuristic (Solving ODEs I, II.4) inside the interval.
 """
 from typing import Callable, Tuple
 

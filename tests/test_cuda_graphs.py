@@ -59,7 +59,7 @@ def test_likelihood_cuda_graph_option_on_the_cpu_changes_nothing(step_control):
     assert a[2] == b[2] > 0  # NFE counted at the right-hand side equals CountingScore's
 
 
-# --- CUDA ------------------------------------------------------------------------------------------
+# --- CUDA 
 
 def _unet_score(device):
     torch.manual_seed(0)
