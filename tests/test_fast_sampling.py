@@ -299,10 +299,10 @@ FD_FACTOR = 1.5
 # 10 / 15 / 10 / 15; DDIM 40 / 40 / 40 / 30; Heun 31 for all four with EDM's sigma_max = 80
 # (1.49 / 1.49 / 1.39 / 1.49 over 3 seeds in benchmarks/bench.py; 19 evaluations give 3 to 4 x
 # the floor). Without the cap Heun needed 41 / 41 / 31 / 61: cosine's noise level at T is 6000,
-# VP's 152, and the rho = 7 grid spends many steps up there. DPM-Solver++ multistep order 2 (data) measured 1.53 x at 20 for
-# sub-VP and cosine (3000 samples, 8 seeds): their lambda ranges are wider (sub-VP reaches 9.1
-# at eps, cosine starts at -8.7) and uniform logSNR steps spend more of the budget where the
-# data prediction hardly moves.
+# VP's 152, and the rho = 7 grid spends many steps up there. DPM-Solver++ multistep order 2
+# (data) measured 1.53 x at 20 for sub-VP and cosine (3000 samples, 8 seeds): their lambda
+# ranges are wider (sub-VP reaches 9.1 at eps, cosine starts at -8.7) and uniform logSNR steps
+# spend more of the budget where the data prediction hardly moves.
 FD_NFE = {
     "dpm_ms2_noise": {"vp": 20, "subvp": 20, "ve": 20, "cosine": 20},
     "dpm_ms3_noise": {"vp": 15, "subvp": 15, "ve": 15, "cosine": 15},
