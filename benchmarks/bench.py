@@ -67,7 +67,8 @@ from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.datasets import DataInfo, load_dataset, to_model_range  # noqa: E402
 from score_sde.metrics import frechet_distance  # noqa: E402
 from score_sde.runs import load_trained  # noqa: E402
-from score_sde.train import apply_overrides, build_model, build_sde, load_config_file  # noqa: E402
+from score_sde.build import build_model, build_sde  # noqa: E402
+from score_sde.config import apply_overrides, load_config_file  # noqa: E402
 
 SECTIONS = ("train", "likelihood", "samplers")
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "cosine": CosineVPSDE}

@@ -91,7 +91,7 @@ from score_sde.cli import InputError, run_tool, write_json  # noqa: E402
 from score_sde.config import to_dict  # noqa: E402
 from score_sde.datasets import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from score_sde.models import MODELS  # noqa: E402
-from score_sde.train import apply_overrides, load_config_file  # noqa: E402
+from score_sde.config import apply_overrides, load_config_file  # noqa: E402
 
 _START = time.time()  # --time_budget counts from here (after the imports)
 

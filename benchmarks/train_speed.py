@@ -30,7 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from score_sde.train import Trainer, apply_overrides, load_config_file  # noqa: E402
+from score_sde.config import apply_overrides, load_config_file  # noqa: E402
+from score_sde.trainer import Trainer  # noqa: E402
 
 CONFIGS = {"ddpmpp": "cifar10_ddpmpp_cont.py", "ncsnpp": "cifar10_ncsnpp_cont.py",
            "ddpmpp_deep": "cifar10_ddpmpp_deep.py", "ncsnpp_deep": "cifar10_ncsnpp_deep.py",

@@ -1,12 +1,19 @@
 """Configuration schema of the training script: plain dataclasses, values only.
 
-Files in `configs/` build and return a `Config` (`get_config()`); command-line flags override
-fields; `score_sde.train` turns the result into explicit constructor arguments. Units and
+Files in `configs/` build and return a `Config` (`get_config()`, run by `load_config_file`);
+command-line flags override fields (`apply_overrides`); `check_config` checks ranges and
+conflicts; the trainer turns the result into explicit constructor arguments. Units and
 meanings are in the trailing comments.
 """
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional
+
+import torch
+
+from ._utils import check_choice
 
 
 @dataclass
@@ -104,3 +111,93 @@ def from_dict(d: Dict[str, Any]) -> Config:
     if unknown:
         raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(parts)}")
     return Config(**parts)
+
+
+LR_DECAYS = ("none", "cosine")
+# torch.compile's modes; "reduce-overhead" replays CUDA graphs, cutting per-kernel launch cost.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def load_config_file(path: str) -> Config:
+    """Runs `get_config()` of a config file and checks that it returns a Config.
+
+    Raises:
+        ValueError: a missing file, one that is not Python or fails to run (one line naming the
+            exception), no get_config(), or a result that is not a Config.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_score_sde_config_{file.stem}", file)
+    if spec is None:
+        raise ValueError(f"--config file {path} must be a Python file (.py)")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"--config file {path} defines no get_config()")
+        cfg = module.get_config()
+    except ValueError:
+        raise
+    except Exception as err:  # the file is user input: one line, not a traceback
+        raise ValueError(f"--config file {path} failed: {type(err).__name__}: {err}") from None
+    if not isinstance(cfg, Config):
+        raise ValueError(f"get_config() in {path} must return score_sde.config.Config, got "
+                         f"{type(cfg).__name__}")
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
+    """Returns cfg with "section.field" -> value overrides applied."""
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        sections[section] = dataclasses.replace(sections[section], **{name: value})
+    return Config(**sections)
+
+
+def check_config(cfg: Config) -> None:
+    """Range checks of single settings and cross-field checks whose failure names both.
+
+    Raises:
+        ValueError: a setting outside its range (the message names it and the range) or two
+            settings that conflict.
+    """
+    tc = cfg.training
+    if tc.importance_sampling and not tc.likelihood_weighting:
+        raise ValueError("--importance_sampling needs --likelihood_weighting (it samples t for "
+                         "the likelihood-weighted loss)")
+    if cfg.data.dataset == "array" and not cfg.data.data_path:
+        raise ValueError("--dataset array needs --data_path FILE.npy or FILE.npz")
+    if tc.bf16 and tc.device == "cpu":
+        raise ValueError("--bf16 autocast is for CUDA; drop --bf16 or use --device cuda")
+    for name in ("n_iters", "batch_size", "log_every", "eval_every", "checkpoint_every",
+                 "snapshot_every", "keep_snapshots", "eval_batches", "num_samples"):
+        if getattr(tc, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(tc, name)}")
+    if not tc.lr > 0:
+        raise ValueError(f"lr must be > 0, got {tc.lr}")
+    if tc.warmup < 0 or tc.sample_every < 0:
+        name = "warmup" if tc.warmup < 0 else "sample_every"
+        raise ValueError(f"{name} must be >= 0, got {getattr(tc, name)}")
+    if tc.ema_rate is not None and not 0 < tc.ema_rate < 1:
+        raise ValueError(f"ema_rate must lie in (0, 1) or be None (the SDE's default), got "
+                         f"{tc.ema_rate}")
+    if not 0 < tc.eps < 1:
+        raise ValueError(f"eps (the smallest training time) must lie in (0, 1), got {tc.eps}")
+    if tc.device != "auto":
+        try:
+            torch.device(tc.device)
+        except RuntimeError:
+            raise ValueError(f"device must be auto or a torch device such as cpu, cuda or "
+                             f"cuda:1, got {tc.device!r}") from None
+    check_choice("lr_decay", tc.lr_decay, LR_DECAYS)
+    check_choice("compile_mode", tc.compile_mode, COMPILE_MODES)
+    if tc.compile_mode != "default" and not tc.compile:
+        raise ValueError(f"--compile_mode {tc.compile_mode} needs --compile")
+    if not 0 <= tc.lr_final <= 1:
+        raise ValueError(f"lr_final must lie in [0, 1] (a fraction of lr), got {tc.lr_final}")
+    if not 0 <= tc.label_dropout <= 1:
+        raise ValueError(f"label_dropout must lie in [0, 1], got {tc.label_dropout}")
+    if tc.max_nonfinite < 0:
+        raise ValueError(f"max_nonfinite must be >= 0, got {tc.max_nonfinite}")

@@ -17,7 +17,7 @@ from .config import Config, from_dict
 from .datasets import DataInfo, load_dataset
 from .score import make_score_fn
 from .sde import SDE, ScoreFn
-from .train import build_model, build_sde, with_labels
+from .build import build_model, build_sde, with_labels
 
 TRAINING_KEYS = ("model", "ema", "step", "config")
 

@@ -31,7 +31,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """A workdir with a tiny toy checkpoint (MLP, 8 Gaussians, 10 steps, on the CPU)."""
-    from score_sde.train import apply_overrides, load_config_file, train
+    from score_sde.config import apply_overrides, load_config_file
+    from score_sde.trainer import train
 
     workdir = tmp_path_factory.mktemp("toy_run")
     cfg = load_config_file(str(REPO / "configs" / "toy.py"))

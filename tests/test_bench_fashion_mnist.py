@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from score_sde.models import NCSNpp
-from score_sde.train import load_config_file
+from score_sde.config import load_config_file
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "fashion_mnist.py"

@@ -20,7 +20,8 @@ from score_sde import log_likelihood, sample_ode, sample_pc
 from score_sde.checkpoint import read_checkpoint
 from score_sde.models import NCSNpp, SmallUNet
 from score_sde.sde import VPSDE, VESDE
-from score_sde.train import Trainer, apply_overrides, load_config_file, train
+from score_sde.config import apply_overrides, load_config_file
+from score_sde.trainer import Trainer, train
 from tests.problems import KERNELS, exact_log_prob_t, exact_score_fn, ring_mixture
 
 pytestmark = pytest.mark.gpu

@@ -43,7 +43,8 @@ import score_sde.checkpoint as checkpoint_lib
 from score_sde.checkpoint import (is_intact, prune_snapshots, read_checkpoint,
                                   remove_stale_temporaries, save_checkpoint, snapshots)
 from score_sde.config import to_dict
-from score_sde.train import (CheckpointWriteError, apply_overrides, load_config_file, train)
+from score_sde.config import apply_overrides, load_config_file
+from score_sde.trainer import CheckpointWriteError, train
 from tests.test_train import ENV, _toy_cfg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -616,7 +617,7 @@ def test_bad_input_exits_2_with_one_line(cli, bad_input_files, tmp_path, what, a
 # --- exit statuses 3 and 4 of the command line -------------------------------------------------
 
 _NAN_LOSS_AT_STEP_3 = """
-from score_sde.train import Trainer
+from score_sde.trainer import Trainer
 _loss = Trainer.train_loss
 Trainer.train_loss = lambda self, *a: _loss(self, *a) * (float("nan") if self.step == 3 else 1)
 """

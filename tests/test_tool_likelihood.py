@@ -22,7 +22,8 @@ import score_sde
 from score_sde.checkpoint import read_checkpoint, save_checkpoint
 from score_sde.config import to_dict
 from score_sde.datasets import DataInfo, load_dataset
-from score_sde.train import apply_overrides, build_model, load_config_file
+from score_sde.build import build_model
+from score_sde.config import apply_overrides, load_config_file
 from tests.problems import KERNELS, exact_log_prob_t, exact_score_fn, random_mixture
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ import torch
 
 from score_sde.datasets import load_dataset, to_model_range
 from score_sde.runs import load_trained
-from score_sde.train import apply_overrides, load_config_file, train
+from score_sde.config import apply_overrides, load_config_file
+from score_sde.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("tool_sample", REPO / "tools" / "sample.py")

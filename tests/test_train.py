@@ -20,8 +20,8 @@ from score_sde.checkpoint import read_checkpoint
 from score_sde.config import from_dict, to_dict
 from score_sde.datasets import load_dataset
 from score_sde.models import SmallUNet
-from score_sde.train import (Trainer, TrainingError, apply_overrides, ema_decay, learning_rate,
-                             load_config_file, train)
+from score_sde.config import apply_overrides, load_config_file
+from score_sde.trainer import Trainer, TrainingError, ema_decay, learning_rate, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -351,7 +351,7 @@ def test_a_nonfinite_step_changes_no_state(tmp_path, monkeypatch, fused, kind):
     # Fused Adam skips the step on the device and the host reads the outcome later (settle);
     # the unfused path decides at once. Either way weights, EMA and Adam moments are untouched.
     if not fused:
-        import score_sde.train as train_module
+        import score_sde.trainer as train_module
 
         monkeypatch.setattr(train_module, "make_adam",
                             lambda *a, **k: (torch.optim.Adam(*a, **k), False))

@@ -17,8 +17,9 @@ import torch
 from score_sde.checkpoint import read_checkpoint
 from score_sde.config import to_dict
 from score_sde.datasets import BatchOrder
-from score_sde.train import (DistInfo, apply_overrides, dist_from_env, process_group_backend,
-                             resolve_device, train)
+from score_sde.config import apply_overrides
+from score_sde.distributed import DistInfo, dist_from_env, process_group_backend, resolve_device
+from score_sde.trainer import train
 from tests.test_train import _fashion_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,7 +188,7 @@ def test_devices_and_backends():
 
 
 def test_train_refuses_an_uneven_split_before_starting_processes(tmp_path):
-    from score_sde.train import apply_overrides, load_config_file
+    from score_sde.config import apply_overrides, load_config_file
 
     cfg = load_config_file(str(REPO / "configs" / "toy.py"))
     cfg = apply_overrides(cfg, {"training.batch_size": 10, "training.device": "cpu"})

@@ -21,7 +21,7 @@ Data. The dataset of the saved config, split "test", unless --dataset / --split 
 - Images (fashion_mnist, cifar10): the split from --data_dir (default: the saved config's).
 - 2-D toys: the split drawn with the training seed, --num_samples points (default 10000).
 - "array": --data_path FILE is evaluated whole (--split does not apply). Without it, the saved
-  config's training file is split exactly as training did (`score_sde.train.load_train_eval`:
+  config's training file is split exactly as training did (`score_sde.build.load_train_eval`:
   the seeded `eval_fraction` share) and --split test selects that held-out part.
 --num_samples N keeps the first N samples. Batches are consecutive blocks of --batch_size.
 
@@ -82,7 +82,7 @@ from score_sde.ode import ERROR_NORMS
 from score_sde.runs import model_from_state
 from score_sde.score import make_score_fn
 from score_sde.sde import SDE, ScoreFn
-from score_sde.train import build_sde, load_train_eval
+from score_sde.build import build_sde, load_train_eval
 
 METHOD = "dopri5"  # RK45, the paper's solver
 IMAGE_REPEATS, CONTINUOUS_REPEATS = 5, 1  # default passes over the data

@@ -67,7 +67,7 @@ from score_sde.fast_sampling import sample_ddim, sample_dpm_solver, sample_heun
 from score_sde.ode import sample_ode
 from score_sde.runs import load_trained
 from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
-from score_sde.train import build_sde
+from score_sde.build import build_sde
 from score_sde.visualize import save_samples_png
 
 SAMPLERS = ("pc", "ode", "ald", "ddim", "dpm_solver", "heun")

@@ -59,7 +59,7 @@ from score_sde.config import Config, SDEConfig
 from score_sde.datasets import BatchOrder, DataInfo, load_dataset, mix_seed, to_model_range
 from score_sde.distributed import resolve_device
 from score_sde.sde import SDE
-from score_sde.train import build_sde
+from score_sde.build import build_sde
 
 DATASETS = ("fashion_mnist", "cifar10")
 SDES = ("vp", "subvp", "ve")

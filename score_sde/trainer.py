@@ -1,0 +1,564 @@
+"""The training loop of denoising score matching (Song et al. 2021, Eq. 7): `Trainer`, `train`.
+
+Every random draw of step k (data order, dequantization, label dropout, t, noise, dropout) is
+seeded from (seed, k) by `step_seed`, so a run resumed from a checkpoint ends with exactly the
+weights of an uninterrupted one on the CPU. A step never waits for the device: batches go
+through pinned memory, and with fused Adam a step whose loss or gradient norm is not finite is
+skipped on the device; `Trainer.settle` reads those outcomes before anything is logged or
+saved. The command line around it is `score_sde.train`.
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import datasets as data_lib
+from ._utils import stderr_line
+from .build import build_model, build_sde, load_splits, with_labels
+from .checkpoint import (load_checkpoint, prune_snapshots, remove_stale_temporaries,
+                         save_checkpoint)
+from .config import Config, check_config, from_dict, to_dict
+from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
+                          process_group_backend, resolve_device)
+from .losses import ScoreMatchingLoss
+from .sampling import sample_pc
+from .score import make_score_fn
+from .visualize import save_samples_png
+
+# The paper's EMA rates: 0.9999 for VP-type SDEs, 0.999 for VE.
+EMA_RATES = {"vp": 0.9999, "subvp": 0.9999, "cosine": 0.9999, "ve": 0.999}
+# Independent random streams (see `step_seed`): the loss's t and z; dequantization and label
+# dropout; held-out loss noise and data; sample grids; network dropout (+ rank).
+STREAM_NOISE, STREAM_DATA, STREAM_EVAL_NOISE, STREAM_EVAL_DATA, STREAM_SAMPLES = range(5)
+STREAM_DROPOUT = 5
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable checkpoint, ...)."""
+
+
+class NonFiniteError(TrainingError):
+    """A non-finite loss or gradient stopped training."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (disk full, no permission, ...)."""
+
+
+def check_world_size(cfg: Config, dist: DistInfo) -> None:
+    """Raises ValueError unless the global batch splits evenly over the processes."""
+    if cfg.training.batch_size % dist.world_size:
+        raise ValueError(f"--batch_size {cfg.training.batch_size} (the global batch) must be "
+                         f"divisible by the number of processes WORLD_SIZE={dist.world_size}")
+
+
+def learning_rate(step: int, cfg: Config) -> float:
+    """Linear warm-up to cfg.training.lr over cfg.training.warmup steps, then constant
+    (lr_decay "none") or a half-cosine from lr down to lr_final * lr at step n_iters."""
+    tc = cfg.training
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    if tc.lr_decay == "none" or tc.n_iters <= tc.warmup:
+        return tc.lr
+    progress = min(1.0, (step - tc.warmup) / (tc.n_iters - tc.warmup))
+    return tc.lr * (tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_seed(seed: int, step: int, stream: int = STREAM_NOISE) -> int:
+    """Seed of one random stream of one training step: a pure function of (seed, step, stream).
+
+    Distinct streams give unrelated generators (a CPU generator and a CUDA one seeded alike
+    would otherwise draw correlated numbers on the CPU).
+    """
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0])
+
+
+@torch.no_grad()
+def ema_decay(step: int, rate: float, warmup: bool) -> float:
+    """The EMA decay of update number `step` (0-based): `rate`, or with `warmup`
+    min(rate, (1 + step) / (10 + step)), so the average forgets the initial weights in a short
+    run (at rate 0.999, 1.8% of the initialisation would remain after 4000 plain updates)."""
+    return min(rate, (1 + step) / (10 + step)) if warmup else rate
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float,
+               apply: Optional[torch.Tensor] = None) -> None:
+    """ema <- rate * ema + (1 - rate) * model for the parameters; buffers are copied.
+
+    `apply`, a 0-dim boolean tensor on the device, makes the update conditional without
+    reading it on the host: where it is false the parameters are left as they are.
+    """
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    if apply is None:
+        torch._foreach_lerp_(e_params, m_params, 1.0 - rate)
+    elif e_params:
+        weight = apply.to(e_params[0].dtype) * (1.0 - rate)
+        torch._foreach_lerp_(e_params, m_params, [weight] * len(e_params))
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def make_adam(params, *, lr: float, betas: Tuple[float, float], eps: float,
+              weight_decay: float) -> Tuple[torch.optim.Adam, bool]:
+    """Adam, fused (one kernel for all parameters) where the parameters' device supports it;
+    returns (optimizer, fused). Only the fused form can skip a step on the device
+    (`found_inf`), which spares the host a wait for the device at every step."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                fused=True), True
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps,
+                                weight_decay=weight_decay), False
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
+class _Reporter:
+    """log.txt, TensorBoard and the progress bar of rank 0; a no-op on other ranks."""
+
+    def __init__(self, workdir: Path, *, enabled: bool, total: int, initial: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.log = open(workdir / "log.txt", "a", buffering=1)
+        self.writer = SummaryWriter(str(workdir / "tb"))
+        self.bar = tqdm(total=total, initial=initial, desc="train", disable=None)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self.log.write(text + "\n")
+
+    def scalars(self, prefix: str, values: Dict[str, float], step: int) -> None:
+        if self.enabled:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def advance(self, **postfix) -> None:
+        if self.enabled:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.log.close()
+
+
+class Trainer:
+    """Holds the state of one training run; `run()` executes the loop.
+
+    Args:
+        cfg: the resolved configuration.
+        workdir: run folder (written by rank 0 only).
+        dist: this process's place in a torchrun launch; with world_size > 1 the default
+            process group must be initialised (see `train`).
+    """
+
+    def __init__(self, cfg: Config, workdir: str, *, dist: DistInfo = DistInfo()):
+        self.cfg, self.workdir, self.dist = cfg, Path(workdir), dist
+        tc = cfg.training
+        check_config(cfg)
+        check_world_size(cfg, dist)
+        self.device = resolve_device(tc.device, dist)
+        self.sde = build_sde(cfg)
+        data = load_splits(cfg.data, seed=tc.seed)
+        self.train_x, self.train_y, self.eval_x, self.eval_y, self.info = data
+        self.num_classes = self.info.num_classes if cfg.model.class_conditional else None
+        self.order = data_lib.BatchOrder(len(self.train_x), tc.batch_size, seed=tc.seed,
+                                         rank=dist.rank, world_size=dist.world_size)
+        torch.manual_seed(tc.seed)
+        self.model = build_model(cfg, self.info).to(self.device)
+        if tc.channels_last and len(self.info.shape) == 3:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.ema_rate = tc.ema_rate if tc.ema_rate is not None else EMA_RATES[cfg.sde.name]
+        self.optimizer, self.fused_adam = make_adam(
+            self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, 0.999), eps=tc.adam_eps,
+            weight_decay=tc.weight_decay)
+        self.loss_fn = ScoreMatchingLoss(
+            self.sde, weighting="likelihood" if tc.likelihood_weighting else "sigma2",
+            reduction="mean" if tc.reduce_mean else "sum", eps=tc.eps,
+            importance_sampling=tc.importance_sampling)
+        net = self.model
+        if dist.world_size > 1:
+            # The EMA stays unwrapped: it is updated locally from identical weights.
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(net, mode=tc.compile_mode) if tc.compile else net
+        self.score_fn(self.model)  # checks prediction / time_input before anything is written
+        self.step = 0
+        self.saved_step: Optional[int] = None  # step of the last checkpoint written or loaded
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        self.nonfinite_streak = 0  # ... of which the latest, in a row
+        # (step, [loss finite, gradient finite]) on the device, not yet read by `settle`.
+        self.unsettled: List[Tuple[int, torch.Tensor]] = []
+
+    # --- data -----------------------------------------------------------------------------
+
+    def model_input(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Model-ready data on the CPU: dequantized to [-1, 1) for 8-bit images, else float."""
+        if self.info.discrete:
+            return data_lib.to_model_range(x, generator=generator)
+        return x.float()
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # From pageable memory the copy would first wait for all queued device work.
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        if self.cfg.training.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def step_batch(self, step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This process's shard of the batch of `step`: (x, labels or None) on the device.
+
+        Dequantization and label dropout are drawn for the whole global batch from the step's
+        data generator and then sliced, so the shards of all processes are exactly the
+        single-process batch. A dropped label becomes the null label num_classes.
+        """
+        tc = self.cfg.training
+        gen = torch.Generator().manual_seed(step_seed(tc.seed, step, STREAM_DATA))
+        idx = self.order.global_indices(step)
+        shard = self.dist.shard(len(idx))
+        x = self.to_device(self.model_input(self.train_x[idx], gen)[shard])
+        if self.num_classes is None:
+            return x, None
+        drop = torch.rand(len(idx), generator=gen) < tc.label_dropout
+        labels = self.train_y[idx].masked_fill(drop, self.num_classes)
+        return x, self.to_device(labels[shard])
+
+    # --- losses ---------------------------------------------------------------------------
+
+    def score_fn(self, model, labels: Optional[torch.Tensor] = None):
+        return make_score_fn(with_labels(model, labels), self.sde,
+                             prediction=self.cfg.model.prediction,
+                             time_input=self.cfg.model.time_input)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.training.bf16)
+
+    def train_loss(self, x: torch.Tensor, labels: Optional[torch.Tensor],
+                   generator: torch.Generator) -> torch.Tensor:
+        """Mean loss over this process's shard x of the step's global batch, with the t and z
+        one process would draw for those samples (`ScoreMatchingLoss`'s `shard`)."""
+        with self.autocast():
+            return self.loss_fn(self.score_fn(self.forward, labels), x, generator=generator,
+                                shard=(self.dist.rank, self.dist.world_size))
+
+    def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dist.world_size == 1:
+            return value
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        return value / self.dist.world_size
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def state(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "skipped": self.skipped, "nonfinite_streak": self.nonfinite_streak,
+                "config": to_dict(self.cfg), "data_info": dataclasses.asdict(self.info)}
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        """Loads a checkpoint's state.
+
+        Raises:
+            TrainingError: the checkpoint was written for another model, SDE or data shape.
+        """
+        where = f"the checkpoint in {self.workdir}"
+        missing = [k for k in ("model", "ema", "optimizer", "step", "config") if k not in state]
+        if missing:
+            raise TrainingError(f"{where} is not a training checkpoint (it lacks "
+                                f"{', '.join(missing)}); use a new --workdir")
+        saved = from_dict(state["config"])
+        if saved.model != self.cfg.model or saved.sde != self.cfg.sde:
+            raise TrainingError(
+                f"{where} was written for a different model or SDE configuration "
+                f"({saved.model.name}, {saved.sde.name}); use a new --workdir")
+        saved_shape = tuple(state.get("data_info", {}).get("shape", self.info.shape))
+        if saved_shape != self.info.shape:
+            raise TrainingError(f"{where} was written for data of per-sample shape "
+                                f"{saved_shape}, this run's data have shape {self.info.shape}; "
+                                f"use a new --workdir")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise TrainingError(f"{where} does not fit this run's model "
+                                f"({str(err).strip().splitlines()[0]}); use a new --workdir"
+                                ) from None
+        self.step = int(state["step"])
+        self.saved_step = self.step
+        self.skipped = int(state.get("skipped", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+    def save(self, *, snapshot: bool) -> None:
+        """Rank 0 writes checkpoint.pt (and a snapshot); every process waits for it.
+
+        Raises:
+            CheckpointWriteError: on every process, when rank 0 could not write (disk full, no
+                permission). Each file is replaced atomically, so the files written before
+                stay intact and loadable.
+        """
+        failure = None
+        if self.dist.is_main:
+            state = self.state()
+            path = self.workdir / "checkpoint.pt"
+            try:
+                save_checkpoint(state, path)
+                self.saved_step = self.step
+                if snapshot:
+                    snaps = self.workdir / "snapshots"
+                    path = snaps / f"snapshot_{self.step:08d}.pt"
+                    save_checkpoint(state, path)
+                    prune_snapshots(snaps, keep=self.cfg.training.keep_snapshots)
+            except OSError as err:
+                kept = ("no checkpoint was written before" if self.saved_step is None else
+                        f"the last good checkpoint (step {self.saved_step}) is kept")
+                failure = (f"could not write {path} at step {self.step}: {err}; {kept}; free "
+                           f"disk space or fix permissions, then rerun the same command to "
+                           f"resume")
+        if self.dist.world_size > 1:
+            # Doubles as the barrier, so the other processes stop too instead of waiting.
+            failed = torch.tensor([float(failure is not None)], device=self.device)
+            torch.distributed.all_reduce(failed)
+            if failure is None and failed.item():
+                failure = f"rank 0 could not write the checkpoint of step {self.step}"
+        if failure is not None:
+            raise CheckpointWriteError(failure)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> Dict[str, float]:
+        tc = self.cfg.training
+        main = self.dist.is_main
+        notes = []  # for log.txt, which is opened after resuming
+        if main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.workdir, self.workdir / "snapshots"):
+                notes += [f"removed {path.name}, left in {folder} by an interrupted checkpoint "
+                          f"write" for path in remove_stale_temporaries(folder)]
+
+        def warn(message: str) -> None:
+            stderr_line(message)
+            notes.append(message)
+
+        state = load_checkpoint(self.workdir / "checkpoint.pt", self.workdir / "snapshots",
+                                warn=warn)
+        if state is not None:
+            self.restore(state)
+        if main:
+            (self.workdir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        report = _Reporter(self.workdir, enabled=main, total=tc.n_iters, initial=self.step)
+        for note in notes:
+            report.line(note)
+        procs = f" x {self.dist.world_size} processes" if self.dist.world_size > 1 else ""
+        report.line(f"start at step {self.step} of {tc.n_iters} on {self.device}{procs}")
+        last_time, last_step, metrics = time.time(), self.step, {}
+        self.model.train()
+        try:
+            while self.step < tc.n_iters:
+                loss, lr, grad_norm = self.train_step(report)
+                postfix = {}
+                last = self.step == tc.n_iters
+                snapshot = self.step % tc.snapshot_every == 0 or last
+                save = snapshot or self.step % tc.checkpoint_every == 0
+                log = self.step % tc.log_every == 0 or last
+                evaluate = self.step % tc.eval_every == 0 or last
+                sample = tc.sample_every > 0 and (self.step % tc.sample_every == 0 or last)
+                if log or save or evaluate or sample:  # the same steps on every process
+                    self.settle(report)
+                if log:
+                    now = time.time()
+                    rate = (self.step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
+                    last_time, last_step = now, self.step
+                    metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                               "samples_per_s": rate,
+                               "peak_mem_mib": peak_memory_mib(self.device),
+                               "skipped_steps": float(self.skipped)}
+                    report.scalars("train", metrics, self.step)
+                    report.line(f"step {self.step} " + " ".join(
+                        f"{k}={v:.6g}" for k, v in metrics.items()))
+                    postfix = dict(loss=f"{metrics['loss']:.4g}", per_s=f"{rate:.0f}")
+                report.advance(**postfix)
+                if main and evaluate:
+                    # Rank 0 only, with no collectives inside; the others wait in the next one.
+                    metrics["eval_loss"] = self.eval_loss()
+                    report.scalars("eval", {"loss_ema": metrics["eval_loss"]}, self.step)
+                    report.line(f"step {self.step} eval_loss_ema={metrics['eval_loss']:.6g}")
+                if main and sample:
+                    self.write_samples()
+                if save:
+                    self.save(snapshot=snapshot)
+            report.line(f"done at step {self.step}")
+        except TrainingError as err:
+            try:
+                report.line(f"stopped at step {self.step}: {err}")
+            except OSError:  # the disk may be full
+                pass
+            raise
+        finally:
+            report.close()
+        return metrics
+
+    def train_step(self, report: _Reporter) -> Tuple[torch.Tensor, float, torch.Tensor]:
+        """One optimizer step (or a skipped one); returns (loss over all processes, lr,
+        gradient norm).
+
+        A step whose loss or gradient norm is not finite changes neither the weights, the EMA
+        nor the optimizer state. With fused Adam that is decided on the device (`found_inf`)
+        and the host reads the outcome later, in `settle`, so it never waits for the device
+        here; otherwise it is decided, and settled, at once.
+        """
+        tc = self.cfg.training
+        step = self.step
+        # Network dropout: a stream of its own, different on every process.
+        torch.manual_seed(step_seed(tc.seed, step, STREAM_DROPOUT + self.dist.rank))
+        gen = torch.Generator(device=self.device).manual_seed(step_seed(tc.seed, step))
+        x, labels = self.step_batch(step)
+        lr = learning_rate(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.train_loss(x, labels, gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients of the processes here
+        # Finiteness is decided on values equal on all processes, so they all agree.
+        loss = self.mean_over_processes(loss.detach())
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)])
+        decay = ema_decay(step, self.ema_rate, tc.ema_warmup)
+        self.unsettled.append((step, finite))
+        if self.fused_adam:
+            ok = finite.all()
+            self.optimizer.found_inf = (~ok).float()  # the fused kernel skips the update
+            self.optimizer.step()
+            ema_update(self.ema, self.model, decay, apply=ok)
+        else:
+            if bool(finite.all()):
+                self.optimizer.step()
+                ema_update(self.ema, self.model, decay)
+            self.settle(report)
+        self.step += 1
+        return loss, lr, grad_norm
+
+    def settle(self, report: _Reporter) -> None:
+        """Reads the finiteness of the steps run since the last call (one wait for the device)
+        and accounts for their skips in order; raises TrainingError as `skip_nonfinite` does.
+        Called before anything that reports or saves the training state."""
+        if not self.unsettled:
+            return
+        steps = [step for step, _ in self.unsettled]
+        flags = torch.stack([f for _, f in self.unsettled]).cpu().tolist()
+        self.unsettled = []
+        for step, (loss_ok, grad_ok) in zip(steps, flags):
+            if loss_ok and grad_ok:
+                self.nonfinite_streak = 0
+            else:
+                self.skip_nonfinite(step, "loss" if not loss_ok else "gradient norm", report)
+
+    def skip_nonfinite(self, step: int, what: str, report: _Reporter) -> None:
+        """Skips the update of `step` (with skip_nonfinite) or raises TrainingError."""
+        tc = self.cfg.training
+        problem = f"non-finite {what} at step {step}"
+        keep = f"the last good checkpoint is kept in {self.workdir}"
+        if not tc.skip_nonfinite:
+            raise NonFiniteError(f"{problem}; {keep} (--skip_nonfinite skips such steps)")
+        self.skipped += 1
+        self.nonfinite_streak += 1
+        report.line(f"step {step + 1} skipped: {problem} ({self.nonfinite_streak} in a row, "
+                    f"{self.skipped} in all)")
+        if self.nonfinite_streak > tc.max_nonfinite:
+            raise NonFiniteError(f"{problem}: {self.nonfinite_streak} skipped steps in a row, "
+                                 f"more than max_nonfinite={tc.max_nonfinite}; {keep}")
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Held-out loss of the EMA weights on fixed batches with fixed noise (true labels)."""
+        tc = self.cfg.training
+        gen = torch.Generator(device=self.device).manual_seed(
+            step_seed(tc.seed, 0, STREAM_EVAL_NOISE))
+        data_gen = torch.Generator().manual_seed(step_seed(tc.seed, 0, STREAM_EVAL_DATA))
+        n = len(self.eval_x)
+        size = min(tc.batch_size, n)
+        total = 0.0
+        for b in range(tc.eval_batches):
+            idx = (torch.arange(size) + b * size) % n
+            x = self.to_device(self.model_input(self.eval_x[idx], data_gen))
+            labels = None if self.num_classes is None else self.eval_y[idx].to(self.device)
+            with self.autocast():
+                total += self.loss_fn(self.score_fn(self.ema, labels), x, generator=gen).item()
+        return total / tc.eval_batches
+
+    @torch.no_grad()
+    def write_samples(self) -> Optional[Path]:
+        """Samples of the EMA model (Euler–Maruyama, the SDE's steps) written as a PNG; a
+        class-conditional model gets labels 0, 1, ..., K - 1, 0, 1, ... in grid order."""
+        tc = self.cfg.training
+        gen = torch.Generator(device=self.device).manual_seed(
+            step_seed(tc.seed, 0, STREAM_SAMPLES))
+        eps = 1e-5 if self.cfg.sde.name == "ve" else 1e-3
+        labels = None
+        if self.num_classes is not None:
+            labels = torch.arange(tc.num_samples, device=self.device) % self.num_classes
+        x, _ = sample_pc(self.sde, self.score_fn(self.ema, labels),
+                         (tc.num_samples,) + self.info.shape, predictor="euler_maruyama",
+                         corrector="none", eps=eps, device=self.device, generator=gen)
+        return save_samples_png(x.cpu(), self.workdir / "samples" / f"samples_{self.step:08d}.png")
+
+
+def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None) -> Dict[str, float]:
+    """Trains (or resumes) with `cfg`, writing into `workdir`; returns the last metrics.
+
+    Args:
+        cfg: the resolved configuration.
+        workdir: run folder.
+        dist: process layout; None reads torchrun's environment variables (`dist_from_env`).
+            With several processes this initialises the default process group (NCCL on
+            CUDA, gloo on the CPU) and destroys it on return or error.
+
+    Raises:
+        ValueError, FileNotFoundError: bad configuration or data.
+        TrainingError: an incompatible checkpoint; its subclasses NonFiniteError (non-finite
+            loss or gradient) and CheckpointWriteError (disk full, no permission).
+    """
+    dist = dist_from_env(os.environ) if dist is None else dist
+    if dist.world_size == 1:
+        return Trainer(cfg, workdir, dist=dist).run()
+    check_world_size(cfg, dist)
+    device = resolve_device(cfg.training.device, dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(process_group_backend(device), rank=dist.rank,
+                                         world_size=dist.world_size,
+                                         timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        return Trainer(cfg, workdir, dist=dist).run()
+    finally:
+        torch.distributed.destroy_process_group()
