@@ -210,7 +210,8 @@ def solve_data(args, device: torch.device):
     """(sde, score_fn, data [N, ...] in the model's range, bpd offset, description)."""
     if args.checkpoint:
         run = load_trained(args.checkpoint, device=device)
-        data, _ = load_dataset(run.info.name, split="test", data_dir=args.data_dir,
+        data, _ = load_dataset(run.info.name, split="test",
+                               data_dir=args.data_dir or run.cfg.data.data_dir,
                                num_samples=args.lik_images)
         x = to_model_range(data.tensors[0], generator=torch.Generator().manual_seed(args.seed))
         return (run.sde, run.score_fn(), x, True,
@@ -545,7 +546,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--train_steps", type=int, default=None, help="default 40 (CUDA), 2")
     p.add_argument("--lik_model", default=None, help="ddpmpp (CUDA default) or ddpmpp_tiny")
     p.add_argument("--checkpoint", default=None, help="trained weights for the likelihood")
-    p.add_argument("--data_dir", default=None, help="the checkpoint's dataset folder")
+    p.add_argument("--data_dir", default=None, help="dataset folder for --checkpoint (default: its own)")
     p.add_argument("--lik_images", type=int, default=None, help="default 256 (CUDA), 8")
     p.add_argument("--lik_batch", type=int, default=None, help="default 256 (CUDA), 8")
     p.add_argument("--cost_evals", type=int, default=None, help="timed evaluations per cost "
