@@ -213,10 +213,15 @@ def solve_data(args, device: torch.device):
         data, _ = load_dataset(run.info.name, split="test",
                                data_dir=args.data_dir or run.cfg.data.data_dir,
                                num_samples=args.lik_images)
-        x = to_model_range(data.tensors[0], generator=torch.Generator().manual_seed(args.seed))
-        return (run.sde, run.score_fn(), x, True,
-                f"{args.checkpoint} (step {run.step}), first {len(x)} test images of "
-                f"{run.info.name}, dequantized")
+        raw = data.tensors[0]
+        if run.info.discrete:
+            x = to_model_range(raw, generator=torch.Generator().manual_seed(args.seed))
+        else:
+            x = raw.float()
+        what = "images of" if run.info.discrete else "samples of"
+        return (run.sde, run.score_fn(), x, run.info.discrete,
+                f"{args.checkpoint} (step {run.step}), first {len(x)} test {what} "
+                f"{run.info.name}" + (", dequantized" if run.info.discrete else ""))
     mixture = Mixture(args.solve_dim, 4, seed=1, scale=0.3, std_range=(0.1, 0.3))
     sde = VPSDE()
     x = mixture.sample(args.lik_images, torch.Generator().manual_seed(args.seed)).float()

@@ -148,3 +148,15 @@ def test_train_speed_parity_run(tmp_path):
     (parity,) = [r for r in rows if "windows" in r]
     # On the CPU TF32 does not exist: the same arithmetic, the same curve.
     assert parity["mode"] == "tf32" and parity["max_abs_rel_diff"] == 0
+
+
+def test_likelihood_solves_of_a_checkpoint(toy_run, tmp_path):
+    out = bench("--device", "cpu", "--sections", "likelihood", "--checkpoint",
+                toy_run / "checkpoint.pt", "--lik_images", 6, "--lik_batch", 6, "--cost_evals",
+                1, "--rtol", 1e-3, "--atol", 1e-3, "--output", tmp_path / "b.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    solves = json.loads((tmp_path / "b.json").read_text())["likelihood"]["solves"]
+    assert "test samples of toy_8gaussians" in solves["source"] and solves["dims"] == 2
+    assert solves["bpd"].startswith("-log p")  # continuous data: no dequantization offset
+    for r in solves["rows"]:
+        assert r["images"] == 6 and r["max_abs_dbpd"] < 1e-2, r
