@@ -40,6 +40,7 @@ EMA_RATES = {"vp": 0.9999, "subvp": 0.9999, "cosine": 0.9999, "ve": 0.999}
 STREAM_NOISE, STREAM_DATA, STREAM_EVAL_NOISE, STREAM_EVAL_DATA, STREAM_SAMPLES = range(5)
 STREAM_DROPOUT = 5
 
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, unusable checkpoint, ...)."""
 
