@@ -87,11 +87,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from score_sde._utils import stderr_line  # noqa: E402
-from score_sde.cli import InputError, run_tool, write_json  # noqa: E402
-from score_sde.config import to_dict  # noqa: E402
+from score_sde.cli import InputError, run_tool, sha256_file, write_json  # noqa: E402
+from score_sde.config import apply_overrides, load_config_file, to_dict  # noqa: E402
 from score_sde.datasets import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from score_sde.models import MODELS  # noqa: E402
-from score_sde.config import apply_overrides, load_config_file  # noqa: E402
 
 _START = time.time()  # --time_budget counts from here (after the imports)
 
@@ -190,14 +189,6 @@ def stage_key(command: Sequence[str], upstream: Sequence[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -262,7 +253,7 @@ class Pipeline:
             OutOfTime: the budget ran out before or during the stage.
         """
         key = stage_key(command, [self.stages[u]["key"] for u in upstream]
-                        + [_sha256(Path(p)) for p in inputs])
+                        + [sha256_file(Path(p)) for p in inputs])
         done = self.stages.get(name)
         if done and done.get("key") == key and all(Path(p).exists() for p in outputs):
             self.say(f"{name}: done already ({done['seconds']:.1f} s), skipped")
@@ -350,6 +341,13 @@ class Pipeline:
             raise InputError(f"the checkpoint in {self.run_dir} is at step {step}, not at the "
                              f"planned {self.train_plan['n_iters']}; use a new --workdir")
         result = last_json_line(self.logs / "train.log")
+        calibration = self.logs / "train_calibration.log"
+        if "loss" not in result and calibration.is_file():
+            # The plan asked for no more steps than calibration ran (a slow machine): the
+            # training command had nothing left to do, and calibration's result is the run's.
+            earlier = last_json_line(calibration)
+            if earlier.get("step") == result.get("step"):
+                result = earlier
         if result:
             write_json(self.raw / "train.json", result)
         grid = self.run_dir / "samples" / f"samples_{self.train_plan['n_iters']:08d}.png"

@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the tools in `tools/`: absl flags, one-line errors and the
 exit statuses 0 (done), 2 (bad input) and 3 (numerical failure)."""
+import hashlib
 import json
 import os
 import sys
@@ -24,6 +25,15 @@ def write_json(path: Path, obj: Dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (cache keys of the tools)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _error_line(err: BaseException, prefix: str = "") -> None:

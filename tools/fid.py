@@ -60,7 +60,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from score_sde.cli import InputError, run_tool, write_json
+from score_sde.cli import InputError, run_tool, sha256_file, write_json
 from score_sde.classifier import FeatureClassifier, load_classifier
 from score_sde.datasets import SPLITS, from_model_range, load_dataset, to_model_range
 from score_sde.distributed import resolve_device
@@ -121,14 +121,6 @@ def load_samples(path: Path, num_samples: Optional[int] = None
         raise InputError(f"--samples {path}: {SAMPLES_KEY!r} must be uint8 or floats in "
                          f"[-1, 1], got dtype {x.dtype}")
     return images.contiguous(), str(x.dtype), clipped
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def classifier_extractor(path: Path, device: torch.device
