@@ -43,15 +43,10 @@ terminated at the budget (checkpoints and per-batch likelihood records are writt
 so nothing finished is lost), and the PC stage, projected from the two DPM-Solver runs'
 timings, is left for a rerun when it would not fit; the script then exits with status 5.
 
-Defaults (CUDA) are estimates, not measurements. DDPM++ cont. trains at 889 images/s on an
-H100 in bf16 with channels-last (`benchmarks/train_speed.py`); the model here costs 2.66
-instead of 21.7 GFLOP per image and forward pass, but the step is partly bound by kernel
-launches, so 2,500-8,000 images/s (20-60 steps/s at batch 128) is the guess, and training is
-sized by time (--train_seconds 240) instead of steps. Sampling and the likelihood run in fp32
-(TF32 convolutions, PyTorch's default): at a guessed 50-100 TFLOP/s the PC sampler's 2,001
-evaluations cost 50-100 s per 1,000 samples, and a likelihood solve of 300-800 evaluations
-(forward and vector-Jacobian product) 25-130 s per 1,000 images. Hence 1,000 samples and 1,000
-test images. Compare with the seconds per stage the script prints.
+Defaults (CUDA) are not measured yet: training is sized by time (--train_seconds 240) instead
+of steps, and 1,000 samples and 1,000 test images are chosen to fit a 600 s job on one GPU
+together with training. Sampling and the likelihood run in fp32 (TF32 convolutions, PyTorch's
+default). Compare with the seconds per stage the script prints and adjust.
 
 --tiny: a CPU smoke test of the whole pipeline in about a minute: a tiny network (nf 8, two
 resolutions, one block each, written to WORKDIR/tiny_config.py), a few dozen steps, 4 test
