@@ -1,7 +1,10 @@
 """Small shared helpers: broadcasting over data rank, argument validation, float64 time."""
+import contextlib
+import contextvars
+import functools
 import math
 import sys
-from typing import Iterable, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -43,16 +46,79 @@ def check_time(t: torch.Tensor, name: str = "t") -> None:
 # Round-off allowance of time range checks (float32 resolves about 6e-8 near t = 1).
 TIME_SLACK = 1e-6
 
+# Set while a caller that validated its times on the host runs (see `host_checked_times`).
+_HOST_CHECKED: contextvars.ContextVar = contextvars.ContextVar("score_sde_host_checked_times",
+                                                              default=False)
+
+
+@contextlib.contextmanager
+def host_checked_times():
+    """Marks the code inside as called by a sampler, solver or loss whose times were
+    validated on the host (a grid from eps to T, times drawn in [eps, T]): there
+    `check_time_range` skips accelerator tensors instead of waiting for the device."""
+    token = _HOST_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _HOST_CHECKED.reset(token)
+
+
+def checks_times_on_host(fn):
+    """Decorator: `fn` validates its times on the host and runs under `host_checked_times`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with host_checked_times():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def value_checks_wanted(t: torch.Tensor) -> bool:
+    """Whether checks that read the values of `t` on the host should run: always on the CPU;
+    on an accelerator not inside `host_checked_times` (the library's samplers, solvers and
+    losses, whose times are validated on the host once per call) nor while a CUDA graph is
+    being recorded, where a host read would stall the device queue at every step or break the
+    recording."""
+    if t.device.type == "cpu":
+        return True
+    if _HOST_CHECKED.get():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def cached_on(owner, table: torch.Tensor, device: torch.device,
+              dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`table` on `device` (and in `dtype`), copied there once and kept on `owner`.
+
+    Schedule tables live on the CPU; copying one to an accelerator at every sampler step or
+    training step would make the host wait for the device each time (and cannot be recorded
+    in a CUDA graph). The copy is remade when `owner`'s attribute is replaced by another
+    tensor."""
+    dtype = table.dtype if dtype is None else dtype
+    if table.device == device and table.dtype == dtype:
+        return table
+    cache = owner.__dict__.setdefault("_device_tables", {})
+    key = (id(table), device, dtype)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not table:
+        hit = cache[key] = (table, table.to(dtype=dtype).to(device))
+    return hit[1]
+
 
 def check_time_range(t: torch.Tensor, lo: float, hi: float, *, open_lo: bool = False,
                      why: str = "") -> None:
     """Raises ValueError unless every t lies in [lo, hi] (or (lo, hi] with `open_lo`), up to
-    `TIME_SLACK` of round-off. CPU tensors only: on an accelerator the check would stall the
-    device queue (and break graph capture) at every call, so there the callers' own checks of
-    their time grids (eps > 0, end time T) stand in for it."""
-    if t.device.type != "cpu" or t.numel() == 0:
+    `TIME_SLACK` of round-off.
+
+    CPU tensors are always checked. Accelerator tensors are checked with one host read of
+    their minimum and maximum, except where `value_checks_wanted` says no."""
+    if t.numel() == 0 or not value_checks_wanted(t):
         return
-    t_min, t_max = float(t.detach().min()), float(t.detach().max())
+    if t.device.type == "cpu":
+        t_min, t_max = float(t.detach().min()), float(t.detach().max())
+    else:  # one host read for both
+        t_min, t_max = torch.stack([t.detach().min(), t.detach().max()]).cpu().tolist()
     low_bad = t_min <= lo if open_lo else t_min < lo - TIME_SLACK
     if low_bad or t_max > hi + TIME_SLACK or t_min != t_min or t_max != t_max:
         bad = t_min if (low_bad or t_min != t_min) else t_max

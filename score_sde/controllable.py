@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple, Type, Union
 
 import torch
 
-from ._utils import append_dims, check_int, check_positive
+from ._utils import append_dims, check_int, check_positive, checks_times_on_host
 from .ode import _check_data, data_to_latent, latent_to_data
 from .sampling import Corrector, Predictor, pc_components
 from .score import CountingScore
@@ -116,6 +116,7 @@ def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corr
     return x, counting.nfe
 
 
+@checks_times_on_host
 def inpaint(sde: SDE, score_fn: ScoreFn, x_known: torch.Tensor, mask: torch.Tensor, *,
             num_steps: Optional[int] = None,
             predictor: Union[str, Type[Predictor]] = "reverse_diffusion",
@@ -190,6 +191,7 @@ def _mix_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,bj...->bi...", matrix.to(x.dtype), x)
 
 
+@checks_times_on_host
 def colorize(sde: SDE, score_fn: ScoreFn, gray: torch.Tensor, *,
              num_steps: Optional[int] = None,
              predictor: Union[str, Type[Predictor]] = "reverse_diffusion",
@@ -414,6 +416,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor,
     return out.reshape((len(alphas),) + tuple(z0.shape)).to(z0.dtype)
 
 
+@checks_times_on_host
 def interpolate(sde: SDE, score_fn: ScoreFn, x0: torch.Tensor, x1: torch.Tensor,
                 num: int = 8, *, rtol: float = 1e-5, atol: float = 1e-5,
                 eps: float = 1e-3) -> Tuple[torch.Tensor, int]:

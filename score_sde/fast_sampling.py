@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import check_choice, check_int, check_positive, check_shape, float64_like
+from ._utils import (check_choice, check_int, check_positive, check_shape, checks_times_on_host,
+                     float64_like)
 from .sampling import check_eps, sample_device
 from .score import CountingScore
 from .sde import SDE, ScoreFn
@@ -174,6 +175,7 @@ def _finish(x: torch.Tensor, name: str) -> torch.Tensor:
 
 # --- DDIM ---------------------------------------------------------------------------------------
 
+@checks_times_on_host
 def sample_ddim(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 50, eta: float = 0.0,
                 eps: float = 1e-3, denoise: bool = False, time_grid: str = "uniform",
                 device=None, dtype: Optional[torch.dtype] = None,
@@ -290,6 +292,7 @@ def _singlestep_orders(num_steps: int, order: int) -> List[int]:
     return orders + ([num_steps % order] if num_steps % order else [])
 
 
+@checks_times_on_host
 def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20,
                       order: int = 2, method: str = "multistep", prediction: str = "noise",
                       eps: float = 1e-3, time_grid: str = "logsnr", denoise: bool = False,
@@ -390,6 +393,7 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
 
 # --- EDM Heun -----------------------------------------------------------------------------------
 
+@checks_times_on_host
 def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho: float = 7.0,
                 eps: Optional[float] = None, sigma_max: Optional[float] = EDM_SIGMA_MAX,
                 device=None, dtype: Optional[torch.dtype] = None,

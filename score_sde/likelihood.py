@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._utils import check_choice, check_int, flat_sum, float64_like
+from ._utils import check_choice, check_int, checks_times_on_host, flat_sum, float64_like
 from .ode import MAX_SOLVER_STEPS, _check_common, _check_data, _check_finite, odeint_interval
 from .cuda_graphs import CudaGraphed
 from .per_sample_ode import odeint_per_sample
@@ -40,6 +40,8 @@ def _vjps(out: torch.Tensor, inp: torch.Tensor, cotangents: torch.Tensor,
         (g,) = torch.autograd.grad(out, inp, cotangents, retain_graph=True,
                                    is_grads_batched=True)
         return g
+    except torch.cuda.OutOfMemoryError:
+        raise
     except RuntimeError:
         # Some operations have no batching rule; fall back to one product per cotangent.
         return torch.stack([torch.autograd.grad(out, inp, c, retain_graph=True)[0]
@@ -53,18 +55,23 @@ def _hutchinson_divergence(drift, x, probes):
 
 
 def _exact_divergence(drift, x):
-    """Trace of the per-sample Jacobian d drift / d x, [B], by chunks of basis cotangents."""
+    """Trace of the per-sample Jacobian d drift / d x, [B], by chunks of basis cotangents.
+
+    Everything is built on the device from index arithmetic (no host values are copied in),
+    so the evaluation can be recorded as a CUDA graph."""
     batch, dim = x.shape[0], x[0].numel()
     chunk = max(1, min(dim, _EXACT_CHUNK_ELEMENTS // max(1, batch * dim)))
+    columns = torch.arange(dim, device=x.device)
     div = torch.zeros(batch, dtype=x.dtype, device=x.device)
     for start in range(0, dim, chunk):
-        idx = torch.arange(start, min(start + chunk, dim), device=x.device)
-        basis = torch.zeros(len(idx), batch, dim, dtype=x.dtype, device=x.device)
-        basis[torch.arange(len(idx), device=x.device), :, idx] = 1
+        idx = columns[start:start + chunk]
+        basis = (columns[None, :] == idx[:, None]).to(x.dtype)  # [k, dim] rows of the identity
+        basis = basis[:, None, :].expand(len(idx), batch, dim)
         last = start + chunk >= dim
         grads = _vjps(drift, x, basis.reshape((len(idx),) + x.shape), retain_graph=not last)
-        grads = grads.reshape(len(idx), batch, dim)
-        div = div + grads[torch.arange(len(idx), device=x.device), :, idx].sum(0)
+        # The diagonal entries d drift_i / d x_i of the chunk's columns, summed per sample.
+        rows = torch.arange(len(idx), device=x.device)
+        div = div + grads.reshape(len(idx), batch, dim)[rows, :, idx].sum(0)
     return div
 
 
@@ -110,13 +117,15 @@ def _check_probes(probes: torch.Tensor, x: torch.Tensor, divergence: str) -> tor
     return probes.to(x.dtype)
 
 
+@checks_times_on_host
 def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float = 1e-5,
                    atol: float = 1e-5, method: str = "dopri5", eps: float = 1e-5,
                    divergence: str = "rademacher", num_probes: int = 1,
                    generator: Optional[torch.Generator] = None,
                    step_control: str = "batch", probes: Optional[torch.Tensor] = None,
-                   error_norm: str = "max",
-                   cuda_graph: bool = False) -> Tuple[torch.Tensor, torch.Tensor, int]:
+                   error_norm: str = "max", cuda_graph: bool = False,
+                   cuda_graph_stats: Optional[dict] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample log-density log p_eps(x) in nats by the probability-flow ODE from eps to T.
 
     The score function must treat batch elements independently (no batch statistics) and be
@@ -152,6 +161,9 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             fails, with a warning). The score function must then be free of host reads and
             randomness. Pays with batch step control, whose batch never changes; per-sample
             control records at most a few of its shrinking batch sizes. No effect on the CPU.
+        cuda_graph_stats: with `cuda_graph`, a dict that is filled with what the recording
+            did (`CudaGraphed.stats`: graphs recorded, replays, eager calls, failures), so a
+            caller can tell replayed evaluations from an eager fallback.
 
     Returns:
         (logp, z, nfe): logp [B] in nats in x's dtype, the latent z = x_T shaped like x, and the
@@ -161,12 +173,17 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     Raises:
         ValueError: invalid arguments, or a score that is not differentiable in x.
         RuntimeError: the solve failed or produced non-finite values.
+        torch.cuda.OutOfMemoryError: the batch does not fit on the device (the message says
+            so; evaluate fewer samples at once).
     """
     _check_common(sde, score_fn, rtol, atol, method, eps, error_norm)
     _check_data(x, "x")
     check_choice("divergence", divergence, DIVERGENCES)
     check_int("num_probes", num_probes, minimum=1)
     check_choice("step_control", step_control, STEP_CONTROLS)
+    if cuda_graph_stats is not None and not isinstance(cuda_graph_stats, dict):
+        raise ValueError(f"cuda_graph_stats must be a dict to fill or None, got "
+                         f"{type(cuda_graph_stats).__name__}")
     if step_control == "per_sample" and method != "dopri5":
         raise ValueError(f"step_control='per_sample' integrates with dopri5; got method "
                          f"{method!r}")
@@ -179,9 +196,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     elif divergence != "exact":
         shape = (num_probes,) + tuple(x.shape)
         probes = torch.randn(shape, generator=generator, device=x.device, dtype=dtype)
-        if divergence == "rademacher":
-            probes = torch.sign(probes)
-            probes[probes == 0] = 1
+        if divergence == "rademacher":  # the signs of the Gaussian draws, 0 counted as +
+            probes = torch.ones_like(probes).masked_fill_(probes < 0, -1.0)
 
     rhs = augmented_rhs(rsde, dtype, probes)
     calls = 0
@@ -195,12 +211,22 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             return graphed(t, *state, all_idx if idx is None else idx)
     wide = float64_like(x)
     y0 = (x.detach().to(wide), torch.zeros(batch, dtype=wide, device=x.device))
-    if step_control == "per_sample":
-        (z, delta), _, _ = odeint_per_sample(rhs, y0, eps, sde.T, rtol=rtol, atol=atol,
-                                             max_steps=MAX_SOLVER_STEPS, error_norm=error_norm)
-    else:
-        z, delta = odeint_interval(rhs, y0, eps, sde.T, batch=batch, rtol=rtol, atol=atol,
-                                   method=method, error_norm=error_norm)
+    try:
+        if step_control == "per_sample":
+            (z, delta), _, _ = odeint_per_sample(rhs, y0, eps, sde.T, rtol=rtol, atol=atol,
+                                                 max_steps=MAX_SOLVER_STEPS,
+                                                 error_norm=error_norm)
+        else:
+            z, delta = odeint_interval(rhs, y0, eps, sde.T, batch=batch, rtol=rtol, atol=atol,
+                                       method=method, error_norm=error_norm)
+    except torch.cuda.OutOfMemoryError as err:
+        raise torch.cuda.OutOfMemoryError(
+            f"out of memory evaluating the likelihood of a batch of {batch} on {x.device}: "
+            f"evaluate fewer samples at once (tools/likelihood.py --batch_size) "
+            f"[{str(err).splitlines()[0][:160] if str(err) else 'no details'}]") from None
+    finally:
+        if cuda_graph and cuda_graph_stats is not None:
+            cuda_graph_stats.update(graphed.stats())
     z = z.to(dtype)
     _check_finite(z, "the latent z")
     logp = sde.prior_logp(z).to(wide) + delta

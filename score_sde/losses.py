@@ -20,7 +20,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ._utils import append_dims, check_choice, check_int, check_positive, flat_sum, float64_like
+from ._utils import (append_dims, cached_on, check_choice, check_int, check_positive,
+                     checks_times_on_host, flat_sum, float64_like)
 from .sampling import check_eps, sample_device
 from .score import _time_in_interval
 from .sde import SDE, ScoreFn
@@ -113,9 +114,10 @@ def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _at(table: torch.Tensor, i: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """table[i] in x's dtype, shaped to broadcast against x."""
-    return append_dims(table.to(i.device)[i].to(x.dtype), x.ndim)
+def _at(owner, table: torch.Tensor, i: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """table[i] in x's dtype, shaped to broadcast against x (the table copied to i's device
+    once and kept on `owner`)."""
+    return append_dims(cached_on(owner, table, i.device)[i].to(x.dtype), x.ndim)
 
 
 class ScoreMatchingLoss:
@@ -209,7 +211,8 @@ class ScoreMatchingLoss:
         u = torch.rand(batch, generator=generator, device=device, dtype=wide)
         if not self.importance_sampling:
             return self.eps + (self.sde.T - self.eps) * u, torch.ones_like(u)
-        grid, cdf = self._t_grid.to(device, wide), self._cdf.to(device, wide)
+        grid, cdf = cached_on(self, self._t_grid, device, wide), cached_on(self, self._cdf, device,
+                                                                          wide)
         k = (torch.searchsorted(cdf, u, right=True) - 1).clamp(0, grid.shape[0] - 2)
         dt, dcdf = grid[k + 1] - grid[k], cdf[k + 1] - cdf[k]
         t = (grid[k] + (u - cdf[k]) / dcdf * dt).clamp(self.eps, self.sde.T)
@@ -253,6 +256,7 @@ class ScoreMatchingLoss:
         _check_noise(noise, x)
         return self._per_sample(score_fn, x, t, noise)
 
+    @checks_times_on_host
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *,
                  generator: Optional[torch.Generator] = None,
                  shard: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -325,6 +329,7 @@ class _DiscreteLoss:
         _check_noise(noise, x)
         return self._per_sample(fn, x, i, noise)
 
+    @checks_times_on_host
     def __call__(self, fn: Callable, x: torch.Tensor, *,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Batch mean of the per-sample loss with i ~ U{0..N-1} and z ~ N(0, I).
@@ -374,7 +379,7 @@ class DDPMLoss(_DiscreteLoss):
         self._signal, self._noise = torch.exp(0.5 * log_abar), torch.sqrt(-torch.expm1(log_abar))
 
     def _per_sample(self, noise_fn, x, i, noise):
-        x_i = _at(self._signal, i, x) * x + _at(self._noise, i, x) * noise
+        x_i = _at(self, self._signal, i, x) * x + _at(self, self._noise, i, x) * noise
         eps_hat = noise_fn(x_i, i)
         _check_output("noise_fn", eps_hat, x)
         return self._reduce((eps_hat - noise) ** 2)
@@ -408,7 +413,7 @@ class SMLDLoss(_DiscreteLoss):
         self.num_steps = self.sigmas.shape[0]
 
     def _per_sample(self, score_fn, x, i, noise):
-        sigma = _at(self.sigmas, i, x)
+        sigma = _at(self, self.sigmas, i, x)
         score = score_fn(x + sigma * noise, i)
         _check_output("score_fn", score, x)
         return self._reduce((sigma * score + noise) ** 2)
@@ -500,15 +505,19 @@ class HybridLoss(_DiscreteLoss):
 
     def _vlb_term(self, x, x_i, i, eps_hat, v):
         """L_vlb term at index i in nats, [B] (reduced over dimensions)."""
-        mean = _at(self._mean_coef_xi, i, x) * x_i - _at(self._mean_coef_eps, i, x) * eps_hat
-        log_var = v * _at(self._log_beta, i, x) + (1 - v) * _at(self._log_post_var, i, x)
-        post_mean = _at(self._post_coef_x0, i, x) * x + _at(self._post_coef_xi, i, x) * x_i
-        kl = self._reduce(_gaussian_kl(post_mean, _at(self._log_post_var, i, x), mean, log_var))
+        mean = (_at(self, self._mean_coef_xi, i, x) * x_i
+                - _at(self, self._mean_coef_eps, i, x) * eps_hat)
+        log_post_var = _at(self, self._log_post_var, i, x)
+        log_var = v * _at(self, self._log_beta, i, x) + (1 - v) * log_post_var
+        post_mean = (_at(self, self._post_coef_x0, i, x) * x
+                     + _at(self, self._post_coef_xi, i, x) * x_i)
+        kl = self._reduce(_gaussian_kl(post_mean, log_post_var, mean, log_var))
         nll = -self._reduce(_discretized_gaussian_log_prob(x, mean, 0.5 * log_var))
         return torch.where(i == 0, nll, kl)
 
     def _per_sample(self, model_fn, x, i, noise):
-        x_i = _at(self._ddpm._signal, i, x) * x + _at(self._ddpm._noise, i, x) * noise
+        ddpm = self._ddpm
+        x_i = _at(ddpm, ddpm._signal, i, x) * x + _at(ddpm, ddpm._noise, i, x) * noise
         out = model_fn(x_i, i)
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise ValueError(f"model_fn must return a pair (eps_hat, v), got "

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torchdiffeq
 
-from ._utils import check_choice, check_positive, check_shape, float64_like
+from ._utils import check_choice, check_positive, check_shape, checks_times_on_host, float64_like
 from .sampling import check_eps, sample_device
 from .score import CountingScore
 from .sde import SDE, ReverseSDE, ScoreFn
@@ -48,7 +48,11 @@ def check_solver_args(rtol: float, atol: float, method: str, error_norm: str = "
 
 class _ODEFunc:
     """torchdiffeq right-hand side (t, y) wrapping a batched rhs(t [B], y); records the last
-    accepted time so failures can say how far the solve got."""
+    accepted time so failures can say how far the solve got.
+
+    An evaluation never waits for the device: torchdiffeq reads its step size and error on the
+    host once per step anyway, and a state that turns non-finite makes its step size
+    non-finite, which `odeint_interval` reports with the time reached."""
 
     def __init__(self, rhs: Callable[[torch.Tensor, State], State], batch: int, t_start: float,
                  t_end: float):
@@ -62,10 +66,6 @@ class _ODEFunc:
     def __call__(self, t: torch.Tensor, y: State) -> State:
         # The first-step heuristic may probe a time outside the interval (module docstring):
         # evaluate the right-hand side at the nearest time inside instead.
-        if not bool(torch.isfinite(t)):  # a non-finite state made the step size NaN
-            raise RuntimeError(f"the solver's time became {float(t)} after t={self.t_reached:g}:"
-                               f" the ODE state is non-finite; check that score_fn is finite on "
-                               f"[eps, T]")
         t = t.clamp(self.t_min, self.t_max)
         return self.rhs(t.reshape(1).expand(self.batch), y)
 
@@ -115,11 +115,13 @@ def odeint_interval(rhs: Callable[[torch.Tensor, State], State], y0: State, t_st
         out = torchdiffeq.odeint(func, y0, times, rtol=rtol, atol=atol, method=method,
                                  options=options)
     except AssertionError as err:
+        # torchdiffeq's messages can hold a whole tensor; its first words say enough.
+        why = str(err).split("\n")[0].split(": tensor")[0][:120]
         raise RuntimeError(
             f"the {method} solve from t={t_start:g} to t={t_end:g} stopped at "
-            f"t={func.t_reached:.6g} "
-            f"({err}); loosen rtol/atol (now {rtol:g}/{atol:g}), raise eps, or check that the "
-            f"score is finite and smooth there") from None
+            f"t={func.t_reached:.6g} ({why}); the state or the score may be non-finite there, "
+            f"or the tolerance unmeetable: loosen rtol/atol (now {rtol:g}/{atol:g}), raise "
+            f"eps, or check that the score is finite and smooth there") from None
     return tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
 
 
@@ -168,6 +170,7 @@ def _check_common(sde, score_fn, rtol, atol, method, eps, error_norm="max"):
     check_eps(eps, sde)
 
 
+@checks_times_on_host
 def data_to_latent(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float = 1e-5,
                    atol: float = 1e-5, method: str = "dopri5", eps: float = 1e-5,
                    error_norm: str = "max") -> Tuple[torch.Tensor, int]:
@@ -194,6 +197,7 @@ def data_to_latent(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
                         error_norm=error_norm)
 
 
+@checks_times_on_host
 def latent_to_data(sde: SDE, score_fn: ScoreFn, z: torch.Tensor, *, rtol: float = 1e-5,
                    atol: float = 1e-5, method: str = "dopri5", eps: float = 1e-5,
                    error_norm: str = "max") -> Tuple[torch.Tensor, int]:
@@ -211,6 +215,7 @@ def latent_to_data(sde: SDE, score_fn: ScoreFn, z: torch.Tensor, *, rtol: float 
                         error_norm=error_norm)
 
 
+@checks_times_on_host
 def sample_ode(sde: SDE, score_fn: ScoreFn, shape, *, rtol: float = 1e-5, atol: float = 1e-5,
                method: str = "dopri5", eps: float = 1e-3, denoise: bool = True, device=None,
                dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None,

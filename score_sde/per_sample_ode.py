@@ -44,6 +44,11 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (like.ndim - 1)).to(like.dtype)
 
 
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample mask [b] shaped to broadcast against `like` [b, ...]."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+
+
 def _combine(y: Tensors, h: torch.Tensor, ks, weights) -> Tensors:
     """y + h sum_j w_j k_j for every state tensor."""
     out = []
@@ -120,9 +125,10 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
     calls += 1
     h = _first_step(rhs, t, y, k1, idx_all, end - t, rtol, atol, rms)
     calls += 1
-    active = (end - t).abs() > 0
-    while bool(active.any()):
-        idx = active.nonzero().squeeze(1)
+    # Two host reads per step: which samples are still integrating (the indices), and
+    # whether any state turned non-finite or ran out of steps.
+    idx = ((end - t).abs() > 0).nonzero().squeeze(1)
+    while idx.numel():
         ta, ya, ha = t[idx], tuple(v[idx] for v in y), h[idx]
         remaining = (end[idx] - ta).abs()
         last = ha >= remaining
@@ -139,27 +145,29 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
         finite = torch.isfinite(err)
         for v in y_new:
             finite &= torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
-        if not bool(finite.all()):
-            bad = int(idx[~finite][0])
-            raise RuntimeError(f"sample {bad}'s state became non-finite after t="
-                               f"{float(t[bad]):.6g}; check that score_fn is finite there")
-        accept = err <= 1.0
+        accept = (err <= 1.0) & finite
         factor = torch.where(err > 0, SAFETY * err.clamp(min=1e-30) ** (-1 / 5),
                              torch.full_like(err, MAX_FACTOR)).clamp(MIN_FACTOR, MAX_FACTOR)
         h[idx] = torch.where(accept, ha * factor, ha * torch.minimum(factor,
                                                                      torch.ones_like(factor)))
         steps[idx] += 1
-        acc = idx[accept]
-        if acc.numel():
-            t[acc] = torch.where(last[accept], end[acc], ta[accept] + step[accept])
-            for v, vn in zip(y, y_new):
-                v[acc] = vn[accept]
-            for k, kn in zip(k1, ks[6]):  # FSAL: the last stage is the next first stage
-                k[acc] = kn[accept]
+        # Accepted samples move on (FSAL: the last stage is the next step's first stage);
+        # the others keep their state and retry with the smaller step.
+        t[idx] = torch.where(accept, torch.where(last, end[idx], ta + step), ta)
+        for v, vn in zip(y, y_new):
+            v[idx] = torch.where(_rows(accept, vn), vn, v[idx])
+        for k, kn in zip(k1, ks[6]):
+            k[idx] = torch.where(_rows(accept, kn), kn, k[idx])
         active = (end - t).abs() > 0
         over = active & (steps >= max_steps)
-        if bool(over.any()):
+        bad_state, bad_steps = torch.stack([(~finite).any(), over.any()]).tolist()
+        if bad_state:
+            bad = int(idx[~finite][0])
+            raise RuntimeError(f"sample {bad}'s state became non-finite after t="
+                               f"{float(t[bad]):.6g}; check that score_fn is finite there")
+        if bad_steps:
             bad = int(over.nonzero()[0])
             raise RuntimeError(f"sample {bad} took {max_steps} steps and stopped at t="
                                f"{float(t[bad]):.6g}; loosen rtol/atol (now {rtol:g}/{atol:g})")
+        idx = active.nonzero().squeeze(1)
     return y, steps, calls

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._utils import (append_dims, batch_norm2, check_choice, check_int, check_positive,
-                     check_shape)
+                     check_shape, checks_times_on_host)
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -281,6 +281,7 @@ def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int,
     return sde, predictor_cls, corrector_cls, num_steps
 
 
+@checks_times_on_host
 def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
               predictor: Union[str, Type[Predictor]] = "reverse_diffusion",
               corrector: Union[str, Type[Corrector]] = "langevin",

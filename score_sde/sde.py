@@ -16,8 +16,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ._utils import (append_dims, check_batch_time, check_int, check_positive, check_time,
-                     check_time_range, flat_sum, float64_like)
+from ._utils import (append_dims, cached_on, check_batch_time, check_int, check_positive,
+                     check_time, check_time_range, flat_sum, float64_like, value_checks_wanted)
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,6 +70,7 @@ class SDE(abc.ABC):
         check_int("num_steps", num_steps, minimum=1)
         new = copy.copy(self)
         new.num_steps = num_steps
+        new.__dict__.pop("_device_tables", None)  # device copies of the old chain's tables
         new._build_chain()
         return new
 
@@ -150,7 +151,7 @@ class SDE(abc.ABC):
         """
         check_batch_time(x, t)
         alpha, sigma = self.marginal_coeffs(_t64(t, self.T))
-        if alpha.device.type == "cpu" and bool((alpha <= 0).any()):
+        if value_checks_wanted(alpha) and bool((alpha <= 0).any()):
             raise ValueError(f"denoise needs alpha(t) > 0; alpha underflows to 0 at t = "
                              f"{float(t[alpha <= 0][0]):g} for this {type(self).__name__}")
         alpha, sigma = append_dims(alpha, x.ndim), append_dims(sigma, x.ndim)
@@ -196,7 +197,7 @@ class _VPFamily(SDE):
         return _gaussian_logp(z, 1.0)
 
     def _beta_i(self, t):
-        return self.discrete_betas.to(t.device)[self.step_index(t)]
+        return cached_on(self, self.discrete_betas, t.device)[self.step_index(t)]
 
     def discretize(self, x, t, dt=None):
         """DDPM step x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z (Ho et al. 2020, Eq. 2)."""
@@ -393,7 +394,7 @@ class VESDE(SDE):
         """SMLD step x_{i+1} = x_i + sqrt(sigma_{i+1}^2 - sigma_i^2) z, with sigma_{-1} = 0."""
         check_batch_time(x, t)
         i = self.step_index(t)
-        sigmas = self.discrete_sigmas.to(t.device)
+        sigmas = cached_on(self, self.discrete_sigmas, t.device)
         sigma = sigmas[i]
         prev = torch.where(i > 0, sigmas[(i - 1).clamp(min=0)], torch.zeros_like(sigma))
         return torch.zeros_like(x), torch.sqrt(sigma ** 2 - prev ** 2).to(x.dtype)

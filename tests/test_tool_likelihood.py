@@ -366,3 +366,16 @@ def test_cuda_graph_flag_on_the_cpu(toy_run, tmp_path):
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert b["cuda_graph"] is True and a["cuda_graph"] is False
     assert a["nll_nats"] == b["nll_nats"] and a["nfe_total"] == b["nfe_total"]
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size(toy_run, tmp_path, capsys,
+                                                         monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("out of memory evaluating the likelihood of a batch "
+                                          "of 8 on cuda:0: evaluate fewer samples at once")
+
+    monkeypatch.setattr(tool, "log_likelihood", out_of_memory)
+    assert _main("--workdir", toy_run, "--num_samples", 8, "--batch_size", 8, "--partial_dir",
+                 tmp_path / "p") == 2
+    line = _one_line(capsys)
+    assert line.startswith("error: out of memory") and "smaller --batch_size (now 8)" in line

@@ -130,7 +130,7 @@ def test_cuda_graph_flag_on_the_cpu_gives_the_same_samples(toy_run, tmp_path):
     plain, a = _result(tmp_path / "plain")
     graph, b = _result(tmp_path / "graph")
     assert np.array_equal(a["samples"], b["samples"]) and plain["cuda_graph"] is None
-    assert graph["cuda_graph"] == {"graphs": 0, "replays": 0, "eager_calls": 10}
+    assert graph["cuda_graph"] == {"graphs": 0, "replays": 0, "eager_calls": 10, "failures": []}
 
 
 def test_same_seed_same_samples(toy_run, tmp_path):

@@ -56,7 +56,8 @@ must not synchronise per step); the only collective is one gloo all-gather of th
 results at the end, and rank 0 writes the output.
 
 Exit status: 0 done (or stopped by --max_batches); 2 bad input (flags, missing workdir,
-checkpoint or data, weights that do not fit the data), one line on stderr; 3 numerical failure
+checkpoint or data, weights that do not fit the data, a --batch_size too large for the GPU's
+memory), one line on stderr; 3 numerical failure
 (a non-finite log-likelihood or a solve that cannot meet its tolerance), one line naming the
 pass and batch. 3 rather than 1 so that it is not mistaken for a crash (Python exits with 1 on
 an uncaught exception).
@@ -234,6 +235,9 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
                                           num_probes=num_probes, generator=probe_gen,
                                           step_control=step_control, error_norm=error_norm,
                                           cuda_graph=cuda_graph)
+        except torch.cuda.OutOfMemoryError as err:
+            raise InputError(f"{str(err).splitlines()[0]}; rerun with a smaller --batch_size "
+                             f"(now {x.shape[0]})") from None
         except RuntimeError as err:
             raise BatchError(repeat, batch, err) from None
         nll = (-logp).double().cpu().tolist()

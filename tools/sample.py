@@ -44,7 +44,8 @@ two network passes, network_passes_per_eval), seconds, and the settings.
 
 --cuda_graph (CUDA): the network is recorded once per batch shape as a CUDA graph and replayed
 at every evaluation (`score_sde.cuda_graphs.CudaGraphed`), which removes most per-kernel
-launch cost at moderate batch sizes; summary.json's "cuda_graph" counts graphs and replays.
+launch cost at moderate batch sizes; summary.json's "cuda_graph" counts graphs, replays and
+eager calls and lists any recording failures.
 
 Exit status: 0 done; 2 bad input (one line on stderr); 3 non-finite samples.
 """
@@ -335,9 +336,7 @@ def run(fv) -> Dict[str, object]:
         "mask": fv.mask if fv.task == "inpaint" else None,
         "nfe": nfes, "nfe_mean": float(np.mean(nfes)),
         "network_passes_per_eval": 2 if fv.guidance == "cfg" else 1,
-        "cuda_graph": None if graphed is None else {
-            "graphs": graphed.num_graphs, "replays": graphed.replays,
-            "eager_calls": graphed.eager_calls},
+        "cuda_graph": None if graphed is None else graphed.stats(),
         "seconds": time.time() - wall,
         "device": str(device), "output_dir": str(out_dir),
         "png": str(png) if png else None,
