@@ -10,24 +10,26 @@ models on CUDA, a tiny DDPM++ on the CPU (where only the samplers' numbers mean 
 Sections
 - train: images/s, ms/step and peak memory of `Trainer.train_step` per model and precision mode
   on synthetic 8-bit CIFAR-10 pickles (benchmarks/train_speed.py, which also runs alone).
-- likelihood, two parts.
+- likelihood, two parts (--lik_parts cost,solves).
   Evaluation cost: ms per evaluation of the probability-flow drift with its Hutchinson
   divergence for DDPM++ cont. (random weights, its zero-initialised layers redrawn; the cost
   does not depend on the weights), at batch 64 and --lik_batch: the library's right-hand side
-  (one forward and one vector-Jacobian product on the device) in strict fp32, TF32 and TF32
-  replayed from a CUDA graph (`CudaGraphed`; the same as TF32 on the CPU), and the paper's
-  public code's (a float64 NumPy state copied to the device and back, the drift and the
-  divergence from two separate forward passes) at batch 64, the ratio to the latter.
+  (one forward and one vector-Jacobian product on the device) in strict fp32, TF32 and, on
+  CUDA, TF32 replayed from a CUDA graph (`CudaGraphed`), and the paper's public code's (a
+  float64 NumPy state copied to the device and back, the drift and the divergence from two
+  separate forward passes) at batch 64, the ratio to the latter.
   Solves: the same data with the same Rademacher probes solved by `log_likelihood` in strict
   fp32 with the max error norm at batch 64 (the accuracy reference), the paper code's way
   (SciPy RK45 on one flattened float64 NumPy state, a host round trip per evaluation), and the
-  library with the rms norm, TF32, --lik_batch, CUDA graphs and per-sample step control. Each
-  row: NFE per solve, ms per evaluation (solve time / evaluations), images/s, mean bits/dim,
-  the largest per-sample |bits/dim - the reference's| and the images/s ratio to the
-  paper-code solve. The
-  data are the test split of --checkpoint's dataset (dequantized), or without it --lik_images
-  exact samples of a --solve_dim-dimensional Gaussian mixture with its closed-form score (a
-  smooth, well-posed flow; random network weights are not).
+  library with the rms norm, TF32, --lik_batch, CUDA graphs (on CUDA) and per-sample step
+  control. Each row: NFE per solve, ms per evaluation (solve time / evaluations), images/s,
+  mean bits/dim, the largest per-sample |bits/dim - the reference's| and the images/s ratio
+  to the paper-code solve. The data are the test split of --checkpoint's dataset
+  (dequantized), or without it --lik_images exact samples of a --solve_dim-dimensional
+  Gaussian mixture with its closed-form score (a smooth, well-posed flow; random network
+  weights are not).
+  Every row that claims a CUDA graph carries `replayed` and the recording's `cuda_graph`
+  counts, and the benchmark stops with an error if such a row ran eagerly instead.
 - samplers: on a 64-d Gaussian mixture whose score is closed-form at every t (from each SDE's
   own marginal_coeffs), every sampler's NFE, seconds and Frechet distance to the exact moments
   of its target, divided by the finite-sample floor (the mean distance of as many exact
@@ -144,10 +146,12 @@ def evaluation_cost(args, device: torch.device) -> Dict:
         t = torch.full((batch,), 0.5, dtype=torch.float64, device=device)
         state = (x.double(), torch.zeros(batch, dtype=torch.float64, device=device))
         rhs = augmented_rhs(rsde, torch.float32, probes)
-        graphed = CudaGraphed(lambda tt, y, d: rhs(tt, (y, d)))
+        # strict: a row that claims a CUDA graph fails loudly instead of timing eager calls.
+        graphed = CudaGraphed(lambda tt, y, d: rhs(tt, (y, d)), strict=True)
         runs = [("strict fp32", lambda: (set_tf32(False), rhs(t, state))),
-                ("TF32", lambda: (set_tf32(True), rhs(t, state))),
-                ("TF32, CUDA graph", lambda: (set_tf32(True), graphed(t, *state)))]
+                ("TF32", lambda: (set_tf32(True), rhs(t, state)))]
+        if device.type == "cuda":  # elsewhere there is nothing to record
+            runs.append(("TF32, CUDA graph", lambda: (set_tf32(True), graphed(t, *state))))
         if batch == REFERENCE_BATCH:
             flat = np.concatenate([x.double().cpu().numpy().reshape(-1), np.zeros(batch)])
             ode_func = _paper_code_rhs(rsde, x.shape, probes, device)
@@ -161,12 +165,28 @@ def evaluation_cost(args, device: torch.device) -> Dict:
             seconds = _timed(fn, device, args.cost_evals)
             rows.append(dict(run=name, batch=batch, ms_per_eval=1e3 * seconds,
                              image_evals_per_s=batch / seconds))
+            if "CUDA graph" in name:
+                rows[-1].update(_graph_fields(graphed.stats()))
+                # The replay computes what the eager TF32 call computes.
+                set_tf32(True)
+                ref, out = rhs(t, state), graphed(t, *state)
+                rows[-1]["max_rel_diff_vs_eager"] = max(
+                    float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+                    for a, b in zip(out, ref))
             print(json.dumps(rows[-1]), flush=True)
     set_tf32(False)
     base = next(r for r in rows if r["run"].startswith("paper"))["image_evals_per_s"]
     for r in rows:
         r["speedup_vs_paper_code"] = r["image_evals_per_s"] / base
     return dict(model=f"{args.lik_model}, random weights", shape=list(shape), rows=rows)
+
+
+def _graph_fields(stats: Dict) -> Dict:
+    """The JSON fields of a row that claims a CUDA graph; raises if it did not replay."""
+    replayed = stats["replays"] > 0 and not stats["failures"]
+    if not replayed:
+        raise RuntimeError(f"a benchmark row claims a CUDA graph but ran eagerly: {stats}")
+    return dict(replayed=True, cuda_graph=stats)
 
 
 def _paper_code_rhs(rsde, shape, probes, device) -> Callable[[float, np.ndarray], np.ndarray]:
@@ -253,13 +273,19 @@ def likelihood_solves(args, device: torch.device) -> Dict:
             nfes.append(nfe)
         return torch.cat(logps), nfes, seconds
 
+    graph_stats: Dict = {}
+
     def ours(tf32: bool, step_control: str = "batch", error_norm: str = "max",
              cuda_graph: bool = False):
         def solve(x, probes):
             set_tf32(tf32)
+            stats: Dict = {}
             logp, _, nfe = log_likelihood(sde, score_fn, x, probes=probes,
                                           step_control=step_control, error_norm=error_norm,
-                                          cuda_graph=cuda_graph, **settings)
+                                          cuda_graph=cuda_graph, cuda_graph_stats=stats,
+                                          **settings)
+            for key, value in stats.items():
+                graph_stats[key] = graph_stats.get(key, 0 if key != "failures" else []) + value
             return logp, nfe
         return solve
 
@@ -277,10 +303,13 @@ def likelihood_solves(args, device: torch.device) -> Dict:
             ("TF32, rms norm, CUDA graph", big, ours(True, "batch", "rms", True)),
             ("TF32, rms norm, per-sample step control", big, ours(True, "per_sample", "rms")),
             ("TF32, max norm", big, ours(True))]
+    if device.type != "cuda":  # elsewhere there is nothing to record
+        plan = [row for row in plan if "CUDA graph" not in row[0]]
     rows, ref_bpd = [], None
     offset = 7.0 if images else 0.0  # 8-bit data in [-1, 1]; continuous data: none
     for name, batch, solve in plan:
         batch = min(batch, n)
+        graph_stats.clear()
         logp, nfes, seconds = batches(batch, solve)
         bpd = -logp / (dims * math.log(2)) + offset
         ref_bpd = bpd if ref_bpd is None else ref_bpd
@@ -289,6 +318,8 @@ def likelihood_solves(args, device: torch.device) -> Dict:
                          evaluations=evals, seconds=seconds, ms_per_eval=1e3 * seconds / evals,
                          images_per_s=n / seconds, bpd=float(bpd.mean()),
                          max_abs_dbpd=float((bpd - ref_bpd).abs().max())))
+        if "CUDA graph" in name:
+            rows[-1].update(_graph_fields(dict(graph_stats)))
         print(json.dumps(rows[-1]), flush=True)
     set_tf32(False)
     base = rows[1]["images_per_s"]
@@ -329,19 +360,24 @@ class Mixture:
         return a * self.means[k] + std[:, None] * z
 
     def score_fn(self, sde) -> Callable:
-        means_sq = (self.means ** 2).sum(1)
-        log_w = torch.log(self.weights)
         dim = self.means.shape[1]
+        tables: Dict = {}  # the mixture's parameters per device, copied there once
+
+        def on(device):
+            if device not in tables:
+                tables[device] = (self.means.to(device), self.stds.to(device) ** 2,
+                                  (self.means ** 2).sum(1).to(device),
+                                  torch.log(self.weights).to(device))
+            return tables[device]
 
         def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            means, stds_sq, means_sq, log_w = on(x.device)
             a, sigma = sde.marginal_coeffs(t.double())
             a, var_noise = a.to(x.device)[:, None], sigma.to(x.device)[:, None] ** 2
-            means, stds_sq = self.means.to(x.device), self.stds.to(x.device) ** 2
             xf = x.double().reshape(x.shape[0], -1)
             var = a ** 2 * stds_sq + var_noise  # [B, K]
-            sq = (xf * xf).sum(1, keepdim=True) - 2 * a * (xf @ means.T) \
-                + a ** 2 * means_sq.to(x.device)
-            logits = log_w.to(x.device) - 0.5 * sq / var - 0.5 * dim * torch.log(var)
+            sq = (xf * xf).sum(1, keepdim=True) - 2 * a * (xf @ means.T) + a ** 2 * means_sq
+            logits = log_w - 0.5 * sq / var - 0.5 * dim * torch.log(var)
             r = torch.softmax(logits, dim=1) / var
             out = a * (r @ means) - xf * r.sum(1, keepdim=True)
             return out.reshape(x.shape).to(x.dtype)
@@ -503,14 +539,15 @@ def print_tables(result: Dict) -> None:
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
             print(f"{r['model']:<14}{r['mode']:<18}{r['params_m']:>7.1f}M"
                   f"{r['images_per_s']:>9.0f}{r['ms_per_step']:>9.1f}{peak:>9}")
-    if "likelihood" in result:
-        cost = result["likelihood"]["evaluation_cost"]
+    cost = result.get("likelihood", {}).get("evaluation_cost")
+    if cost:
         print(f"\nlikelihood, one evaluation of drift + divergence: {cost['model']}")
         print(f"{'run':<56}{'batch':>6}{'ms/eval':>9}{'img-evals/s':>13}{'x paper':>9}")
         for r in cost["rows"]:
             print(f"{r['run']:<56}{r['batch']:>6}{r['ms_per_eval']:>9.1f}"
                   f"{r['image_evals_per_s']:>13.0f}{r['speedup_vs_paper_code']:>9.2f}")
-        lik = result["likelihood"]["solves"]
+    lik = result.get("likelihood", {}).get("solves")
+    if lik:
         print(f"\nlikelihood solves: {lik['source']}; rtol = atol = {lik['rtol']:g}; "
               f"bpd: {lik['bpd']}")
         print(f"{'run':<56}{'batch':>6}{'NFE':>7}{'ms/eval':>9}{'img/s':>9}{'bpd':>9}"
@@ -549,6 +586,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--train_batch", type=int, default=None, help="default 128 (CUDA), 8")
     p.add_argument("--train_warmup", type=int, default=None, help="default 15 (CUDA), 1")
     p.add_argument("--train_steps", type=int, default=None, help="default 40 (CUDA), 2")
+    p.add_argument("--lik_parts", default="cost,solves", help="likelihood parts: cost "
+                   "(ms per evaluation), solves (full solves against the paper code's)")
     p.add_argument("--lik_model", default=None, help="ddpmpp (CUDA default) or ddpmpp_tiny")
     p.add_argument("--checkpoint", default=None, help="trained weights for the likelihood")
     p.add_argument("--data_dir", default=None, help="dataset folder for --checkpoint (default: its own)")
@@ -583,10 +622,12 @@ def parse(argv) -> argparse.Namespace:
     args.train_models = args.train_models.split(",")
     args.train_modes = args.train_modes.split(",")
     args.sdes = args.sdes.split(",")
+    args.lik_parts = args.lik_parts.split(",")
     checks = [("section", args.sections, SECTIONS), ("model", args.train_models,
                                                       train_speed.CONFIGS),
               ("mode", args.train_modes, train_speed.MODES), ("sde", args.sdes, SDES),
-              ("likelihood model", [args.lik_model], train_speed.CONFIGS)]
+              ("likelihood model", [args.lik_model], train_speed.CONFIGS),
+              ("likelihood part", args.lik_parts, ("cost", "solves"))]
     for name, values, known in checks:
         for v in values:
             if v not in known:
@@ -616,8 +657,11 @@ def main(argv=None) -> int:
     if "samplers" in args.sections:
         result["samplers"] = sampler_runs(args, device)
     if "likelihood" in args.sections:
-        result["likelihood"] = dict(evaluation_cost=evaluation_cost(args, device),
-                                    solves=likelihood_solves(args, device))
+        result["likelihood"] = {}
+        if "cost" in args.lik_parts:
+            result["likelihood"]["evaluation_cost"] = evaluation_cost(args, device)
+        if "solves" in args.lik_parts:
+            result["likelihood"]["solves"] = likelihood_solves(args, device)
     if "train" in args.sections:
         result["train"] = train_runs(args, device)
     meta["seconds"] = time.perf_counter() - t0

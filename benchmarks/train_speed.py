@@ -8,7 +8,9 @@ runs `Trainer.train_step` for warm-up steps and timed steps and prints images/s 
         --steps 50 --output train_speed.json
 
 Modes: fp32 (TF32 off), tf32, bf16 (autocast), bf16_cl (+ channels-last), bf16_cl_compile
-(+ torch.compile), bf16_cl_compile_ro (torch.compile mode "reduce-overhead": CUDA graphs).
+(+ torch.compile), bf16_cl_compile_ro (torch.compile mode "reduce-overhead": CUDA graphs; its
+row records `cuda_graph_skips`, and the run stops with an error if torch.compile ran any
+compiled graph of it without CUDA graphs).
 Throughput needs CUDA to mean anything; on the CPU use tiny --steps.
 
 --parity_steps N also trains N steps in fp32 and in each mode from the same initialisation,
@@ -80,8 +82,16 @@ def make_trainer(model: str, mode: str, workdir: str, *, data_dir: str, batch_si
     return Trainer(apply_overrides(cfg, overrides), workdir)
 
 
+def _cudagraph_skips() -> int:
+    """Compiled graphs torch.compile has run without CUDA graphs so far in this process."""
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"].get("cudagraph_skips", 0))
+
+
 def measure(model: str, mode: str, *, data_dir: str, batch_size: int, warmup: int, steps: int,
             device: str) -> dict:
+    claims_graphs = MODES[mode].get("compile_mode") == "reduce-overhead"
+    skips_before = _cudagraph_skips()
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(model, mode, workdir, data_dir=data_dir, batch_size=batch_size,
                                n_iters=warmup + steps, device=device)
@@ -104,11 +114,18 @@ def measure(model: str, mode: str, *, data_dir: str, batch_size: int, warmup: in
         seconds = time.perf_counter() - start
         params = sum(p.numel() for p in trainer.model.parameters())
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
-    return dict(model=model, mode=mode, batch_size=batch_size, steps=steps,
-                params_m=round(params / 1e6, 2), images_per_s=steps * batch_size / seconds,
-                ms_per_step=1e3 * seconds / steps, peak_gib=peak, warmup_s=warm_s,
-                final_loss=losses[-1], device=str(dev),
-                gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
+    row = dict(model=model, mode=mode, batch_size=batch_size, steps=steps,
+               params_m=round(params / 1e6, 2), images_per_s=steps * batch_size / seconds,
+               ms_per_step=1e3 * seconds / steps, peak_gib=peak, warmup_s=warm_s,
+               final_loss=losses[-1], device=str(dev),
+               gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
+    if claims_graphs:
+        skips = _cudagraph_skips() - skips_before
+        row.update(cuda_graph_skips=skips, replayed=dev.type == "cuda" and skips == 0)
+        if not row["replayed"]:
+            raise RuntimeError(f"mode {mode} claims CUDA graphs but torch.compile ran "
+                               f"{skips} compiled graph(s) without them on {dev}")
+    return row
 
 
 def loss_curve(model: str, mode: str, *, data_dir: str, batch_size: int, steps: int,

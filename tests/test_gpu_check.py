@@ -1,0 +1,112 @@
+"""benchmarks/gpu_check.py on the CPU: the driver, its time limits and its reports.
+
+The GPU numbers themselves come from running it on a CUDA machine (BENCHMARKS.md); here the
+parts that need no GPU run at smoke sizes, and the pieces that decide what the report says
+(test counts from pytest's JUnit XML, a part stopped at its time limit) are checked on
+inputs whose answers are known.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" /
+                                                  "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_writes_both_reports(tmp_path):
+    out = tmp_path / "gc"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--output",
+                           str(out), "--device", "cpu", "--quick", "--parts",
+                           "graphs,likelihood,samplers,train", "--rtol", "1e-2", "--atol", "1e-2"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["parts"]) == {"graphs", "likelihood", "samplers", "train"}
+    assert all(p["ok"] for p in summary["parts"].values()), summary["parts"]
+    assert summary["meta"]["device"] == "cpu" and summary["meta"]["seconds"] > 0
+    graphs = summary["parts"]["graphs"]["likelihood"]
+    assert {r["step_control"] for r in graphs} == {"batch", "per_sample"}
+    for r in graphs:  # on the CPU nothing is recorded: the "graphed" solve is the eager one
+        assert r["nfe_graphed"] == r["nfe_eager"] and r["max_dbpd_graphed"] == 0.0
+        assert r["cuda_graph"]["replays"] == 0 and r["replayed"] is False
+    lik = summary["parts"]["likelihood"]["rows"]
+    assert not any("CUDA graph" in r["run"] for r in lik)  # no graph rows without CUDA
+    assert {r["mode"] for r in summary["parts"]["train"]["rows"]} == {"fp32"}
+    text = (out / "summary.md").read_text()
+    assert text.strip() == proc.stdout.strip()
+    for heading in ("# GPU check", "Likelihood solves, CUDA graph against eager",
+                    "Likelihood evaluation cost", "Sampling calls", "Training, batch 8"):
+        assert heading in text
+
+
+def test_test_counts_come_from_the_junit_file(tmp_path):
+    (tmp_path / "test_four.py").write_text(textwrap.dedent("""
+        import pytest
+
+        def test_passes():
+            assert True
+
+        def test_fails():
+            assert 1 == 2, "one is not two"
+
+        @pytest.mark.skip(reason="not here")
+        def test_skipped():
+            pass
+
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("fixture broke")
+
+        def test_errors(broken):
+            pass
+    """))
+    xml = tmp_path / "r.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    str(tmp_path / "test_four.py"), f"--junitxml={xml}"], cwd=tmp_path,
+                   capture_output=True, timeout=300)
+    counts, failures, timings = _module().junit_results(xml)
+    assert counts == dict(passed=1, failed=1, errors=1, skipped=1)
+    messages = {f["test"].split("::")[-1]: f["message"] for f in failures}
+    assert set(messages) == {"test_fails", "test_errors"}
+    assert "one is not two" in messages["test_fails"]
+    assert len(timings) == 4
+
+
+def test_a_part_past_its_limit_is_stopped_with_its_children(tmp_path):
+    gc = _module()
+    # A stand-in for a hung part: a child that sleeps, started the way the driver starts parts.
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                             "subprocess.Popen([sys.executable, '-c', 'import time; "
+                             "time.sleep(60)']); time.sleep(60)"], start_new_session=True)
+    started = time.perf_counter()
+    result = gc._finish("tests", proc, 2.0, started, tmp_path)
+    assert time.perf_counter() - started < 20
+    assert result["ok"] is False and "time limit of 2 s" in result["error"]
+    assert proc.poll() is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parts", "tests,speed"], "unknown part 'speed'"),
+    (["--budget", "0"], "--budget must be > 0"),
+    (["--device", "cuda"], "--device cuda but CUDA is not available"),
+])
+def test_bad_arguments_exit_2(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--output",
+                           str(tmp_path / "o"), *args], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
