@@ -64,6 +64,7 @@ import train_speed  # noqa: E402
 from score_sde import (VESDE, VPSDE, CosineVPSDE, ReverseSDE, SubVPSDE,  # noqa: E402
                       log_likelihood, make_score_fn, sample_ddim, sample_dpm_solver,
                       sample_heun, sample_ode, sample_pc)
+from score_sde._utils import host_checked_times  # noqa: E402
 from score_sde.cuda_graphs import CudaGraphed  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.datasets import DataInfo, load_dataset, to_model_range  # noqa: E402
@@ -162,14 +163,17 @@ def evaluation_cost(args, device: torch.device) -> Dict:
                 return ode_func(0.5, flat)
             runs.append(("paper-code style (2 forwards, host round trip)", paper))
         for name, fn in runs:
-            seconds = _timed(fn, device, args.cost_evals)
+            # As inside log_likelihood: times were validated on the host, none is read back.
+            with host_checked_times():
+                seconds = _timed(fn, device, args.cost_evals)
             rows.append(dict(run=name, batch=batch, ms_per_eval=1e3 * seconds,
                              image_evals_per_s=batch / seconds))
             if "CUDA graph" in name:
                 rows[-1].update(_graph_fields(graphed.stats()))
                 # The replay computes what the eager TF32 call computes.
                 set_tf32(True)
-                ref, out = rhs(t, state), graphed(t, *state)
+                with host_checked_times():
+                    ref, out = rhs(t, state), graphed(t, *state)
                 rows[-1]["max_rel_diff_vs_eager"] = max(
                     float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
                     for a, b in zip(out, ref))
