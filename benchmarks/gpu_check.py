@@ -239,8 +239,8 @@ def _sync_counts(device, quick: bool) -> Dict:
                       ("sample_dpm_solver", lambda n: sample_dpm_solver(
                           VPSDE(), score_fn, (4,) + shape, num_steps=n, device=device))):
         try:
-            run(20)
-            result[name] = {str(n): count(lambda: run(n)) for n in (20, 40)}
+            run(30)
+            result[name] = {str(n): count(lambda: run(n)) for n in (30, 60)}
         except Exception as err:  # noqa: BLE001
             result[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     try:

@@ -238,9 +238,12 @@ def test_fixed_step_samplers_with_a_graphed_score_match_eager(sampler, kw, deter
 @pytest.mark.parametrize("divergence", ["rademacher", "exact"])
 def test_graphed_likelihood_equals_eager(step_control, divergence, deterministic_cudnn):
     score = _unet_score("cuda", attention=False)
-    x = torch.rand(6, 1, 8, 8, device="cuda", generator=torch.Generator(device="cuda")
+    # The exact divergence costs 64 vector-Jacobian products per evaluation: fewer samples
+    # and a looser tolerance keep it quick; the Hutchinson case runs at the paper's 1e-5.
+    batch, tol = (3, 1e-4) if divergence == "exact" else (6, 1e-5)
+    x = torch.rand(batch, 1, 8, 8, device="cuda", generator=torch.Generator(device="cuda")
                    .manual_seed(2)) * 2 - 1
-    kw = dict(step_control=step_control, divergence=divergence, rtol=1e-5, atol=1e-5)
+    kw = dict(step_control=step_control, divergence=divergence, rtol=tol, atol=tol)
     if divergence != "exact":
         kw["probes"] = torch.randn((1,) + tuple(x.shape), device="cuda",
                                    generator=torch.Generator(device="cuda").manual_seed(3))
@@ -386,7 +389,9 @@ def test_fixed_step_samplers_do_not_wait_for_the_device_per_step(name, run):
         with _SyncCounter() as counter:
             run(score, steps)
         counts.append(counter.count)
-    assert counts[0] == counts[1], counts  # host reads per call, none per step
+    # Host reads per call (a lazy first-time read can fall in either), none per step: 30
+    # more steps would add at least 30.
+    assert counts[1] <= counts[0] + 2, counts
 
 
 @cuda
