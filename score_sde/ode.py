@@ -50,9 +50,10 @@ class _ODEFunc:
     """torchdiffeq right-hand side (t, y) wrapping a batched rhs(t [B], y); records the last
     accepted time so failures can say how far the solve got.
 
-    An evaluation never waits for the device: torchdiffeq reads its step size and error on the
-    host once per step anyway, and a state that turns non-finite makes its step size
-    non-finite, which `odeint_interval` reports with the time reached."""
+    A state that turns non-finite makes the solver's time non-finite. On the CPU that is
+    checked at every evaluation (a host read costs nothing there); on an accelerator an
+    evaluation never waits for the device, and torchdiffeq's own per-step checks stop the solve,
+    which `odeint_interval` reports with the time reached."""
 
     def __init__(self, rhs: Callable[[torch.Tensor, State], State], batch: int, t_start: float,
                  t_end: float):
@@ -64,6 +65,10 @@ class _ODEFunc:
         self.direction = 1.0 if t_end >= t_start else -1.0
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
+        if t.device.type == "cpu" and not bool(torch.isfinite(t)):
+            raise RuntimeError(f"the solver's time became {float(t)} after t={self.t_reached:g}:"
+                               f" the ODE state is non-finite; check that score_fn is finite on "
+                               f"[eps, T]")
         # The first-step heuristic may probe a time outside the interval (module docstring):
         # evaluate the right-hand side at the nearest time inside instead.
         t = t.clamp(self.t_min, self.t_max)
