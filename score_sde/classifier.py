@@ -226,8 +226,8 @@ def classifier_log_prob_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.T
 
     The time input is computed from t exactly as `score_sde.make_score_fn` does (float64 time,
     "t", "scaled_t" = t (num_steps - 1), "index", "std" = marginal std or "sigma" = VESDE's
-    sigma(t)), so a classifier and a score network trained with the same convention see the same numbers. The result is
-    differentiable in x: classifier guidance adds
+    sigma(t)), so a classifier and a score network trained with the same convention see the
+    same numbers. The result is differentiable in x: classifier guidance adds
     `torch.autograd.grad(fn(x, t)[range(B), y].sum(), x)[0]` = grad_x log p_t(y | x) (times a
     scale) to the score. The model's mode and `requires_grad` flags are left as they are.
 
@@ -242,7 +242,8 @@ def classifier_log_prob_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.T
 
     Raises:
         ValueError: unknown `time_input`, "std" for an SDE without closed-form marginals, or
-            "sigma" for one without sigma(t). The returned fn raises ValueError for mismatched x / t or logits not [B, K].
+            "sigma" for one without sigma(t). The returned fn raises ValueError for
+            mismatched x / t or logits not [B, K].
     """
     to_time = time_input_fn(sde, time_input)
 
