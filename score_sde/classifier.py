@@ -29,7 +29,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .models.layers import (EMBEDDINGS, Downsample, ResnetBlockDDPMpp, TimeEmbedding,
                             check_time_input, conv3x3, group_norm, linear)
 from .sampling import check_eps
-from .score import TIME_INPUTS
+from .score import time_input_fn
 from .sde import SDE
 
 __all__ = ["NoiseConditionalClassifier", "FeatureClassifier", "CLASSIFIERS",
@@ -225,9 +225,9 @@ def classifier_log_prob_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.T
     """Wraps a time-dependent classifier `model(x, time input) -> logits` as log p_t(y | x).
 
     The time input is computed from t exactly as `score_sde.make_score_fn` does (float64 time,
-    "t", "scaled_t" = t (num_steps - 1), "index" or "std" = sigma(t)), so a classifier and a
-    score network trained with the same convention see the same numbers. The result is
-    differentiable in x: classifier guidance adds
+    "t", "scaled_t" = t (num_steps - 1), "index", "std" = marginal std or "sigma" = VESDE's
+    sigma(t)), so a classifier and a score network trained with the same convention see the
+    same numbers. The result is differentiable in x: classifier guidance adds
     `torch.autograd.grad(fn(x, t)[range(B), y].sum(), x)[0]` = grad_x log p_t(y | x) (times a
     scale) to the score. The model's mode and `requires_grad` flags are left as they are.
 
@@ -235,24 +235,21 @@ def classifier_log_prob_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.T
         model: network taking (x [B, ...], time input [B]) and returning logits [B, K].
         sde: the SDE the classifier was trained with; "scaled_t" and "index" also depend on
             its `num_steps` (tools/train_classifier.py stores it in meta["sde_config"]).
-        time_input: "t", "scaled_t", "index" or "std".
+        time_input: "t", "scaled_t", "index", "std" or "sigma" (`score_sde.score.TIME_INPUTS`).
 
     Returns:
         fn(x [B, ...], t [B]) -> log-softmax [B, K] in the logits' dtype (at least float32).
 
     Raises:
-        ValueError: unknown `time_input`, or "std" for an SDE without closed-form marginals.
-            The returned fn raises ValueError for mismatched x / t or logits not [B, K].
+        ValueError: unknown `time_input`, "std" for an SDE without closed-form marginals, or
+            "sigma" for one without sigma(t). The returned fn raises ValueError for
+            mismatched x / t or logits not [B, K].
     """
-    check_choice("time_input", time_input, TIME_INPUTS)
-    if time_input == "std" and not sde.has_marginal:
-        raise ValueError(f"time_input='std' needs the marginal of {type(sde).__name__}, which "
-                         f"has none")
-    to_time = TIME_INPUTS[time_input]
+    to_time = time_input_fn(sde, time_input)
 
     def log_prob_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         check_batch_time(x, t)
-        t_in = to_time(sde, t.to(float64_like(t)))
+        t_in = to_time(t.to(float64_like(t)))
         if t_in.is_floating_point():
             t_in = t_in.to(x.dtype)
         logits = model(x, t_in)

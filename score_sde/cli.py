@@ -43,9 +43,12 @@ def _error_line(err: BaseException, prefix: str = "") -> None:
 def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[Any], None],
              body: Callable[[Any], Optional[Dict[str, Any]]], *,
              numerical: Tuple[Type[BaseException], ...] = (FloatingPointError,),
-             numerical_prefix: str = "") -> int:
-    """Parses `argv` into fresh absl FlagValues defined by `define_flags`, runs `body(flags)`
-    and prints its result as one JSON line; returns the exit status.
+             numerical_prefix: str = "", positional: Sequence[str] = ()) -> int:
+    """Parses `argv` into fresh absl FlagValues defined by `define_flags`, runs
+    `body(flags, *arguments)` and prints its result as one JSON line; returns the exit status.
+
+    `positional` names the required non-flag arguments (in upper case in messages); other
+    non-flag arguments are bad input.
 
     `--help` prints the first paragraph of `doc` and the flags. Flag errors, InputError,
     ValueError, FileNotFoundError and CheckpointError print one `error: ...` line and give 2;
@@ -61,10 +64,13 @@ def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[An
         print(doc.split("\n\n")[0] + "\n\n" + fv.get_help())
         return 0
     try:
-        rest = fv(argv)
-        if len(rest) > 1:
-            raise InputError(f"unexpected arguments {rest[1:]}")
-        result = body(fv)
+        rest = fv(argv)[1:]
+        if len(rest) > len(positional):
+            raise InputError(f"unexpected arguments {rest[len(positional):]}")
+        if len(rest) < len(positional):
+            missing = " ".join(name.upper() for name in positional[len(rest):])
+            raise InputError(f"missing argument {missing}")
+        result = body(fv, *rest)
     except numerical as err:
         _error_line(err, numerical_prefix)
         return EXIT_NUMERICAL

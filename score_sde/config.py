@@ -40,7 +40,7 @@ class ModelConfig:
     name: str = "small_unet"  # a name in score_sde.models.MODELS
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     prediction: str = "noise"  # network output: "noise", "score" or "x0" (make_score_fn)
-    time_input: str = "scaled_t"  # network time input: "t", "scaled_t", "index" or "std"
+    time_input: str = "scaled_t"  # network time input: "t", "scaled_t", "index", "std", "sigma"
     class_conditional: bool = False  # embed the dataset's class labels (+ a null label)
 
 

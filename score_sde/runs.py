@@ -6,6 +6,7 @@ code that samples from or evaluates a trained model:
     run = load_trained("runs/vp_fashion_mnist/checkpoint.pt", device="cuda")
     x, nfe = sample_pc(run.sde, run.score_fn(), (16, *run.info.shape), device="cuda")
 """
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -62,6 +63,16 @@ def data_info_of(state: Dict[str, Any], cfg: Config) -> DataInfo:
                            data_path=cfg.data.data_path, seed=cfg.training.seed,
                            num_samples=1)
     return info
+
+
+def with_trained_range(info: DataInfo, state: Dict[str, Any]) -> DataInfo:
+    """`info` of evaluation data, with the data range of the checkpoint's network for 8-bit
+    data: the interval it was trained to read, stored with the checkpoint ([0, 1] for the
+    paper's VE models converted by `score_sde.convert`), else the loaders' [-1, 1]."""
+    stored = state.get("data_info") or {}
+    if not info.discrete or stored.get("data_range") is None:
+        return info
+    return dataclasses.replace(info, data_range=tuple(stored["data_range"]))
 
 
 def model_from_state(cfg: Config, state: Dict[str, Any], info: DataInfo, *, use_ema: bool,

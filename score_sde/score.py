@@ -5,6 +5,7 @@ A score function is any callable `score_fn(x, t) -> tensor shaped like x` with x
 predicts, how it reads time) to that contract, so samplers and likelihoods never need to know
 them.
 """
+import functools
 from typing import Callable
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from ._utils import append_dims, check_choice, check_time_range
 from .sde import SDE, ScoreFn
 
-__all__ = ["make_score_fn", "PREDICTIONS", "TIME_INPUTS"]
+__all__ = ["make_score_fn", "time_input_fn", "PREDICTIONS", "TIME_INPUTS"]
 
 
 def _noise_to_score(out, x, alpha, sigma):
@@ -37,7 +38,28 @@ TIME_INPUTS = {
     "scaled_t": lambda sde, t: t * (sde.num_steps - 1),
     "index": lambda sde, t: sde.step_index(t),
     "std": lambda sde, t: sde.marginal_coeffs(t)[1],
+    # The SDE's noise scale, e.g. VESDE.sigma(t) = sigma_min (sigma_max / sigma_min)^t, which
+    # the reference's VE networks read; it differs from the exact marginal std ("std") of
+    # VESDE by the noise sigma_min that it assumes to be already in the data at t = 0.
+    "sigma": lambda sde, t: sde.sigma(t),
 }
+
+
+def time_input_fn(sde: SDE, time_input: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from times t [B] (float64) to the network time input named `time_input`.
+
+    Raises:
+        ValueError: an unknown name, "std" for an SDE without closed-form marginals, or
+            "sigma" for an SDE without a noise scale `sigma(t)` (only VESDE has one).
+    """
+    check_choice("time_input", time_input, TIME_INPUTS)
+    if time_input == "std" and not sde.has_marginal:
+        raise ValueError(f"time_input='std' needs the marginal of {type(sde).__name__}, which "
+                         f"has none")
+    if time_input == "sigma" and not callable(getattr(sde, "sigma", None)):
+        raise ValueError(f"time_input='sigma' needs an SDE with a noise scale sigma(t) "
+                         f"(VESDE), got {type(sde).__name__}")
+    return functools.partial(TIME_INPUTS[time_input], sde)
 
 
 def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sde: SDE, *,
@@ -45,7 +67,8 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     """Wraps a network `model(x, time_input) -> output` as a score function.
 
     Continuous-time models read t itself (`"t"`, or `"scaled_t"` = t (num_steps - 1) as in
-    the DDPM++ continuous checkpoints) or the noise level (`"std"`, NCSN style). Discrete-time
+    the DDPM++ continuous checkpoints) or the noise level (`"std"`, the marginal std, NCSN
+    style; `"sigma"`, VESDE's noise scale sigma(t), as the reference's VE networks). Discrete-time
     models (DDPM, SMLD) read the integer step index (`"index"`, nearest step of the SDE's
     `num_steps` grid). The model's train/eval mode is the caller's business and is never
     changed here.
@@ -55,14 +78,14 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         sde: the SDE the model was trained with (gives alpha(t), sigma(t) and the step grid).
         prediction: what the model outputs: "noise" (epsilon; score = -eps / sigma),
             "score", or "x0" (the denoised data; score = (alpha x0 - x) / sigma^2).
-        time_input: "t", "scaled_t", "index" or "std" (see above).
+        time_input: "t", "scaled_t", "index", "std" or "sigma" (see above).
 
     Returns:
         score_fn(x, t) -> score shaped like x, in x's dtype.
 
     Raises:
-        ValueError: for unknown `prediction` or `time_input`, or an SDE without closed-form
-            marginals when they are needed.
+        ValueError: for unknown `prediction` or `time_input`, an SDE without closed-form
+            marginals when they are needed, or "sigma" for an SDE without sigma(t).
     """
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("time_input", time_input, TIME_INPUTS)
@@ -72,7 +95,7 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
                          f"marginal of {type(sde).__name__}, which has none; use "
                          f"prediction='score' with time_input='t'")
     to_score = PREDICTIONS[prediction]
-    to_time = TIME_INPUTS[time_input]
+    to_time = time_input_fn(sde, time_input)
 
     divides = prediction != "score" or time_input == "std"
     why = (f" for prediction={prediction!r}, time_input={time_input!r}: sigma(0) = 0 would be "
@@ -82,7 +105,7 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             check_time_range(t, 0.0, sde.T, open_lo=divides, why=why if divides else "")
         t64 = t.double() if t.device.type != "mps" else t
-        t_in = to_time(sde, t64)
+        t_in = to_time(t64)
         if t_in.is_floating_point():
             t_in = t_in.to(x.dtype)
         out = model(x, t_in)

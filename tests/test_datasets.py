@@ -446,6 +446,27 @@ def test_to_model_range_bin_centres_and_round_trip():
                        to_model_range(ALL_LEVELS, generator=g2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_unit_interval_range(dtype):
+    """data_range (0, 1) (the paper's VE models): y = (k + u) / 256, bins [k, k + 1) / 256."""
+    reps = 400
+    k = ALL_LEVELS.repeat(reps, 1)
+    y = to_model_range(k, generator=torch.Generator().manual_seed(0), dtype=dtype,
+                       data_range=(0.0, 1.0))
+    assert y.dtype == dtype and y.min() >= 0 and y.max() < 1
+    y64 = y.double()
+    if dtype != torch.float16:  # float16 rounds values near the bin edges across them
+        assert torch.all((y64 >= ALL_LEVELS / 256) & (y64 < (ALL_LEVELS + 1.0) / 256))
+        assert torch.equal(from_model_range(y, (0.0, 1.0)), k)
+    centres = to_model_range(ALL_LEVELS, dequantize=False, dtype=dtype, data_range=(0, 1))
+    assert torch.equal(centres, ((torch.arange(256) + 0.5) / 256).to(dtype))
+    assert torch.equal(from_model_range(centres, (0.0, 1.0)), ALL_LEVELS)
+    assert to_model_range(torch.full((4000,), 255, dtype=torch.uint8), dtype=dtype,
+                          generator=torch.Generator().manual_seed(1), data_range=(0, 1)).max() < 1
+    x = torch.tensor([-1.0, 0.0, 0.5, 0.999, 1.0, 3.0])
+    assert from_model_range(x, (0.0, 1.0)).tolist() == [0, 0, 128, 255, 255, 255]
+
+
 def test_from_model_range_saturates_and_warns():
     x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 5.0, math.inf, -math.inf])
     assert from_model_range(x).tolist() == [0, 0, 128, 255, 255, 255, 255, 0]
@@ -461,6 +482,11 @@ def test_model_range_errors():
         to_model_range(ALL_LEVELS, dtype=torch.int32)
     with pytest.raises(ValueError, match="x must be a floating-point tensor, got torch.uint8"):
         from_model_range(ALL_LEVELS)
+    for bad in [(1.0, 0.0), (0.0, math.inf), (0.0,), None]:
+        with pytest.raises(ValueError, match="data_range"):
+            to_model_range(ALL_LEVELS, data_range=bad)
+        with pytest.raises(ValueError, match="data_range"):
+            from_model_range(torch.zeros(2), bad)
 
 
 # --- BatchOrder ---------------------------------------------------------------------------------

@@ -229,6 +229,19 @@ def test_float64_and_unconditional_and_uncentered():
                                centered(x.float(), sigma.float()))
 
 
+def test_scale_by_sigma_divides_the_output_by_the_noise_level():
+    x, sigma = inputs()
+    outputs = {}
+    for scale in (False, True):
+        torch.manual_seed(0)
+        outputs[scale] = perturb_(tiny(embedding_type="fourier", scale_by_sigma=scale))(x, sigma)
+    torch.testing.assert_close(outputs[True], outputs[False] / sigma[:, None, None, None])
+    with pytest.raises(ValueError, match="scale_by_sigma.*fourier"):
+        tiny(scale_by_sigma=True)  # positional embedding: the input is no noise level
+    with pytest.raises(ValueError, match="scale_by_sigma.*conditional"):
+        tiny(embedding_type="fourier", conditional=False, scale_by_sigma=True)
+
+
 def test_time_embeddings():
     c = torch.tensor([0.5, 3.0, 40.0], dtype=F64)
     fourier = TimeEmbedding("fourier", 8, fourier_scale=16.0)

@@ -127,6 +127,28 @@ def test_time_input(name, time_input, dtype, num_steps):
     torch.testing.assert_close(t_in, expected.to(dtype), rtol=RTOL["score", dtype], atol=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigma_time_input_is_the_ve_noise_scale(dtype):
+    """"sigma" feeds sigma_min (sigma_max / sigma_min)^t, which exceeds the exact marginal std
+    sqrt(sigma(t)^2 - sigma_min^2) ("std") and stays sigma_min > 0 at t = 0."""
+    sde = VESDE(sigma_min=0.02, sigma_max=80.0)
+    seen = []
+    score_fn = make_score_fn(lambda x, t_in: seen.append(t_in) or -x, sde, prediction="score",
+                             time_input="sigma")
+    t = torch.tensor([0.0, 1e-4, 0.5, 1.0], dtype=dtype)
+    score_fn(torch.zeros(4, 3, dtype=dtype), t)
+    expected = 0.02 * (80.0 / 0.02) ** t.double()
+    assert seen[0].dtype == dtype
+    torch.testing.assert_close(seen[0], expected.to(dtype), rtol=RTOL["score", dtype], atol=0.0)
+    assert torch.all(seen[0].double() > torch.sqrt(KERNELS["ve"](t.double(), 0.02, 80.0)[1]))
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), OrnsteinUhlenbeck()])
+def test_sigma_time_input_needs_a_noise_scale(sde):
+    with pytest.raises(ValueError, match=f"needs an SDE with a noise scale.*{type(sde).__name__}"):
+        make_score_fn(lambda x, t_in: x, sde, prediction="score", time_input="sigma")
+
+
 def test_score_prediction_is_passed_through_unchanged():
     x, t = inputs(4, torch.float32)
     out = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
@@ -136,7 +158,7 @@ def test_score_prediction_is_passed_through_unchanged():
 
 @pytest.mark.parametrize("bad,argument,accepted", [
     (dict(prediction="eps"), "prediction", ["noise", "score", "x0"]),
-    (dict(time_input="sigma"), "time_input", ["t", "scaled_t", "index", "std"]),
+    (dict(time_input="noise_level"), "time_input", ["t", "scaled_t", "index", "std", "sigma"]),
 ])
 def test_unknown_choice_raises_and_lists_accepted_values(bad, argument, accepted):
     assert sorted(accepted) == sorted({"prediction": PREDICTIONS,

@@ -31,7 +31,9 @@ sqrt(n), which treats the passes of one sample as independent; stderr_samples is
 deviation over samples of each sample's mean over passes divided by sqrt(num_data), the
 appropriate error bar for the test-set mean. For 8-bit images, bpd = bits_per_dim(-nll, D) with
 the data range's width (2 for [-1, 1]): bpd = nll / (D ln 2) - log2(2) + log2(256) (offset 7).
-Continuous data has no bits/dim (null).
+8-bit images are dequantized into the range the checkpoint's network was trained on: [-1, 1],
+or [0, 1] (width 1, offset 8) for the paper's VE models converted by
+tools/convert_checkpoint.py. Continuous data has no bits/dim (null).
 
 Output. One JSON line on stdout and, with --output, the same object in a file: nll_nats, stderr,
 stderr_samples, bpd, bpd_stderr, n, num_data, nfe_mean (score evaluations per solve),
@@ -63,6 +65,7 @@ pass and batch. 3 rather than 1 so that it is not mistaken for a crash (Python e
 an uncaught exception).
 """
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -80,7 +83,7 @@ from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_see
 from score_sde.distributed import dist_from_env, resolve_device
 from score_sde.likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from score_sde.ode import ERROR_NORMS
-from score_sde.runs import model_from_state
+from score_sde.runs import model_from_state, with_trained_range
 from score_sde.score import make_score_fn
 from score_sde.sde import SDE, ScoreFn
 from score_sde.build import build_sde, load_train_eval
@@ -328,8 +331,9 @@ def load_model(cfg: Config, state: Dict[str, object], info: DataInfo, *, use_ema
                          time_input=cfg.model.time_input)
 
 
-def _prepare_discrete(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return to_model_range(x, generator=generator)
+def _prepare_discrete(x: torch.Tensor, generator: torch.Generator, *,
+                      data_range: Tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    return to_model_range(x, generator=generator, data_range=data_range)
 
 
 def _prepare_continuous(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -417,6 +421,7 @@ def run(fv) -> Dict[str, object]:
     data, info, source = load_eval_data(cfg, dataset=dataset, split=fv.split,
                                         data_dir=fv.data_dir, data_path=fv.data_path,
                                         num_samples=fv.num_samples)
+    info = with_trained_range(info, state)
     score_fn = load_model(cfg, state, info, use_ema=fv.use_ema, device=device,
                           checkpoint=checkpoint)
     num_repeats = fv.num_repeats or (IMAGE_REPEATS if info.discrete else CONTINUOUS_REPEATS)
@@ -457,7 +462,8 @@ def run(fv) -> Dict[str, object]:
     try:
         records = evaluate(
             build_sde(cfg), score_fn, data,
-            prepare=_prepare_discrete if info.discrete else _prepare_continuous,
+            prepare=(functools.partial(_prepare_discrete, data_range=info.data_range)
+                     if info.discrete else _prepare_continuous),
             batch_size=fv.batch_size, num_repeats=num_repeats, seed=fv.seed, device=device,
             divergence=fv.divergence, num_probes=fv.num_probes, rtol=fv.rtol, atol=fv.atol,
             step_control=fv.step_control, error_norm=fv.error_norm, cuda_graph=fv.cuda_graph,

@@ -196,12 +196,15 @@ def _source_images(fv, run, n: int) -> torch.Tensor:
     if tuple(x.shape[1:]) != tuple(run.info.shape):
         raise InputError(f"the {dataset} images have shape {tuple(x.shape[1:])}, the model "
                          f"takes {tuple(run.info.shape)}")
-    return to_model_range(x, dequantize=False) if info.discrete else x.float()
+    if not info.discrete:
+        return x.float()
+    return to_model_range(x, dequantize=False, data_range=run.info.data_range)
 
 
-def _to_output(x: torch.Tensor, discrete: bool) -> np.ndarray:
+def _to_output(x: torch.Tensor, info) -> np.ndarray:
+    """Samples in the model's range as saved: uint8 for 8-bit data, else float32."""
     x = x.detach().cpu()
-    return from_model_range(x).numpy() if discrete else x.float().numpy()
+    return from_model_range(x, info.data_range).numpy() if info.discrete else x.float().numpy()
 
 
 def run(fv) -> Dict[str, object]:
@@ -286,25 +289,25 @@ def run(fv) -> Dict[str, object]:
             known = sources[start:start + b].to(device)
             m = mask.to(device).expand_as(known)
             x, nfe = controllable.inpaint(sde, score_fn, known, m, **pc)
-            outputs["inputs"].append(_to_output(known, info.discrete))
+            outputs["inputs"].append(_to_output(known, info))
             outputs["masks"].append(m.cpu().numpy().astype(np.uint8))
         elif fv.task == "colorize":
             rgb = sources[start:start + b].to(device)
             gray = rgb.mean(dim=1, keepdim=True)
             x, nfe = controllable.colorize(sde, score_fn, gray, **pc)
-            outputs["inputs"].append(_to_output(gray, info.discrete))
+            outputs["inputs"].append(_to_output(gray, info))
         else:
             pair = sources[2 * start: 2 * (start + b)].to(device)
             frames, nfe = controllable.interpolate(sde, score_fn, pair[0::2], pair[1::2],
                                                    num=fv.num_interp, rtol=fv.rtol,
                                                    atol=fv.atol, eps=eps)
             # frames [num_interp, b, ...] -> per pair [b, num_interp, ...]
-            outputs["frames"].append(_to_output(frames.transpose(0, 1), info.discrete))
+            outputs["frames"].append(_to_output(frames.transpose(0, 1), info))
             x = frames[-1]
         if not bool(torch.isfinite(x).all()):
             raise FloatingPointError(f"non-finite samples in the batch starting at sample "
                                      f"{start}")
-        outputs["samples"].append(_to_output(x, info.discrete))
+        outputs["samples"].append(_to_output(x, info))
         if labels is not None:
             outputs["labels"].append(labels.cpu().numpy())
         nfes.append(int(nfe))

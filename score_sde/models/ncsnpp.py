@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._utils import check_choice, check_int
+from .._utils import append_dims, check_choice, check_int
 from .layers import (AttnBlockpp, Combine, Downsample, LabelEmbedding, ResnetBlockBigGANpp,
                      ResnetBlockDDPMpp, TimeEmbedding, Upsample, EMBEDDINGS, check_time_input,
                      conv3x3, group_norm, linear, residual_sum)
@@ -56,9 +56,12 @@ class NCSNpp(nn.Module):
     - VP / sub-VP (DDPM++): noise prediction, `prediction="noise", time_input="scaled_t"`,
       score = -output / sigma(t);
     - VE (NCSN++): the reference divides the output by sigma inside the network
-      (`scale_by_sigma`) and calls it the score. This class does not: train it with
-      `prediction="noise", time_input="std"`, which gives score = -output / sigma, the same
-      model up to the sign of the output layer.
+      (`scale_by_sigma`) and calls it the score. By default this class does not: train it
+      with `prediction="noise", time_input="std"`, which gives score = -output / sigma, the
+      same model up to the sign of the output layer. With `scale_by_sigma=True` it divides
+      its output by its time input, as the reference does; use it with
+      `prediction="score", time_input="sigma"` (how `score_sde.convert` loads the
+      reference's VE checkpoints).
 
     Args:
         image_size: training resolution; places attention (`attn_resolutions`). Inputs of
@@ -86,10 +89,13 @@ class NCSNpp(nn.Module):
             the time embedding); label K, or `class_labels=None`, is the null label.
         centered: True for data in [-1, 1]; False for data in [0, 1], which the network maps
             to 2 x - 1 first (the reference's VE CIFAR-10 models).
+        scale_by_sigma: divide the output by the time input, the noise level sigma (the
+            reference's VE models); needs the "fourier" embedding, whose input is sigma.
 
     Raises:
         ValueError: for unknown option names, non-positive sizes, an image size not divisible
-            by 2^(len(ch_mult) - 1), or num_classes without conditional.
+            by 2^(len(ch_mult) - 1), num_classes without conditional, or scale_by_sigma
+            without the fourier embedding.
     """
 
     def __init__(self, *, image_size: int = 32, in_channels: int = 3, nf: int = 128,
@@ -101,7 +107,7 @@ class NCSNpp(nn.Module):
                  progressive_input: str = "none", progressive_combine: str = "sum",
                  embedding_type: str = "positional", fourier_scale: float = 16.0,
                  conditional: bool = True, num_classes: Optional[int] = None,
-                 centered: bool = True):
+                 centered: bool = True, scale_by_sigma: bool = False):
         super().__init__()
         check_int("image_size", image_size, minimum=1)
         check_int("in_channels", in_channels, minimum=1)
@@ -128,7 +134,13 @@ class NCSNpp(nn.Module):
             if not conditional:
                 raise ValueError("num_classes needs conditional=True (the label embedding is "
                                  "added to the time embedding)")
+        if scale_by_sigma and not (conditional and embedding_type == "fourier"):
+            raise ValueError(f"scale_by_sigma divides by the noise level, the time input of the "
+                             f"fourier embedding; it needs conditional=True and "
+                             f"embedding_type='fourier', got conditional={conditional}, "
+                             f"embedding_type={embedding_type!r}")
         self.in_channels = in_channels
+        self.scale_by_sigma = scale_by_sigma
         self.embedding_type = embedding_type
         self.conditional = conditional
         self.centered = centered
@@ -305,9 +317,11 @@ class NCSNpp(nn.Module):
             if "up" in level:
                 h = self._resample(level["up"], h, temb)
 
-        if self.progressive == "output_skip":
-            return pyramid
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = pyramid if self.progressive == "output_skip" \
+            else self.conv_out(F.silu(self.norm_out(h)))
+        if self.scale_by_sigma:
+            out = (out / append_dims(time_input, out.ndim)).to(out.dtype)
+        return out
 
 
 _CIFAR10 = dict(image_size=32, in_channels=3, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4,
