@@ -32,7 +32,9 @@ numbers are exactly what users get; each stage's output goes to RESULTS/logs/<st
 
 Results. RESULTS/summary.json (every number, the commands, seconds per stage, device, torch
 version, date) and RESULTS/summary.md (a table for BENCHMARKS.md) are rewritten after every
-stage; RESULTS/raw/ keeps each tool's JSON, RESULTS/grid_<name>.png the sample grids.
+stage; RESULTS/raw/ keeps each tool's JSON, RESULTS/grid_<name>.png the sample grids, and
+RESULTS/ema_weights_fp16.pt the trained EMA weights in float16 (`tools/export_weights.py`,
+right after training), which tools/likelihood.py and tools/sample.py read with --checkpoint.
 
 Resume and time budget. A stage is skipped when summary.json records it as done with the same
 command, upstream stages and input files and its outputs exist, so rerunning the same command
@@ -110,6 +112,7 @@ DEFAULTS = {
                  sample_batch_size=32, pc_steps=30, classifier_iters=30, num_ref=500),
 }
 # Flags without mode-dependent defaults.
+WEIGHTS_FILE = "ema_weights_fp16.pt"  # in the results folder
 OPTIONS = ("data_dir", "workdir", "results", "device", "tiny", "fp32", "n_iters", "dpm_steps",
            "dpm_order", "classifier", "time_budget", "seed")
 TINY_MODEL = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,))
@@ -429,6 +432,13 @@ class Pipeline:
     def run_all(self) -> None:
         o = self.o
         self.run_training()
+        # The EMA weights alone in float16, small enough to carry away from a GPU machine
+        # and evaluate later (tools/likelihood.py --checkpoint, tools/sample.py --checkpoint).
+        weights = self.results / WEIGHTS_FILE
+        self.stage("export_weights", [
+            sys.executable, "tools/export_weights.py", "--workdir", str(self.run_dir),
+            "--output", str(weights), "--fp16", "--overwrite"], upstream=["train"],
+            outputs=[weights])
         classifier = self.run_classifier()
 
         real = self.work / "real_train" / "samples.npz"
@@ -573,7 +583,8 @@ def stage_order(dpm_steps: Sequence[int]) -> List[str]:
     """The stages in the order they run."""
     sampled = [f"{kind}_{name}" for name in [f"dpm{k}" for k in dpm_steps] + ["pc"]
                for kind in ("sample", "fd")]
-    return ["train_calibration", "train", "classifier", "fd_real_train", *sampled, "likelihood"]
+    return ["train_calibration", "train", "export_weights", "classifier", "fd_real_train",
+            *sampled, "likelihood"]
 
 
 def summary_markdown(s: Dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Trained runs: the network, SDE and data description stored in a training checkpoint.
 
-`load_trained` rebuilds what `python -m score_sde.train` saved, for the tools and for research
-code that samples from or evaluates a trained model:
+`load_trained` rebuilds what `python -m score_sde.train` saved (or what `export_weights` wrote
+of it: the EMA weights alone, optionally in float16), for the tools and for research code that
+samples from or evaluates a trained model:
 
     run = load_trained("runs/vp_fashion_mnist/checkpoint.pt", device="cuda")
     x, nfe = sample_pc(run.sde, run.score_fn(), (16, *run.info.shape), device="cuda")
@@ -13,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .config import Config, from_dict
 from .datasets import DataInfo, load_dataset
 from .score import make_score_fn
@@ -21,6 +22,8 @@ from .sde import SDE, ScoreFn
 from .build import build_model, build_sde, with_labels
 
 TRAINING_KEYS = ("model", "ema", "step", "config")
+# Exported weights (`export_weights`): the EMA weights with what rebuilds the network.
+WEIGHTS_KEYS = ("ema", "step", "config", "data_info", "weights_only")
 
 
 @dataclass
@@ -75,13 +78,28 @@ def with_trained_range(info: DataInfo, state: Dict[str, Any]) -> DataInfo:
     return dataclasses.replace(info, data_range=tuple(stored["data_range"]))
 
 
+def check_trained_state(state: Any, path: Union[str, Path]) -> None:
+    """Raises ValueError unless `state` (read from `path`) is a training checkpoint or weights
+    exported by `export_weights`."""
+    if isinstance(state, dict) and ("weights_only" in state and set(WEIGHTS_KEYS) <= set(state)
+                                    or set(TRAINING_KEYS) <= set(state)):
+        return
+    raise ValueError(f"{path} is not a training checkpoint (needs {', '.join(TRAINING_KEYS)}) "
+                     f"nor exported weights (tools/export_weights.py)")
+
+
 def model_from_state(cfg: Config, state: Dict[str, Any], info: DataInfo, *, use_ema: bool,
                      device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
-    """The checkpoint's network (EMA or raw weights) in eval mode on `device`, gradients off.
+    """The checkpoint's network (EMA or raw weights) in eval mode on `device`, gradients off,
+    in float32 whatever the stored precision.
 
     Raises:
-        ValueError: the weights do not fit the network built from the config and `info`.
+        ValueError: the weights do not fit the network built from the config and `info`, or
+            raw weights asked of exported weights (which hold the EMA weights only).
     """
+    if not use_ema and "weights_only" in state:
+        raise ValueError("exported weights hold the EMA weights only; the raw weights "
+                         "(use_ema=False, --nouse_ema) need the training checkpoint")
     model = build_model(cfg, info)
     which = "ema" if use_ema else "model"
     try:
@@ -92,25 +110,68 @@ def model_from_state(cfg: Config, state: Dict[str, Any], info: DataInfo, *, use_
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_trained(checkpoint: Union[str, Path], *, device: Union[str, torch.device] = "cpu",
-                 use_ema: bool = True) -> TrainedModel:
-    """Loads a training checkpoint (`checkpoint.pt` or a snapshot).
-
-    Raises:
-        FileNotFoundError: no such file.
-        score_sde.checkpoint.CheckpointError: the file is corrupt.
-        ValueError: not a training checkpoint, or weights that do not fit its config.
-    """
+def _read_trained(checkpoint: Union[str, Path]):
+    """(state, path) of a training checkpoint or exported weights; see `load_trained`."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = read_checkpoint(path)
-    if not isinstance(state, dict) or not set(TRAINING_KEYS) <= set(state):
-        raise ValueError(f"{path} is not a training checkpoint (needs "
-                         f"{', '.join(TRAINING_KEYS)})")
+    check_trained_state(state, path)
+    return state, path
+
+
+def load_trained(checkpoint: Union[str, Path], *, device: Union[str, torch.device] = "cpu",
+                 use_ema: bool = True) -> TrainedModel:
+    """Loads a training checkpoint (`checkpoint.pt` or a snapshot) or exported weights.
+
+    Raises:
+        FileNotFoundError: no such file.
+        score_sde.checkpoint.CheckpointError: the file is corrupt.
+        ValueError: not a training checkpoint nor exported weights, or weights that do not fit
+            its config.
+    """
+    state, path = _read_trained(checkpoint)
     cfg = from_dict(state["config"])
     info = data_info_of(state, cfg)
     model = model_from_state(cfg, state, info, use_ema=use_ema, device=device)
     return TrainedModel(cfg=cfg, sde=build_sde(cfg), model=model, info=info,
                         step=int(state["step"]), use_ema=use_ema)
 
+
+
+def export_weights(checkpoint: Union[str, Path], output: Union[str, Path], *,
+                   half: bool = False) -> Dict[str, Any]:
+    """Writes a training checkpoint's EMA weights alone, with the config, step and data
+    description that rebuild the network, to `output` (atomic and checksummed, like a
+    checkpoint): a file a fraction of the checkpoint's size (no raw weights, no optimizer
+    state) that `load_trained`, `tools/likelihood.py --checkpoint` and `tools/sample.py
+    --checkpoint` read. With `half`, floating-point weights are stored in float16 (half again
+    the size; they are loaded back into float32).
+
+    Returns:
+        {"output", "bytes", "step", "dtype", "parameters"}.
+
+    Raises:
+        FileNotFoundError, CheckpointError: no such file, or a corrupt one.
+        ValueError: not a training checkpoint, or a weight beyond float16's range with `half`.
+    """
+    state, path = _read_trained(checkpoint)
+    cfg = from_dict(state["config"])
+    dtype = torch.float16 if half else torch.float32
+    ema = {}
+    for key, value in state["ema"].items():
+        if value.is_floating_point():
+            value = value.detach().to("cpu", dtype)
+            if half and not torch.isfinite(value).all():
+                raise ValueError(f"EMA weight {key} does not fit in float16 (largest magnitude "
+                                 f"{float(state['ema'][key].abs().max()):g}); export without "
+                                 f"half precision")
+        ema[key] = value
+    out = {"ema": ema, "step": int(state["step"]), "config": state["config"],
+           "data_info": dataclasses.asdict(data_info_of(state, cfg)),
+           "weights_only": {"dtype": str(dtype).replace("torch.", ""),
+                            "exported_from": str(path.resolve())}}
+    save_checkpoint(out, Path(output))
+    return dict(output=str(Path(output).resolve()), bytes=Path(output).stat().st_size,
+                step=out["step"], dtype=out["weights_only"]["dtype"],
+                parameters=sum(v.numel() for v in ema.values() if v.is_floating_point()))

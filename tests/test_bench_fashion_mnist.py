@@ -26,8 +26,9 @@ _spec.loader.exec_module(bench)
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 NUM_SAMPLES = 24  # below the --tiny default, to check that the flag reaches every stage
-STAGES = ["train_calibration", "train", "classifier", "fd_real_train", "sample_dpm10",
-          "fd_dpm10", "sample_dpm20", "fd_dpm20", "sample_pc", "fd_pc", "likelihood"]
+STAGES = ["train_calibration", "train", "export_weights", "classifier", "fd_real_train",
+          "sample_dpm10", "fd_dpm10", "sample_dpm20", "fd_dpm20", "sample_pc", "fd_pc",
+          "likelihood"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,6 +113,10 @@ def test_tiny_pipeline_summary(tiny):
             with np.load(work / "samples" / name / "samples.npz") as f:
                 assert f["samples"].shape == (NUM_SAMPLES, 1, 28, 28), name
     assert 0 <= r["classifier"]["test_accuracy"] <= 1
+    # The exported float16 EMA weights rebuild the trained network.
+    from score_sde.runs import load_trained
+    exported = load_trained(results_dir / "ema_weights_fp16.pt")
+    assert exported.step == plan["n_iters"] and exported.use_ema
     md = (results_dir / "summary.md").read_text()
     assert "| test bits/dim" in md and md.count("| classifier FD,") == 4
     assert s["command"] in md

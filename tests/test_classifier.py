@@ -8,7 +8,6 @@ vertical stripes), so a few dozen steps must beat chance (1/3). tools/fid.py is 
 a random FeatureClassifier and a fake TorchScript "Inception" scripted here: a set against
 itself gives ~0, and the tool's numbers equal `score_sde.metrics` on the same features.
 """
-import importlib.util
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from score_sde.classifier import (CLASSIFIERS, FeatureClassifier, NoiseCondition
 from score_sde.datasets import load_dataset, to_model_range
 from score_sde.metrics import frechet_distance_from_features
 from score_sde.sde import SDE, VESDE, VPSDE
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_TRAIN, NUM_TEST, NUM_CLASSES = 96, 48, 3  # labels 0..2 of Fashion-MNIST's 10
@@ -37,14 +37,7 @@ TINY_TRAINING = ["--n_iters", "30", "--batch_size", "16", "--width", "4", "--lr"
 SELF_FD_TOL = 1e-6  # |FD| of a feature set against itself (round-off of sqrtm)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tool, fid_tool = _load_tool("train_classifier"), _load_tool("fid")
+train_tool, fid_tool = load_script("tools/train_classifier.py"), load_script("tools/fid.py")
 
 # torch 2.13 deprecates TorchScript, the format of the Inception file tools/fid.py must read.
 pytestmark = [pytest.mark.usefixtures("one_thread"),

@@ -14,7 +14,6 @@ Nothing is downloaded and the paper's code is not run. Ground truth:
   of one of q, k, v for the attention) and the network output.
 """
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -30,20 +29,14 @@ from score_sde.convert import (REFERENCE_CONFIGS, convert_checkpoint, from_refer
                                reference_layout, to_reference, write_run)
 from score_sde.models import NCSNpp
 from score_sde.runs import load_trained
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_tool = _load_tool("convert_checkpoint")
-likelihood_tool = _load_tool("likelihood")
-sample_tool = _load_tool("sample")
+convert_tool = load_script("tools/convert_checkpoint.py")
+likelihood_tool = load_script("tools/likelihood.py")
+sample_tool = load_script("tools/sample.py")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,6 @@ parts that need no GPU run at smoke sizes, and the pieces that decide what the r
 (test counts from pytest's JUnit XML, a part stopped at its time limit) are checked on
 inputs whose answers are known.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,16 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" /
-                                                  "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gpu_check.py")
 
 
 def test_smoke_run_writes_both_reports(tmp_path):

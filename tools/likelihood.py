@@ -83,7 +83,7 @@ from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_see
 from score_sde.distributed import dist_from_env, resolve_device
 from score_sde.likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from score_sde.ode import ERROR_NORMS
-from score_sde.runs import model_from_state, with_trained_range
+from score_sde.runs import check_trained_state, model_from_state, with_trained_range
 from score_sde.score import make_score_fn
 from score_sde.sde import SDE, ScoreFn
 from score_sde.build import build_sde, load_train_eval
@@ -413,9 +413,7 @@ def run(fv) -> Dict[str, object]:
         torch.cuda.set_device(device)
 
     state = read_checkpoint(checkpoint)
-    if not isinstance(state, dict) or not {"model", "ema", "step", "config"} <= set(state):
-        raise InputError(f"{checkpoint} is not a training checkpoint (needs model, ema, step "
-                         f"and config)")
+    check_trained_state(state, checkpoint)
     cfg = from_dict(state["config"])
     dataset = fv.dataset or cfg.data.dataset
     data, info, source = load_eval_data(cfg, dataset=dataset, split=fv.split,
