@@ -21,6 +21,9 @@ from ._utils import (append_dims, check_batch_time, check_int, check_positive, c
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Round-off allowance of `SDE.step_index`, in steps.
+STEP_INDEX_SLACK = 1e-9
+
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE"]
 
 
@@ -50,6 +53,10 @@ class SDE(abc.ABC):
         num_steps: number of discretization steps of [0, T] used by `discretize` and as the
             default step count of the samplers.
     """
+
+    # True when `discretize` or `langevin_scale` look up the chain's step of t (`step_index`)
+    # rather than stepping by dt.
+    indexes_chain = False
 
     def __init__(self, num_steps: int = 1000):
         check_int("num_steps", num_steps, minimum=1)
@@ -138,9 +145,23 @@ class SDE(abc.ABC):
         return torch.ones_like(t)
 
     def step_index(self, t: torch.Tensor) -> torch.Tensor:
-        """Index i in [0, num_steps - 1] of the discrete step at time t (nearest grid point)."""
-        i = torch.round(_t64(t) / self.T * (self.num_steps - 1)).long()
-        return i.clamp(0, self.num_steps - 1)
+        """Index i = floor(t (num_steps - 1) / T) in [0, num_steps - 1] of the discrete step at
+        time t, as in the paper's code.
+
+        Step i belongs to the chain time i T / (num_steps - 1), so the sampler grid
+        linspace(T, eps, num_steps) meets every step exactly once, noisiest first, whenever
+        eps < T / (num_steps - 1); rounding to the nearest step instead would skip some steps
+        and use others twice. A time within 1e-9 steps below i T / (num_steps - 1) counts as
+        step i, so round-off in computing that time does not move it to step i - 1.
+
+        Args:
+            t: times [B] in [0, T].
+
+        Returns:
+            int64 tensor [B].
+        """
+        i = torch.floor(_t64(t, self.T) * ((self.num_steps - 1) / self.T) + STEP_INDEX_SLACK)
+        return i.long().clamp(0, self.num_steps - 1)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Tweedie's formula E[x_0 | x_t = x] = (x + sigma(t)^2 score) / alpha(t).
@@ -169,6 +190,7 @@ class _VPFamily(SDE):
     """
 
     discrete_betas: torch.Tensor  # [num_steps] float64
+    indexes_chain = True
 
     @abc.abstractmethod
     def _beta(self, t64: torch.Tensor) -> torch.Tensor:
@@ -351,6 +373,8 @@ class VESDE(SDE):
         sigma_max: noise scale at t = 1.
         num_steps: discretization steps; the SMLD chain uses geometric sigmas.
     """
+
+    indexes_chain = True
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, num_steps: int = 1000):
         super().__init__(num_steps)

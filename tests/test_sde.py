@@ -350,13 +350,14 @@ def test_prior_sampling_is_reproducible_with_a_generator(name):
 
 # --- 4. discretize ----------------------------------------------------------------------------
 
-# Times chosen away from rounding ties of t (N - 1) for N in {50, 1000}; N = 50 is the
-# smallest step count of the tests (VP needs beta_max / N < 1).
+# Times chosen away from the step boundaries i / (N - 1) for N in {50, 1000} (except the ends);
+# N = 50 is the smallest step count of the tests (VP needs beta_max / N < 1).
 DISC_T = (0.0, 0.137, 0.61, 0.999, 1.0)
 
 
 def step_indices(t, num_steps):
-    return [int(round(float(ti) * (num_steps - 1))) for ti in t]
+    """The paper code's step of time t: floor(t (N - 1) / T), with T = 1."""
+    return [math.floor(float(ti) * (num_steps - 1)) for ti in t]
 
 
 @pytest.mark.parametrize("rank", [2, 4])
@@ -414,6 +415,19 @@ def test_discretize_subvp_is_euler_maruyama(num_steps, rank):
     f, G = sde.discretize(x, t)
     assert_close(f, per_sample(f_coef, rank) * x / num_steps, rtol=1e-12)
     assert_close(G, torch.sqrt(g2 / num_steps), rtol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5, 1e-3])
+@pytest.mark.parametrize("num_steps", [21, 100, 999, 1000])  # VP needs N > 20
+@pytest.mark.parametrize("name", SDE_NAMES)
+def test_step_index_meets_each_step_once_on_the_sampler_grid(name, num_steps, eps):
+    # The paper code's grid linspace(T, eps, N) holds t_k = eps + k (T - eps) / (N - 1), and
+    # t_k (N - 1) / T = k + eps (N - 1 - k) / T lies in [k, k + 1) when eps (N - 1) < T.
+    t = torch.linspace(1.0, eps, num_steps, dtype=F64)
+    assert make_sde(name, num_steps).step_index(t).tolist() == list(range(num_steps))[::-1]
+    # The chain times i T / (N - 1) themselves, whatever their round-off, give step i.
+    t = torch.tensor([i / (num_steps - 1) for i in range(num_steps)], dtype=F64)
+    assert make_sde(name, num_steps).step_index(t).tolist() == list(range(num_steps))
 
 
 @pytest.mark.parametrize("num_steps", [50, 1000])

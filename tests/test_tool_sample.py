@@ -100,8 +100,8 @@ def test_generate_on_toy_checkpoint(sampler, toy_run, tmp_path):
     assert arrays["samples"].shape == (10, 2) and arrays["samples"].dtype == np.float32
     assert np.isfinite(arrays["samples"]).all()
     assert len(summary["nfe"]) == 3 and all(v > 0 for v in summary["nfe"])
-    if sampler == "pc":  # 25 predictor + 25 corrector steps and one denoising evaluation
-        assert summary["nfe"] == [51, 51, 51]
+    if sampler == "pc":  # 25 predictor + 25 corrector steps (the last step denoises)
+        assert summary["nfe"] == [50, 50, 50]
     assert summary["sampler"] == sampler and summary["eps"] == 1e-3
     assert (out / "samples.png").exists()
 
@@ -227,9 +227,9 @@ def test_class_conditional_and_cfg(gray_run, tmp_path):
         summary, arrays = _result(out)
         assert arrays["labels"].tolist() == [0, 1, 2, 3]
         assert summary["guidance"] == guidance
-        # 25 predictor + 25 corrector steps + denoising; a guided evaluation costs two
-        # network passes (label and null label).
-        assert summary["nfe"] == [51]
+        # 25 predictor + 25 corrector steps; a guided evaluation costs two network passes
+        # (label and null label).
+        assert summary["nfe"] == [50]
         assert summary["network_passes_per_eval"] == (2 if guidance == "cfg" else 1)
 
 

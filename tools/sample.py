@@ -20,7 +20,9 @@ Samplers. pc: predictor-corrector (Song et al. 2021, Algorithm 1; --predictor, -
 few-step samplers (generate only): ddim (--num_steps, default 50, --eta), dpm_solver
 (--num_steps evaluations, default 20, --order, --dpm_method) and heun (EDM, --num_steps,
 default 18, 2 num_steps - 1 evaluations).
-Sampling ends at --eps (default 1e-3 for VP / sub-VP, 1e-5 for VE) with Tweedie denoising.
+The last step is taken at --eps (default 1e-3 for VP / sub-VP, 1e-5 for VE) and denoises: pc
+steps on to t = 0 without noise, ald ends with Tweedie's formula, ode and the few-step samplers
+with the denoiser.
 
 Tasks. generate; inpaint (known pixels from the data split, --mask left|right|top|bottom|
 center|random or a .npy file of 0/1 values shaped like one image, 1 = known; the known pixels
