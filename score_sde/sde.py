@@ -68,8 +68,9 @@ class SDE(abc.ABC):
         return 1.0
 
     def with_num_steps(self, num_steps: int) -> "SDE":
-        """A copy of this SDE whose discrete chain (`discretize`) has `num_steps` steps; the
-        continuous SDE is unchanged.
+        """A copy of this SDE whose discrete chain (`discretize`) has `num_steps` steps, with
+        every table derived from the step count rebuilt (`_build_chain`). The continuous SDE
+        is unchanged, except for `CosineVPSDE`, whose beta cap follows the step count.
 
         Raises:
             ValueError: `num_steps` is invalid for this SDE's chain.
@@ -274,7 +275,11 @@ class CosineVPSDE(_VPFamily):
     beta(t) = pi / (1 + s) * tan((t + s) / (1 + s) * pi / 2). As in the paper, beta is clipped
     near t = 1: a discrete beta_i may not exceed `max_beta`, which in continuous time caps
     beta(t) at -num_steps * log(1 - max_beta); alpha(t) integrates the clipped beta, so the
-    discrete chain and the continuous SDE share their marginals exactly.
+    discrete chain and the continuous SDE share their marginals exactly. The cap therefore
+    depends on `num_steps`: `with_num_steps` (which `sample_pc` calls) rebuilds it with the
+    chain, so every chain keeps its betas <= max_beta. The schedules of different step counts
+    differ only where beta(t) exceeds the smaller cap: at 10 steps for t > 0.971, where
+    alpha(t) < 0.046; at 1000 steps for t > 0.9997.
 
     Args:
         s: offset that keeps beta small near t = 0.
@@ -288,13 +293,14 @@ class CosineVPSDE(_VPFamily):
         if not 0 < max_beta < 1:
             raise ValueError(f"max_beta must lie in (0, 1), got {max_beta!r}")
         self.s, self.max_beta = float(s), float(max_beta)
-        # Continuous cap: a step of length 1/N at rate beta_cap multiplies alpha^2 by 1 - max_beta.
-        self.beta_cap = -num_steps * math.log1p(-max_beta)
-        u_cap = math.atan(self.beta_cap * (1 + s) / math.pi)
-        self.t_cap = min(max(u_cap * 2 / math.pi * (1 + s) - s, 0.0), 1.0)
         self._build_chain()
 
     def _build_chain(self):
+        # Continuous cap: a step of length 1/N at rate beta_cap multiplies alpha^2 by
+        # 1 - max_beta. It changes with N, so it is rebuilt with the chain.
+        self.beta_cap = -self.num_steps * math.log1p(-self.max_beta)
+        u_cap = math.atan(self.beta_cap * (1 + self.s) / math.pi)
+        self.t_cap = min(max(u_cap * 2 / math.pi * (1 + self.s) - self.s, 0.0), 1.0)
         # The chain's betas are exact for the continuous schedule on the grid i / num_steps.
         grid = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64)
         log_alpha = self._log_alpha(grid)

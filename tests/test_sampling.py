@@ -21,7 +21,7 @@ from scipy import stats
 import score_sde
 from score_sde import CORRECTORS, PREDICTORS, Corrector, Predictor, sample_ode, sample_pc
 from tests.problems import KERNELS, exact_score_fn, random_mixture, ring_mixture
-from tests.test_sde import OrnsteinUhlenbeck
+from tests.test_sde import OrnsteinUhlenbeck, cosine_chain
 
 F64 = torch.float64
 SDES = {"vp": score_sde.VPSDE, "subvp": score_sde.SubVPSDE, "ve": score_sde.VESDE,
@@ -919,3 +919,19 @@ def test_eps_too_large_for_the_chain_warns():
                   corrector="none", num_steps=101, eps=1e-2, generator=gen(0))
         sample_pc(make_sde("subvp"), counter, (2, 3), predictor="reverse_diffusion",
                   corrector="langevin", num_steps=101, eps=1e-2, generator=gen(0))
+
+
+@pytest.mark.parametrize("num_steps", [10, 100, 1000])
+def test_reverse_diffusion_on_the_cosine_chain_of_its_own_step_count(num_steps):
+    # sample_pc re-discretizes a 1000-step cosine SDE to num_steps, and the clip of its betas
+    # (0.999) must follow. N(0, I) data have the exact score -x under every VP schedule, and on
+    # the probability-flow ODE each reverse-diffusion step (Eq. 46) multiplies x by
+    # 2 - sqrt(1 - beta_i) - beta_i / 2, so the output is the prior times the product over the
+    # chain, which the closed-form chain of test_sde gives.
+    x, _ = sample_pc(make_sde("cosine", 1000), lambda x, t: -x, (3, 2),
+                     predictor="reverse_diffusion", corrector="none", num_steps=num_steps,
+                     probability_flow=True, denoise=False, dtype=F64, generator=gen(0))
+    beta = cosine_chain(num_steps)
+    factor = torch.prod(2 - torch.sqrt(1 - beta) - beta / 2)
+    prior = torch.randn((3, 2), generator=gen(0), dtype=F64)
+    torch.testing.assert_close(x, factor * prior, rtol=1e-9, atol=0)

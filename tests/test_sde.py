@@ -229,6 +229,43 @@ def test_cosine_discrete_betas_match_nichol_dhariwal(num_steps, max_beta):
     assert 0 < betas[straddle] <= max_beta * (1 + 1e-12)
 
 
+def cosine_chain(num_steps, max_beta=COS_MAX_BETA):
+    """The N betas of the clipped cosine chain, from the closed form: log alpha_bar is Nichol &
+    Dhariwal's below t_cap (where beta(t) reaches the cap of N steps) and falls at the rate
+    beta_cap beyond it; beta_i = 1 - alpha_bar((i + 1) / N) / alpha_bar(i / N)."""
+    cap, t_cap = cosine_beta_cap(num_steps, max_beta), cosine_t_cap(num_steps, max_beta)
+    grid = np.arange(num_steps + 1) / num_steps
+    log_abar = np.where(grid <= t_cap, np.log(cosine_abar(np.minimum(grid, t_cap))),
+                        math.log(cosine_abar(t_cap)) - cap * (grid - t_cap))
+    return torch.from_numpy(-np.expm1(np.diff(log_abar)))
+
+
+@pytest.mark.parametrize("num_steps", [10, 100, 1000])
+def test_cosine_with_num_steps_rebuilds_the_cap(num_steps):
+    # The cap -N log(1 - max_beta) depends on N; a copy for another N that kept the old cap
+    # had a largest beta of 0.999999 at N = 10 and 0.99989 at N = 100 (from N = 1000), above
+    # the 0.999 of Nichol & Dhariwal. Every derived table must follow N, whichever N the SDE
+    # was built with.
+    expected = cosine_chain(num_steps)
+    for start in (1000, 10, num_steps):
+        sde = make_sde("cosine", start).with_num_steps(num_steps)
+        assert sde.num_steps == num_steps
+        assert sde.beta_cap == pytest.approx(cosine_beta_cap(num_steps), rel=1e-12)
+        assert sde.t_cap == pytest.approx(cosine_t_cap(num_steps), rel=1e-12)
+        assert_close(sde.discrete_betas, expected, rtol=1e-9)
+        assert float(sde.discrete_betas.max()) <= COS_MAX_BETA
+        # The continuous SDE has the same cap: beta(1) = beta_cap, and the chain's marginals
+        # are the SDE's at the chain times i / N.
+        _, diffusion = sde.sde(torch.ones(1, 1, dtype=F64), times(1.0))
+        assert float(diffusion[0]) ** 2 == pytest.approx(cosine_beta_cap(num_steps), rel=1e-12)
+        alpha, _ = sde.marginal_coeffs(torch.linspace(0, 1, num_steps + 1, dtype=F64))
+        assert_close(alpha[1:] ** 2, torch.cumprod(1 - expected, 0), rtol=1e-9)
+    # The original is left unchanged.
+    original = make_sde("cosine", 1000)
+    original.with_num_steps(num_steps)
+    assert original.beta_cap == pytest.approx(cosine_beta_cap(1000), rel=1e-12)
+
+
 def test_cosine_cap_below_beta_at_t0():
     """max_beta = 1e-5, N = 1000: beta_cap ~ 0.01 < beta(0) ~ 0.039, so beta = beta_cap on all
     of [0, 1] and alpha(t) = exp(-beta_cap t / 2)."""
