@@ -232,13 +232,17 @@ def test_dpm_solver_order_1_is_ddim(name, method, prediction, time_grid):
 def test_ddim_is_pc_ancestral_sampling(name, eta):
     # eta = 1: the DDPM posterior q(x_s | x_t, x0_hat) that the ancestral predictor draws from
     # (same noise, in the same order, from one generator); eta = 0: its probability-flow form.
+    # sample_pc's 26 step times linspace(T, eps, 26) are DDIM's 25-step grid, and its last
+    # step, from eps to t = 0, is the posterior at alpha = 1, sigma = 0: Tweedie's E[x_0 | x_eps]
+    # with no noise, which is DDIM's denoising.
     score_fn = fast_score_fn(SMALL_MIXTURE, KERNEL[name])
-    x_ddim, _ = sample_ddim(make_sde(name), score_fn, (16, 8), num_steps=25, eta=eta,
-                            eps=EPS[name], dtype=F64, generator=gen(5))
-    x_pc, _ = sample_pc(make_sde(name), score_fn, (16, 8), predictor="ancestral_sampling",
-                        corrector="none", num_steps=25, eps=EPS[name], denoise=False,
-                        probability_flow=eta == 0.0, dtype=F64, generator=gen(5))
+    x_ddim, nfe_ddim = sample_ddim(make_sde(name), score_fn, (16, 8), num_steps=25, eta=eta,
+                                   eps=EPS[name], denoise=True, dtype=F64, generator=gen(5))
+    x_pc, nfe_pc = sample_pc(make_sde(name), score_fn, (16, 8), predictor="ancestral_sampling",
+                             corrector="none", num_steps=26, eps=EPS[name], denoise=False,
+                             probability_flow=eta == 0.0, dtype=F64, generator=gen(5))
     torch.testing.assert_close(x_ddim, x_pc, rtol=1e-10, atol=1e-10)
+    assert nfe_ddim == nfe_pc == 26
 
 
 def ddim_steps(name, num_steps, eta):
