@@ -66,6 +66,11 @@ def test_sampler_rows(result):
         else:  # adaptive ODE solves
             assert nfe[0] > 20, name
     assert len(by_name) == 9
+    forms = result[0]["samplers"]["solver_types"]
+    assert len(forms["rows"]) == 8 and len(forms["best"]) == 8  # 2 methods x 2 orders x 2
+    for r in forms["rows"]:
+        assert r["nfe"] == 10 and 0 < r["dpmsolver"] < 1 and 0 < r["taylor"] < 1
+    assert {r["default"] for r in forms["best"]} <= {"dpmsolver", "taylor"}
     ode = {r["sampler"]: r for r in rows if r["sampler"].startswith("ode")}
     assert ode["ode: sample_ode, rms norm"]["nfe"] <= ode["ode: sample_ode (dopri5, 1e-5)"]["nfe"]
     assert all("speedup_vs_paper_code" in r for n, r in ode.items() if "sample_ode" in n)

@@ -110,6 +110,7 @@ def test_generate_on_toy_checkpoint(sampler, toy_run, tmp_path):
     ("ddim", ["--num_steps", 10, "--eta", 0.5], 10),
     ("dpm_solver", ["--num_steps", 12, "--order", 3], 12),
     ("dpm_solver", ["--num_steps", 12, "--dpm_method", "singlestep"], 12),
+    ("dpm_solver", ["--num_steps", 12, "--order", 3, "--dpm_solver_type", "taylor"], 12),
     ("heun", ["--num_steps", 6], 11),
 ])
 def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
@@ -119,6 +120,8 @@ def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
     summary, arrays = _result(out)
     assert arrays["samples"].shape == (8, 2) and np.isfinite(arrays["samples"]).all()
     assert summary["nfe"] == [nfe] and summary["sampler"] == sampler
+    if "--dpm_solver_type" in extra:
+        assert summary["dpm_solver_type"] == "taylor"
 
 
 def test_cuda_graph_flag_on_the_cpu_gives_the_same_samples(toy_run, tmp_path):
