@@ -31,10 +31,10 @@ Sections
 - samplers: on a 64-d Gaussian mixture whose score is closed-form at every t (from each SDE's
   own marginal_coeffs), every sampler's NFE, seconds and Frechet distance to the exact moments
   of its target, divided by the finite-sample floor (the mean distance of as many exact
-  samples); for the few-step samplers also the smallest NFE tried (10, 15, 20, 30, 40, 60;
-  Heun 9 to 81; --quick: 10 and 20, Heun 19) below 1.5 x the floor; and the probability-flow
-  ODE solved the paper code's way (SciPy RK45, float64 host round trip per evaluation) against
-  `sample_ode`. Then both published forms of each higher-order DPM-Solver update
+  samples); for the few-step samplers also the smallest NFE tried (6, 8, 9, 10, 15, 20, 30,
+  40, 60; Heun 9 to 81; --quick: 10 and 20, Heun 19) below 1.5 x the floor; and the
+  probability-flow ODE solved the paper code's way (SciPy RK45, float64 host round trip per
+  evaluation) against `sample_ode`. Then both published forms of each higher-order DPM-Solver update
   (`solver_type`) at 10, 15 and 20 evaluations (--quick: 10): the median error against the ODE
   from the same prior draws, and which form is the more accurate.
 
@@ -402,18 +402,19 @@ def sampler_plan(quick: bool) -> List[Tuple[str, str, Callable, List[int]]]:
         return sample_ddim(sde, score, shape, num_steps=nfe, eps=eps, generator=g,
                            device=device, dtype=torch.float64)
 
-    def dpm(order, method, prediction):
+    def dpm(order, method, prediction, time_grid=None):
         def run(sde, score, shape, nfe, g, device, eps):
             return sample_dpm_solver(sde, score, shape, num_steps=nfe, order=order,
                                      method=method, prediction=prediction, eps=eps,
-                                     generator=g, device=device, dtype=torch.float64)
+                                     time_grid=time_grid, generator=g, device=device,
+                                     dtype=torch.float64)
         return run
 
     def heun(sde, score, shape, nfe, g, device, eps):
         return sample_heun(sde, score, shape, num_steps=(nfe + 1) // 2, generator=g,
                            device=device, dtype=torch.float64)
 
-    few = [10, 20] if quick else [10, 15, 20, 30, 40, 60]
+    few = [10, 20] if quick else [6, 8, 9, 10, 15, 20, 30, 40, 60]
     heun_nfe = [19] if quick else [9, 19, 31, 41, 61, 81]
     plan = [
         ("pc: reverse diffusion + Langevin", "data", pc, [2000] if not quick else [200]),
@@ -421,8 +422,10 @@ def sampler_plan(quick: bool) -> List[Tuple[str, str, Callable, List[int]]]:
         ("ode: sample_ode, rms norm", "data", ode_rms, [0]),
         ("ode: SciPy RK45 float64 host round trip", "data", scipy_rk45, [0]),
         ("ddim (eta 0)", "eps", ddim, few),
-        ("dpm_solver multistep order 2", "eps", dpm(2, "multistep", "noise"), few),
-        ("dpm_solver multistep order 3", "eps", dpm(3, "multistep", "noise"), few),
+        ("dpm_solver multistep order 2 (EDM grid)", "eps", dpm(2, "multistep", "noise"), few),
+        ("dpm_solver multistep order 3 (EDM grid)", "eps", dpm(3, "multistep", "noise"), few),
+        ("dpm_solver multistep order 3, logSNR grid", "eps",
+         dpm(3, "multistep", "noise", "logsnr"), few),
         ("dpm_solver++ singlestep order 3", "eps", dpm(3, "singlestep", "data"), few),
         ("heun (EDM grid, rho 7, sigma_max 80)", "data", heun, heun_nfe),
     ]

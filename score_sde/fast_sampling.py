@@ -59,6 +59,7 @@ DPM_DEFAULT_SOLVER_TYPES = {
 SINGLESTEP_FRACTIONS = {1: (), 2: (1 / 2,), 3: (1 / 3, 2 / 3)}
 EDM_SIGMA_MIN = 0.002  # EDM's smallest noise level, the default end of sample_heun's grid
 EDM_SIGMA_MAX = 80.0  # EDM's largest noise level, where sample_heun's grid starts at most
+EDM_RHO = 7.0  # EDM's exponent of the noise-level grid
 BISECTION_STEPS = 100  # halvings of [0, T]: t(lambda) to float64 round-off
 MONOTONE_CHECK_POINTS = 1001  # where lambda(t) must be strictly decreasing
 
@@ -135,7 +136,30 @@ def _logsnr_grid(sched: _Schedule, num_steps: int, eps: float) -> torch.Tensor:
     return sched.time_of(lam)
 
 
-TIME_GRIDS = {"uniform": _uniform_grid, "quadratic": _quadratic_grid, "logsnr": _logsnr_grid}
+def _edm_levels(s_max: float, s_min: float, num: int, rho: float) -> torch.Tensor:
+    """EDM's Eq. 5: `num` noise levels from s_max to s_min, uniform in s^(1/rho), float64."""
+    frac = torch.linspace(0, 1, num, dtype=torch.float64)
+    return (s_max ** (1 / rho) + frac * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+
+
+def _edm_grid(sched: _Schedule, num_steps: int, eps: float) -> torch.Tensor:
+    # EDM's rho = 7 steps in the noise level s = sigma / alpha = e^-lambda (Karras et al. 2022,
+    # Eq. 5) down to s(eps). Where s(T) exceeds EDM's sigma_max = 80 (VP and sub-VP: 152,
+    # cosine VP: about 6000), the first step goes from T to s = 80 and the other num_steps - 1
+    # follow the grid from 80: one exponential-integrator step crosses the range where the
+    # prediction hardly changes.
+    s_T, s_eps = (math.exp(-float(v)) for v in
+                  sched.lam(torch.tensor([sched.sde.T, eps], dtype=torch.float64)))
+    if s_T > EDM_SIGMA_MAX and num_steps > 1:
+        levels = torch.cat([torch.tensor([s_T], dtype=torch.float64),
+                            _edm_levels(EDM_SIGMA_MAX, s_eps, num_steps, EDM_RHO)])
+    else:
+        levels = _edm_levels(s_T, s_eps, num_steps + 1, EDM_RHO)
+    return sched.time_of(-torch.log(levels))
+
+
+TIME_GRIDS = {"uniform": _uniform_grid, "quadratic": _quadratic_grid, "logsnr": _logsnr_grid,
+              "edm": _edm_grid}
 
 
 def _time_grid(sched: _Schedule, name: str, num_steps: int, eps: float) -> torch.Tensor:
@@ -224,7 +248,8 @@ def sample_ddim(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 50, eta:
         eps: final time, in (0, T).
         denoise: replace the result at eps by Tweedie's E[x_0 | x_eps] (one more evaluation).
         time_grid: a name in `TIME_GRIDS` ("uniform" in t, "quadratic" = uniform in sqrt(t),
-            "logsnr" = uniform in lambda).
+            "logsnr" = uniform in lambda, "edm" = EDM's rho = 7 grid in sigma / alpha, see
+            `sample_dpm_solver`).
         device: device of the samples; defaults to the generator's device, else CPU.
         dtype: dtype of the samples (default: torch's default dtype).
         generator: torch.Generator for the prior and, when eta > 0, the step noise.
@@ -324,7 +349,7 @@ def _singlestep_orders(num_steps: int, order: int) -> List[int]:
 def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20,
                       order: int = 2, method: str = "multistep", prediction: str = "noise",
                       solver_type: Optional[str] = None,
-                      eps: float = 1e-3, time_grid: str = "logsnr", denoise: bool = False,
+                      eps: float = 1e-3, time_grid: Optional[str] = None, denoise: bool = False,
                       device=None, dtype: Optional[torch.dtype] = None,
                       generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, int]:
     """DPM-Solver / DPM-Solver++ sampling with the probability-flow ODE (Lu et al. 2022).
@@ -357,6 +382,13 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
     stages and, if order does not divide num_steps, one final step of order num_steps % order;
     its grid has that many steps.
 
+    Time grid: by default multistep noise prediction steps on EDM's rho = 7 grid in the noise
+    level sigma / alpha (its first step from T to sigma / alpha = 80 where the SDE starts
+    higher), everything else uniformly in lambda. On a 64-d mixture under VP, sub-VP, VE and
+    cosine VP (benchmarks/bench.py), multistep order 3 with noise prediction reached 1.5 x
+    the Frechet floor in 9 evaluations on the EDM grid (10-15 on the logSNR grid), and order
+    2 in 10 (15-20); data prediction and singlestep did worse on the EDM grid.
+
     Works for any SDE with closed-form marginals and strictly decreasing lambda(t) (VP,
     sub-VP, cosine VP and VE); t(lambda) is found by float64 bisection.
 
@@ -371,7 +403,8 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
         solver_type: "dpmsolver" or "taylor" (`DPM_SOLVER_TYPES`); None (default) takes
             `DPM_DEFAULT_SOLVER_TYPES[method, order, prediction]`. No effect at order 1.
         eps: final time, in (0, T).
-        time_grid: a name in `TIME_GRIDS`; "logsnr" (uniform in lambda) by default.
+        time_grid: a name in `TIME_GRIDS`; None (default) takes "edm" for multistep noise
+            prediction and "logsnr" (uniform in lambda) otherwise (see above).
         denoise: replace the result at eps by Tweedie's E[x_0 | x_eps] (one more evaluation).
         device: device of the samples; defaults to the generator's device, else CPU.
         dtype: dtype of the samples (default: torch's default dtype).
@@ -393,6 +426,8 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
     if solver_type is None:
         solver_type = DPM_DEFAULT_SOLVER_TYPES[method, order, prediction]
     check_choice("solver_type", solver_type, DPM_SOLVER_TYPES)
+    if time_grid is None:
+        time_grid = "edm" if (method, prediction) == ("multistep", "noise") else "logsnr"
     check_eps(eps, sde)
     check_choice("time_grid", time_grid, TIME_GRIDS)
     sched = _Schedule(sde)
@@ -518,9 +553,7 @@ def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho:
             t_start = float(sched.time_of(torch.tensor([-math.log(sigma_max)],
                                                        dtype=torch.float64), t_lo=eps))
             s_max = math.exp(-float(sched.lam(torch.tensor([t_start], dtype=torch.float64))))
-    frac = torch.linspace(0, 1, num_steps, dtype=torch.float64)
-    levels = (s_max ** (1 / rho) + frac * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    t = sched.time_of(-torch.log(levels))
+    t = sched.time_of(-torch.log(_edm_levels(s_max, s_min, num_steps, rho)))
     t[-1] = eps
     t[0] = t_start  # with num_steps = 1 the only level is s(t_0)
     points = sched.points(t)

@@ -65,7 +65,7 @@ def test_sampler_rows(result):
             assert nfe == [200]
         else:  # adaptive ODE solves
             assert nfe[0] > 20, name
-    assert len(by_name) == 9
+    assert len(by_name) == 10
     forms = result[0]["samplers"]["solver_types"]
     assert len(forms["rows"]) == 8 and len(forms["best"]) == 8  # 2 methods x 2 orders x 2
     for r in forms["rows"]:

@@ -164,8 +164,8 @@ def gaussian_flow(name, prior, sampler):
 CONV_MIXTURE = random_mixture(2, seed=3)
 CONV_SHAPE = (16, 2)
 CONV_STEPS = (48, 96, 192)  # multiples of 2 and 3: every singlestep step has full order
-# name -> (sampler, options, declared order, step counts). Least-squares slopes measured on
-# these grids for VP / sub-VP / VE / cosine: order 1 0.98-0.99; order 2 1.94-2.07; Heun
+# name -> (sampler, options, declared order, step counts), DPM-Solver on the logSNR grid.
+# Least-squares slopes measured on these grids for VP / sub-VP / VE / cosine: order 1 0.98-0.99; order 2 1.94-2.07; Heun
 # 2.07-2.13 (num_steps - 1 Heun steps); order 3 2.95-3.26, except singlestep data prediction
 # in the DPM-Solver-3 form, 2.75-2.85. The authors' multistep order 3 ("dpmsolver") weights
 # the second derivative by half its Taylor weight, an O(h^3) error per step: measured slopes
@@ -175,14 +175,16 @@ CONV = {"ddim": (sample_ddim, {}, 1, (50, 100, 200)),
 for _method in DPM_METHODS:
     for _pred in DPM_PREDICTIONS:
         CONV[f"dpm_{_method}_o1_{_pred}"] = (
-            sample_dpm_solver, dict(method=_method, order=1, prediction=_pred), 1, CONV_STEPS)
+            sample_dpm_solver, dict(method=_method, order=1, prediction=_pred,
+                                    time_grid="logsnr"), 1, CONV_STEPS)
         for _order in (2, 3):
             for _form in DPM_SOLVER_TYPES:
                 declared = 2 if (_method, _order, _form) == ("multistep", 3, "dpmsolver") \
                     else _order
                 CONV[f"dpm_{_method}_o{_order}_{_pred}_{_form}"] = (
                     sample_dpm_solver, dict(method=_method, order=_order, prediction=_pred,
-                                            solver_type=_form), declared, CONV_STEPS)
+                                            solver_type=_form, time_grid="logsnr"),
+                    declared, CONV_STEPS)
 SLOPE_TOL = 0.4  # the fitted slope must lie within 0.4 of the declared order
 
 
@@ -356,8 +358,8 @@ def test_multistep_forms_on_a_quadratic_prediction(name, prediction):
                 expected = expected + transport(name, times[k], EPS[name], prediction) * miss
             x, _ = sample_dpm_solver(make_sde(name), score_fn, (4, 3), num_steps=num_steps,
                                      order=order, method="multistep", prediction=prediction,
-                                     solver_type=form, eps=EPS[name], dtype=F64,
-                                     generator=gen(0))
+                                     solver_type=form, eps=EPS[name], time_grid="logsnr",
+                                     dtype=F64, generator=gen(0))
             torch.testing.assert_close(x, expected, rtol=1e-8,
                                        atol=1e-8 * expected.abs().max().item(),
                                        msg=f"order {order}, {form}")
@@ -462,21 +464,24 @@ HD_MIXTURE = random_mixture(HD_DIM, seed=0)
 FLOOR_SEEDS = range(1000, 1008)  # exact samples for the floor
 SAMPLER_SEEDS = range(6)  # prior draws for each sampler
 FD_FACTOR = 1.5
-# sampler -> NFE per SDE. Mean FD over SAMPLER_SEEDS / floor measured at these NFE: 1.09-1.25
-# (the value reached by every converged sampler with these seeds is 1.09). Smallest NFE
-# found below 1.5 (scanning DPM-Solver at 8, 10, 12, 15, 20, DDIM in steps of 10, Heun
-# at 31, 41, ...), for VP / sub-VP / VE / cosine: DPM-Solver multistep order 2 (noise)
-# 12 / 15 / 15 / 15; multistep order 3 (noise) 8 / 10 / 10 / 10; singlestep order 3 (data)
-# 10 / 15 / 10 / 15; DDIM 40 / 40 / 40 / 30; Heun 31 for all four with EDM's sigma_max = 80
-# (1.49 / 1.49 / 1.39 / 1.49 over 3 seeds in benchmarks/bench.py; 19 evaluations give 3 to 4 x
-# the floor). Without the cap Heun needed 41 / 41 / 31 / 61: cosine's noise level at T is 6000,
-# VP's 152, and the rho = 7 grid spends many steps up there. DPM-Solver++ multistep order 2
-# (data) measured 1.53 x at 20 for sub-VP and cosine (3000 samples, 8 seeds): their lambda
-# ranges are wider (sub-VP reaches 9.1 at eps, cosine starts at -8.7) and uniform logSNR steps
-# spend more of the budget where the data prediction hardly moves.
+# sampler -> NFE per SDE. Mean FD over SAMPLER_SEEDS / floor measured at these NFE: 1.10-1.27
+# (the value reached by every converged sampler with these seeds is 1.09). Multistep noise
+# prediction runs on the EDM grid by default; measured at 8 / 9 / 10 evaluations: order 3
+# 1.18 / 1.11 / 1.10 (VP), 1.40 / 1.16 / 1.13 (sub-VP), 1.12 / 1.11 / 1.11 (VE), 1.21 / 1.15 /
+# 1.15 (cosine); order 2 at 10: 1.19 / 1.27 / 1.18 / 1.23. On the logSNR grid order 3 needed
+# 10 for sub-VP and cosine (1.40, 1.36; 1.55, 1.58 at 9). Before, smallest NFE found below
+# 1.5 (scanning DPM-Solver at 8, 10, 12, 15, 20, DDIM in steps of 10, Heun at 31, 41, ...),
+# for VP / sub-VP / VE / cosine: singlestep order 3 (data) 10 / 15 / 10 / 15; DDIM 40 / 40 /
+# 40 / 30; Heun 31 for all four with EDM's sigma_max = 80 (1.49 / 1.49 / 1.39 / 1.49 over 3
+# seeds in benchmarks/bench.py; 19 evaluations give 3 to 4 x the floor). Without the cap
+# Heun needed 41 / 41 / 31 / 61: cosine's noise level at T is 6000, VP's 152, and the rho = 7
+# grid spends many steps up there. DPM-Solver++ multistep order 2 (data) measured 1.53 x at
+# 20 for sub-VP and cosine (3000 samples, 8 seeds): their lambda ranges are wider (sub-VP
+# reaches 9.1 at eps, cosine starts at -8.7) and uniform logSNR steps spend more of the
+# budget where the data prediction hardly moves.
 FD_NFE = {
-    "dpm_ms2_noise": {"vp": 20, "subvp": 20, "ve": 20, "cosine": 20},
-    "dpm_ms3_noise": {"vp": 15, "subvp": 15, "ve": 15, "cosine": 15},
+    "dpm_ms2_noise": {"vp": 10, "subvp": 10, "ve": 10, "cosine": 10},
+    "dpm_ms3_noise": {"vp": 9, "subvp": 9, "ve": 9, "cosine": 9},
     "dpm_ss3_data": {"vp": 20, "subvp": 20, "ve": 20, "cosine": 20},
     "heun": {"vp": 41, "subvp": 41, "ve": 41, "cosine": 41},
     "ddim": {"vp": 60, "subvp": 60, "ve": 60, "cosine": 60},
@@ -569,12 +574,33 @@ def test_logsnr_grid_is_uniform_in_lambda(name, method, order):
     # times by bisection; this file's kernels check them.
     recorder, num_steps = TimeRecorder(gaussian_score(name)), 12
     sample_dpm_solver(make_sde(name), recorder, (2, 2), num_steps=num_steps, order=order,
-                      method=method, eps=EPS[name], dtype=F64)
+                      method=method, eps=EPS[name], time_grid="logsnr", dtype=F64)
     lam = log_snr(name, recorder.times)
     lam_T, lam_eps = log_snr(name, [1.0, EPS[name]])
     expected = lam_T + torch.arange(num_steps, dtype=F64) * (lam_eps - lam_T) / num_steps
     torch.testing.assert_close(lam, expected, rtol=0, atol=1e-9)
     assert recorder.times[0] == 1.0
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("name", list(SDES))
+def test_multistep_noise_prediction_steps_on_the_edm_grid(name, order):
+    # The default grid of multistep noise prediction: noise levels s = sigma / alpha on EDM's
+    # rho = 7 grid (Karras et al. 2022, Eq. 5) down to s(eps); where s(T) > 80 (VP, sub-VP:
+    # 152; cosine: about 6000; VE: 50) the first step goes from T to s = 80 and the rest
+    # follow the grid from 80. Multistep evaluates at the N grid points before eps.
+    recorder, num_steps, rho = TimeRecorder(gaussian_score(name)), 8, 7.0
+    sample_dpm_solver(make_sde(name), recorder, (2, 2), num_steps=num_steps, order=order,
+                      eps=EPS[name], dtype=F64)
+    s_T, s_eps = (float(v) for v in noise_level(name, [1.0, EPS[name]]))
+    start, count = (80.0, num_steps) if s_T > 80.0 else (s_T, num_steps + 1)
+    i = np.arange(count) / (count - 1)
+    levels = (start ** (1 / rho) + i * (s_eps ** (1 / rho) - start ** (1 / rho))) ** rho
+    if s_T > 80.0:
+        levels = np.concatenate([[s_T], levels])
+    assert recorder.times[0] == 1.0
+    np.testing.assert_allclose(noise_level(name, recorder.times).numpy(), levels[:-1],
+                               rtol=1e-9)
 
 
 @pytest.mark.parametrize("time_grid", ["uniform", "quadratic"])
@@ -749,8 +775,8 @@ BAD = {
         (dict(eta=-0.1), r"eta must be a number in \[0, 1\]"), (dict(eta=1.5), "eta"),
         (dict(eta=float("nan")), "eta"), (dict(eta=True), "eta"),
         (dict(eps=0.0), "eps"), (dict(eps=1.0), "eps"), (dict(eps=-1e-3), "eps"),
-        (dict(time_grid="edm"), r"time_grid 'edm'; accepted: 'uniform', 'quadratic', "
-                                r"'logsnr'"),
+        (dict(time_grid="rho"), r"time_grid 'rho'; accepted: 'uniform', 'quadratic', "
+                                r"'logsnr', 'edm'"),
     ],
     "dpm": BAD_COMMON + [
         (dict(sde=IncreasingLambdaSDE()), "strictly decreasing"),
