@@ -33,10 +33,12 @@ Sections
 - samplers: on a 64-d Gaussian mixture whose score is closed-form at every t (from each SDE's
   own marginal_coeffs), every sampler's NFE, seconds and Frechet distance to the exact moments
   of its target, divided by the finite-sample floor (the mean distance of as many exact
-  samples); for the few-step samplers also the smallest NFE tried (10, 15, 20, 30, 40, 60;
-  Heun 9 to 81; --quick: 10 and 20, Heun 19) below 1.5 x the floor; and the probability-flow
-  ODE solved the paper code's way (SciPy RK45, float64 host round trip per evaluation) against
-  `sample_ode`.
+  samples); for the few-step samplers also the smallest NFE tried (6, 8, 9, 10, 15, 20, 30,
+  40, 60; Heun 9 to 81; --quick: 10 and 20, Heun 19) below 1.5 x the floor; and the
+  probability-flow ODE solved the paper code's way (SciPy RK45, float64 host round trip per
+  evaluation) against `sample_ode`. Then both published forms of each higher-order DPM-Solver update
+  (`solver_type`) at 10, 15 and 20 evaluations (--quick: 10): the median error against the ODE
+  from the same prior draws, and which form is the more accurate.
 
 All timings synchronise the device before reading the clock. Numbers from a shared or busy
 machine are noisy; say so next to them.
@@ -66,6 +68,8 @@ from score_sde import (VESDE, VPSDE, CosineVPSDE, ReverseSDE, SubVPSDE,  # noqa:
                       sample_heun, sample_ode, sample_pc)
 from score_sde._utils import host_checked_times  # noqa: E402
 from score_sde.cuda_graphs import CudaGraphed  # noqa: E402
+from score_sde.fast_sampling import (DPM_DEFAULT_SOLVER_TYPES, DPM_METHODS,  # noqa: E402
+                                     DPM_PREDICTIONS, DPM_SOLVER_TYPES)
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.datasets import DataInfo, load_dataset, to_model_range  # noqa: E402
 from score_sde.metrics import frechet_distance  # noqa: E402
@@ -438,18 +442,19 @@ def sampler_plan(quick: bool) -> List[Tuple[str, str, Callable, List[int]]]:
         return sample_ddim(sde, score, shape, num_steps=nfe, eps=eps, generator=g,
                            device=device, dtype=torch.float64)
 
-    def dpm(order, method, prediction):
+    def dpm(order, method, prediction, time_grid=None):
         def run(sde, score, shape, nfe, g, device, eps):
             return sample_dpm_solver(sde, score, shape, num_steps=nfe, order=order,
                                      method=method, prediction=prediction, eps=eps,
-                                     generator=g, device=device, dtype=torch.float64)
+                                     time_grid=time_grid, generator=g, device=device,
+                                     dtype=torch.float64)
         return run
 
     def heun(sde, score, shape, nfe, g, device, eps):
         return sample_heun(sde, score, shape, num_steps=(nfe + 1) // 2, generator=g,
                            device=device, dtype=torch.float64)
 
-    few = [10, 20] if quick else [10, 15, 20, 30, 40, 60]
+    few = [10, 20] if quick else [6, 8, 9, 10, 15, 20, 30, 40, 60]
     heun_nfe = [19] if quick else [9, 19, 31, 41, 61, 81]
     plan = [
         ("pc: reverse diffusion + Langevin", "data", pc, [2000] if not quick else [200]),
@@ -457,8 +462,10 @@ def sampler_plan(quick: bool) -> List[Tuple[str, str, Callable, List[int]]]:
         ("ode: sample_ode, rms norm", "data", ode_rms, [0]),
         ("ode: SciPy RK45 float64 host round trip", "data", scipy_rk45, [0]),
         ("ddim (eta 0)", "eps", ddim, few),
-        ("dpm_solver multistep order 2", "eps", dpm(2, "multistep", "noise"), few),
-        ("dpm_solver multistep order 3", "eps", dpm(3, "multistep", "noise"), few),
+        ("dpm_solver multistep order 2 (EDM grid)", "eps", dpm(2, "multistep", "noise"), few),
+        ("dpm_solver multistep order 3 (EDM grid)", "eps", dpm(3, "multistep", "noise"), few),
+        ("dpm_solver multistep order 3, logSNR grid", "eps",
+         dpm(3, "multistep", "noise", "logsnr"), few),
         ("dpm_solver++ singlestep order 3", "eps", dpm(3, "singlestep", "data"), few),
         ("heun (EDM grid, rho 7, sigma_max 80)", "data", heun, heun_nfe),
     ]
@@ -514,6 +521,59 @@ def sampler_runs(args, device: torch.device) -> Dict:
                 "seconds"]
     return dict(dim=args.dim, num_samples=args.num_samples, seeds=args.sampler_seeds,
                 floor_seeds=args.floor_seeds, rows=rows, smallest_nfe=summary)
+
+
+SOLVER_TYPE_NFE = (10, 15, 20)
+SOLVER_TYPE_SAMPLES = 500
+
+
+def solver_type_runs(args, device: torch.device) -> Dict:
+    """Both published forms of every higher-order DPM-Solver update on the samplers' mixture:
+    the median over samples of the relative error |x - x*| / |x*|_rms at eps against the
+    probability-flow ODE solved from the same prior draws at rtol = atol = 1e-9 (the median,
+    so that the few trajectories that end in another mode than x* at 10-20 steps do not decide
+    it), per SDE and NFE, and per
+    (method, order, prediction) the form with the smaller error averaged (geometrically) over
+    the SDEs and NFE."""
+    mixture = Mixture(args.dim, 4, seed=0)
+    shape = (100 if args.quick else SOLVER_TYPE_SAMPLES, args.dim)
+    nfes = SOLVER_TYPE_NFE[:1] if args.quick else SOLVER_TYPE_NFE
+    rows = []
+    for name in args.sdes:
+        sde, eps = SDES[name](), SAMPLE_EPS[name]
+        score = mixture.score_fn(sde)
+        exact, _ = sample_ode(sde, score, shape, rtol=1e-9, atol=1e-9, eps=eps, denoise=False,
+                              generator=torch.Generator().manual_seed(0), device=device,
+                              dtype=torch.float64)
+        for method in DPM_METHODS:
+            for order in (2, 3):
+                for prediction in DPM_PREDICTIONS:
+                    for nfe in nfes:
+                        row = dict(sde=name, method=method, order=order, prediction=prediction,
+                                   nfe=nfe)
+                        for solver_type in DPM_SOLVER_TYPES:
+                            x, _ = sample_dpm_solver(
+                                sde, score, shape, num_steps=nfe, order=order, method=method,
+                                prediction=prediction, solver_type=solver_type, eps=eps,
+                                generator=torch.Generator().manual_seed(0), device=device,
+                                dtype=torch.float64)
+                            err = (x - exact).norm(dim=1) / exact.norm(dim=1).pow(2).mean().sqrt()
+                            row[solver_type] = float(err.median())
+                        rows.append(row)
+                        print(json.dumps(rows[-1]), flush=True)
+    best = []
+    for method in DPM_METHODS:
+        for order in (2, 3):
+            for prediction in DPM_PREDICTIONS:
+                mine = [r for r in rows if (r["method"], r["order"], r["prediction"])
+                        == (method, order, prediction)]
+                log_ratio = float(np.mean([math.log(r["taylor"] / r["dpmsolver"])
+                                           for r in mine]))
+                best.append(dict(method=method, order=order, prediction=prediction,
+                                 taylor_over_dpmsolver=math.exp(log_ratio),
+                                 better="dpmsolver" if log_ratio > 0 else "taylor",
+                                 default=DPM_DEFAULT_SOLVER_TYPES[method, order, prediction]))
+    return dict(num_samples=shape[0], nfe=list(nfes), rows=rows, best=best)
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -573,6 +633,19 @@ def print_tables(result: Dict) -> None:
             best = r["smallest_nfe_below_1_5x"]
             print(f"{r['sde']:<8}{r['sampler']:<44}"
                   f"{(str(best) if best is not None else 'none of ' + str(r['tried'])):>28}")
+        st = s["solver_types"]
+        print(f"\nDPM-Solver forms: median relative error at eps against the ODE at 1e-9, "
+              f"{st['num_samples']} samples")
+        print(f"{'sde':<8}{'method':<12}{'order':>6}{'prediction':>11}{'NFE':>5}"
+              f"{'dpmsolver':>11}{'taylor':>11}")
+        for r in st["rows"]:
+            print(f"{r['sde']:<8}{r['method']:<12}{r['order']:>6}{r['prediction']:>11}"
+                  f"{r['nfe']:>5}{r['dpmsolver']:>11.2e}{r['taylor']:>11.2e}")
+        print(f"\n{'method':<12}{'order':>6}{'prediction':>11}{'taylor/dpmsolver':>18}"
+              f"{'better':>11}{'default':>11}")
+        for r in st["best"]:
+            print(f"{r['method']:<12}{r['order']:>6}{r['prediction']:>11}"
+                  f"{r['taylor_over_dpmsolver']:>18.2f}{r['better']:>11}{r['default']:>11}")
 
 
 def parse(argv) -> argparse.Namespace:
@@ -660,6 +733,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if "samplers" in args.sections:
         result["samplers"] = sampler_runs(args, device)
+        result["samplers"]["solver_types"] = solver_type_runs(args, device)
     if "likelihood" in args.sections:
         result["likelihood"] = {}
         if "cost" in args.lik_parts:

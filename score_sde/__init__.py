@@ -8,8 +8,9 @@ from .classifier import (CLASSIFIERS, FeatureClassifier, NoiseConditionalClassif
 from .cuda_graphs import CudaGraphed
 from .controllable import (classifier_free_score, classifier_guided_score, colorize, inpaint,
                            interpolate, slerp)
-from .fast_sampling import (DPM_METHODS, DPM_PREDICTIONS, TIME_GRIDS, sample_ddim,
-                            sample_dpm_solver, sample_heun)
+from .fast_sampling import (DPM_DEFAULT_SOLVER_TYPES, DPM_METHODS, DPM_PREDICTIONS,
+                            DPM_SOLVER_TYPES, TIME_GRIDS, sample_ddim, sample_dpm_solver,
+                            sample_heun)
 from .likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from .losses import REDUCTIONS, WEIGHTINGS, DDPMLoss, HybridLoss, ScoreMatchingLoss, SMLDLoss
 from .metrics import feature_statistics, frechet_distance, frechet_distance_from_features
@@ -32,7 +33,7 @@ __all__ = [
     "CudaGraphed",
     # fast samplers
     "sample_ddim", "sample_dpm_solver", "sample_heun", "TIME_GRIDS", "DPM_METHODS",
-    "DPM_PREDICTIONS",
+    "DPM_PREDICTIONS", "DPM_SOLVER_TYPES", "DPM_DEFAULT_SOLVER_TYPES",
     # controllable generation
     "inpaint", "colorize", "classifier_guided_score", "classifier_free_score", "slerp",
     "interpolate",

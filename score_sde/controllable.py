@@ -5,8 +5,9 @@
   forward marginal alpha(t) x_known + sigma(t) z, so the unknown region follows the reverse
   SDE of p_t(x_unknown | x_known,t). Unlike the reference code, the known region at T is a
   marginal draw (not the clean data), the replacement after a predictor step uses the time
-  reached (t_next, not t), and the result carries no noise: the unknown region is Tweedie's
-  E[x_0 | x_eps] (as `sample_pc(denoise=True)`) and the known region is x_known itself.
+  reached (t_next, not t), and the result carries no noise: the unknown region is the last
+  step's noise-free mean (as `sample_pc(denoise=True)`) and the known region is x_known
+  itself.
 - `colorize`: an orthogonal change of colour basis whose first coordinate is
   (r + g + b) / sqrt(3) turns colorization into inpainting of the other two coordinates
   (Appendix I.3); scores transform with the same orthogonal matrix.
@@ -22,7 +23,7 @@ import torch
 
 from ._utils import append_dims, check_int, check_positive, checks_times_on_host
 from .ode import _check_data, data_to_latent, latent_to_data
-from .sampling import Corrector, Predictor, pc_components
+from .sampling import Corrector, Predictor, pc_components, pc_time_grid
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -94,7 +95,7 @@ def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corr
         return torch.where(known, x_t, x)
 
     with torch.no_grad():
-        ts = torch.linspace(sde.T, eps, num_steps + 1, dtype=torch.float64, device=device)
+        ts = pc_time_grid(sde.T, eps, num_steps, device)
         ones = torch.ones(batch, dtype=torch.float64, device=device)
         x = sde.prior_sampling(x_known.shape, generator=generator, device=device, dtype=dtype)
         x = replace_known(x, ts[0] * ones)
@@ -104,11 +105,15 @@ def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corr
             for _ in range(corrector_steps):
                 x, _ = corrector_obj.step(x, t, noise)
                 x = replace_known(x, t)
-            x, _ = predictor_obj.step(x, t, t_next, noise)
+            x, x_mean = predictor_obj.step(x, t, t_next, noise)
             x = replace_known(x, t_next)
-        # Denoise the generated region (Tweedie at eps); the known region is the data itself.
-        t_eps = ts[-1] * ones
-        x = sde.denoise(x, t_eps, counting(x, t_eps))
+        # The generated region without the last step's noise (Tweedie at the last step time
+        # when no predictor moves x); the known region is the data itself.
+        if predictor_cls.advances:
+            x = x_mean
+        else:
+            t_last = ts[-2] * ones
+            x = sde.denoise(x, t_last, counting(x, t_last))
         x = torch.where(known, x_known, x)
     if not torch.isfinite(x).all():
         raise RuntimeError("inpainting produced non-finite samples; check that score_fn is "
@@ -127,11 +132,12 @@ def inpaint(sde: SDE, score_fn: ScoreFn, x_known: torch.Tensor, mask: torch.Tens
     """Fills in the unknown part of x_known by predictor–corrector sampling (Song et al. 2021,
     Appendix I.2).
 
-    The loop is that of `sample_pc` (uniform grid from T to eps, corrector steps then one
-    predictor step per time point), with the known region replaced after every predictor and
-    every corrector step by a draw of its forward marginal alpha(t) x_known + sigma(t) z. At
-    eps the generated region is denoised with Tweedie's formula (one more score evaluation) and
-    the known region is set to x_known, bit for bit.
+    The loop is that of `sample_pc` with `denoise=True` (step times linspace(T, eps, N), the
+    last step ending at t = 0; corrector steps then one predictor step per time point), with
+    the known region replaced after every predictor and every corrector step by a draw of its
+    forward marginal alpha(t) x_known + sigma(t) z. The last step is taken without noise (with
+    predictor "none", Tweedie's formula at eps instead, one more score evaluation) and the
+    known region is set to x_known, bit for bit.
 
     The replacement method is approximate: the unknown region follows the score of
     p_t(x_u | x_k,t) for a fresh draw x_k,t, not that of p_t(x_u,t | x_known), and where the
@@ -151,7 +157,7 @@ def inpaint(sde: SDE, score_fn: ScoreFn, x_known: torch.Tensor, mask: torch.Tens
         corrector: a name in `CORRECTORS` or a `Corrector` subclass.
         snr: corrector signal-to-noise ratio (> 0).
         corrector_steps: corrector steps per time point (>= 0).
-        eps: final time (> 0).
+        eps: time of the last step (> 0).
         generator: torch.Generator (on x_known's device) for all noise.
         probability_flow: predictors step the probability-flow ODE.
 

@@ -6,6 +6,7 @@ are chosen by name from `PREDICTORS` / `CORRECTORS`, or passed as user subclasse
 `Predictor` / `Corrector`.
 """
 import abc
+import warnings
 from typing import Callable, Optional, Tuple, Type, Union
 
 import torch
@@ -36,6 +37,9 @@ class Predictor(abc.ABC):
     # True when steps follow the SDE's discrete chain (`discretize`, `langevin_scale`); sample_pc
     # then re-discretizes the SDE to its own number of steps.
     uses_chain = False
+    # False for a predictor that leaves x where it is: with `denoise`, sample_pc then ends with
+    # Tweedie's formula at eps instead of the last step's noise-free mean.
+    advances = True
 
     def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False):
         self.sde = sde
@@ -46,7 +50,8 @@ class Predictor(abc.ABC):
     @abc.abstractmethod
     def step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
              noise: NoiseFn) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Moves x from time t to t_next (both [B], float64, t_next < t).
+        """Moves x from time t to t_next (both [B], float64, t_next < t; `sample_pc`'s last
+        step ends at t_next = 0).
 
         Args:
             noise: draws standard normal noise shaped like its argument.
@@ -58,6 +63,8 @@ class Predictor(abc.ABC):
 
 class NonePredictor(Predictor):
     """No predictor: corrector-only sampling."""
+
+    advances = False
 
     def step(self, x, t, t_next, noise):
         return x, x
@@ -246,6 +253,19 @@ def sample_device(device, generator: Optional[torch.Generator]) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def pc_time_grid(T: float, eps: float, num_steps: int, device=None) -> torch.Tensor:
+    """The times of a predictor-corrector loop, float64 [num_steps + 1].
+
+    Step i runs from t_i to t_{i+1}: the N = num_steps step times are linspace(T, eps, N), as
+    in the paper's code, so that `SDE.step_index` meets each of the N steps of a DDPM or SMLD
+    chain exactly once, and the last step, taken at eps, ends at t_N = 0, where the chain ends
+    in the data.
+    """
+    grid = torch.zeros(num_steps + 1, dtype=torch.float64, device=device)
+    grid[:num_steps] = torch.linspace(T, eps, num_steps, dtype=torch.float64, device=device)
+    return grid
+
+
 def check_eps(eps: float, sde: SDE) -> None:
     check_positive("eps", eps)
     if eps >= sde.T:
@@ -278,6 +298,11 @@ def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int,
         except ValueError as err:
             raise ValueError(f"{' and '.join(chain_users)} use the SDE's discrete chain, which "
                              f"cannot have num_steps={num_steps}: {err}") from None
+    if chain_users and sde.indexes_chain and num_steps > 1 and eps * (num_steps - 1) >= sde.T:
+        warnings.warn(f"eps={eps!r} >= T / (num_steps - 1) = {sde.T / (num_steps - 1):g}: the "
+                      f"step times linspace(T, eps, {num_steps}) skip some steps of the SDE's "
+                      f"discrete chain and use others twice ({' and '.join(chain_users)}); "
+                      f"lower eps or num_steps", stacklevel=3)
     return sde, predictor_cls, corrector_cls, num_steps
 
 
@@ -292,10 +317,16 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
               progress: bool = False) -> Tuple[torch.Tensor, int]:
     """Predictor–corrector sampling (Song et al. 2021, Algorithm 1).
 
-    Starts from the prior at T and takes `num_steps` predictor steps on a uniform grid from T
-    to eps, each preceded by `corrector_steps` corrector steps at the current time. With
-    `denoise`, the result at eps is replaced by Tweedie's estimate E[x_0 | x_eps] (one more
-    score evaluation).
+    Starts from the prior at T and takes `num_steps` = N predictor steps at the times
+    linspace(T, eps, N) (`pc_time_grid`), each preceded by `corrector_steps` corrector steps
+    at the same time; step i moves x to the next time, and the last one, at eps, to the data at
+    t = 0. As in the paper's code, the reverse-diffusion predictor and the Langevin corrector's
+    alpha_i thereby use each of the N steps of a DDPM or SMLD chain once, noisiest first (see
+    `SDE.step_index`; a warning says when eps >= T / (N - 1) breaks this). With `denoise`, the
+    last step adds no noise: it returns its mean (the paper's noise removal; for ancestral
+    sampling that is Tweedie's E[x_0 | x_eps]). With predictor "none", which does not move x,
+    `denoise` applies Tweedie's formula at the last step time instead (eps, or T when N = 1;
+    one more score evaluation).
 
     Args:
         sde: the forward SDE.
@@ -306,8 +337,9 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
         snr: corrector signal-to-noise ratio (> 0).
         corrector_steps: corrector steps per time point (>= 0).
         num_steps: predictor steps; defaults to `sde.num_steps`.
-        eps: final time (> 0; 1e-3 suits VP/sub-VP, 1e-5 VE).
-        denoise: apply Tweedie denoising at eps (needs closed-form marginals).
+        eps: time of the last step (> 0; 1e-3 suits VP/sub-VP, 1e-5 VE).
+        denoise: take the last step without its noise (with predictor "none": Tweedie's
+            formula at eps, which needs closed-form marginals).
         probability_flow: predictors step the probability-flow ODE (deterministic predictor).
         device: device of the samples; defaults to the generator's device, else CPU.
         dtype: dtype of the samples (default: torch's default dtype).
@@ -327,11 +359,12 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
         raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
     shape = check_shape(shape)
     check_positive("snr", snr)
-    if denoise and not sde.has_marginal:
-        raise ValueError(f"denoise=True needs the marginal of {type(sde).__name__}, which has "
-                         f"none; pass denoise=False")
     sde, predictor_cls, corrector_cls, num_steps = pc_components(
         sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
+    tweedie = denoise and not predictor_cls.advances
+    if tweedie and not sde.has_marginal:
+        raise ValueError(f"denoise=True with predictor {predictor!r} needs the marginal of "
+                         f"{type(sde).__name__}, which has none; pass denoise=False")
     device = sample_device(device, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
 
@@ -344,16 +377,18 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
 
     with torch.no_grad():
         x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
-        ts = torch.linspace(sde.T, eps, num_steps + 1, dtype=torch.float64, device=device)
+        ts = pc_time_grid(sde.T, eps, num_steps, device)
         ones = torch.ones(shape[0], dtype=torch.float64, device=device)
         for i in tqdm(range(num_steps), disable=not progress, desc="sample_pc"):
             t, t_next = ts[i] * ones, ts[i + 1] * ones
             if corrector_steps:
                 x, _ = corrector_obj.step(x, t, noise)
-            x, _ = predictor_obj.step(x, t, t_next, noise)
-        if denoise:
-            t_eps = ts[-1] * ones
+            x, x_mean = predictor_obj.step(x, t, t_next, noise)
+        if tweedie:
+            t_eps = ts[-2] * ones
             x = sde.denoise(x, t_eps, counting(x, t_eps))
+        elif denoise:
+            x = x_mean
     if not torch.isfinite(x).all():
         raise RuntimeError("sample_pc produced non-finite samples; check that score_fn is finite "
                            "on [eps, T] and that snr / step sizes are not too large")

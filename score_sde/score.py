@@ -69,9 +69,9 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     Continuous-time models read t itself (`"t"`, or `"scaled_t"` = t (num_steps - 1) as in
     the DDPM++ continuous checkpoints) or the noise level (`"std"`, the marginal std, NCSN
     style; `"sigma"`, VESDE's noise scale sigma(t), as the reference's VE networks). Discrete-time
-    models (DDPM, SMLD) read the integer step index (`"index"`, nearest step of the SDE's
-    `num_steps` grid). The model's train/eval mode is the caller's business and is never
-    changed here.
+    models (DDPM, SMLD) read the integer step index (`"index"`, `sde.step_index(t)` =
+    floor(t (num_steps - 1) / T) as in the paper's code). The model's train/eval mode is the
+    caller's business and is never changed here.
 
     Args:
         model: network taking (x [B, ...], time input [B]) and returning a tensor shaped like x.

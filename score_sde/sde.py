@@ -21,6 +21,9 @@ from ._utils import (append_dims, cached_on, check_batch_time, check_int, check_
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Round-off allowance of `SDE.step_index`, in steps.
+STEP_INDEX_SLACK = 1e-9
+
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE"]
 
 
@@ -51,6 +54,10 @@ class SDE(abc.ABC):
             default step count of the samplers.
     """
 
+    # True when `discretize` or `langevin_scale` look up the chain's step of t (`step_index`)
+    # rather than stepping by dt.
+    indexes_chain = False
+
     def __init__(self, num_steps: int = 1000):
         check_int("num_steps", num_steps, minimum=1)
         self.num_steps = num_steps
@@ -61,8 +68,9 @@ class SDE(abc.ABC):
         return 1.0
 
     def with_num_steps(self, num_steps: int) -> "SDE":
-        """A copy of this SDE whose discrete chain (`discretize`) has `num_steps` steps; the
-        continuous SDE is unchanged.
+        """A copy of this SDE whose discrete chain (`discretize`) has `num_steps` steps, with
+        every table derived from the step count rebuilt (`_build_chain`). The continuous SDE
+        is unchanged, except for `CosineVPSDE`, whose beta cap follows the step count.
 
         Raises:
             ValueError: `num_steps` is invalid for this SDE's chain.
@@ -139,9 +147,23 @@ class SDE(abc.ABC):
         return torch.ones_like(t)
 
     def step_index(self, t: torch.Tensor) -> torch.Tensor:
-        """Index i in [0, num_steps - 1] of the discrete step at time t (nearest grid point)."""
-        i = torch.round(_t64(t) / self.T * (self.num_steps - 1)).long()
-        return i.clamp(0, self.num_steps - 1)
+        """Index i = floor(t (num_steps - 1) / T) in [0, num_steps - 1] of the discrete step at
+        time t, as in the paper's code.
+
+        Step i belongs to the chain time i T / (num_steps - 1), so the sampler grid
+        linspace(T, eps, num_steps) meets every step exactly once, noisiest first, whenever
+        eps < T / (num_steps - 1); rounding to the nearest step instead would skip some steps
+        and use others twice. A time within 1e-9 steps below i T / (num_steps - 1) counts as
+        step i, so round-off in computing that time does not move it to step i - 1.
+
+        Args:
+            t: times [B] in [0, T].
+
+        Returns:
+            int64 tensor [B].
+        """
+        i = torch.floor(_t64(t, self.T) * ((self.num_steps - 1) / self.T) + STEP_INDEX_SLACK)
+        return i.long().clamp(0, self.num_steps - 1)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Tweedie's formula E[x_0 | x_t = x] = (x + sigma(t)^2 score) / alpha(t).
@@ -170,6 +192,7 @@ class _VPFamily(SDE):
     """
 
     discrete_betas: torch.Tensor  # [num_steps] float64
+    indexes_chain = True
 
     @abc.abstractmethod
     def _beta(self, t64: torch.Tensor) -> torch.Tensor:
@@ -253,7 +276,11 @@ class CosineVPSDE(_VPFamily):
     beta(t) = pi / (1 + s) * tan((t + s) / (1 + s) * pi / 2). As in the paper, beta is clipped
     near t = 1: a discrete beta_i may not exceed `max_beta`, which in continuous time caps
     beta(t) at -num_steps * log(1 - max_beta); alpha(t) integrates the clipped beta, so the
-    discrete chain and the continuous SDE share their marginals exactly.
+    discrete chain and the continuous SDE share their marginals exactly. The cap therefore
+    depends on `num_steps`: `with_num_steps` (which `sample_pc` calls) rebuilds it with the
+    chain, so every chain keeps its betas <= max_beta. The schedules of different step counts
+    differ only where beta(t) exceeds the smaller cap: at 10 steps for t > 0.971, where
+    alpha(t) < 0.046; at 1000 steps for t > 0.9997.
 
     Args:
         s: offset that keeps beta small near t = 0.
@@ -267,13 +294,14 @@ class CosineVPSDE(_VPFamily):
         if not 0 < max_beta < 1:
             raise ValueError(f"max_beta must lie in (0, 1), got {max_beta!r}")
         self.s, self.max_beta = float(s), float(max_beta)
-        # Continuous cap: a step of length 1/N at rate beta_cap multiplies alpha^2 by 1 - max_beta.
-        self.beta_cap = -num_steps * math.log1p(-max_beta)
-        u_cap = math.atan(self.beta_cap * (1 + s) / math.pi)
-        self.t_cap = min(max(u_cap * 2 / math.pi * (1 + s) - s, 0.0), 1.0)
         self._build_chain()
 
     def _build_chain(self):
+        # Continuous cap: a step of length 1/N at rate beta_cap multiplies alpha^2 by
+        # 1 - max_beta. It changes with N, so it is rebuilt with the chain.
+        self.beta_cap = -self.num_steps * math.log1p(-self.max_beta)
+        u_cap = math.atan(self.beta_cap * (1 + self.s) / math.pi)
+        self.t_cap = min(max(u_cap * 2 / math.pi * (1 + self.s) - self.s, 0.0), 1.0)
         # The chain's betas are exact for the continuous schedule on the grid i / num_steps.
         grid = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64)
         log_alpha = self._log_alpha(grid)
@@ -352,6 +380,8 @@ class VESDE(SDE):
         sigma_max: noise scale at t = 1.
         num_steps: discretization steps; the SMLD chain uses geometric sigmas.
     """
+
+    indexes_chain = True
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, num_steps: int = 1000):
         super().__init__(num_steps)

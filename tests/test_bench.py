@@ -54,7 +54,7 @@ def test_sampler_rows(result):
         assert r["sde"] == "vp" and r["floor"] > 0
         assert math.isfinite(r["fd_over_floor"]) and r["fd_over_floor"] > 0
     # Quick mode: fixed-step samplers at 10 and 20 evaluations, Heun at 19, PC 100 steps with
-    # one corrector step each plus the denoising call.
+    # one corrector step each (the last step denoises at no extra cost).
     for name, runs in by_name.items():
         nfe = sorted(r["nfe"] for r in runs)
         if name.startswith(("ddim", "dpm_solver")):
@@ -62,10 +62,15 @@ def test_sampler_rows(result):
         elif name.startswith("heun"):
             assert nfe == [19]
         elif name.startswith("pc"):
-            assert nfe == [201]
+            assert nfe == [200]
         else:  # adaptive ODE solves
             assert nfe[0] > 20, name
-    assert len(by_name) == 9
+    assert len(by_name) == 10
+    forms = result[0]["samplers"]["solver_types"]
+    assert len(forms["rows"]) == 8 and len(forms["best"]) == 8  # 2 methods x 2 orders x 2
+    for r in forms["rows"]:
+        assert r["nfe"] == 10 and 0 < r["dpmsolver"] < 1 and 0 < r["taylor"] < 1
+    assert {r["default"] for r in forms["best"]} <= {"dpmsolver", "taylor"}
     ode = {r["sampler"]: r for r in rows if r["sampler"].startswith("ode")}
     assert ode["ode: sample_ode, rms norm"]["nfe"] <= ode["ode: sample_ode (dopri5, 1e-5)"]["nfe"]
     assert all("speedup_vs_paper_code" in r for n, r in ode.items() if "sample_ode" in n)

@@ -102,7 +102,7 @@ def test_tiny_pipeline_summary(tiny):
     for steps in (10, 20):
         e = samples[f"dpm{steps}"]
         assert e["sampler"] == "dpm_solver" and e["nfe"] == [steps] and e["nfe_mean"] == steps
-    assert samples["pc"]["nfe"] == [2 * 30 + 1]  # 30 predictor + 30 corrector steps + denoise
+    assert samples["pc"]["nfe"] == [2 * 30]  # 30 predictor + 30 corrector steps
     for name, e in samples.items():
         assert e["fd_num_samples"] == NUM_SAMPLES and e["fd_split"] == "test", name
         assert math.isfinite(e["classifier_fd"]) and e["classifier_fd"] > -1e-9, name

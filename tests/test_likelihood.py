@@ -289,3 +289,26 @@ def test_user_defined_sde_without_marginals():
     exact = exact_log_prob_t(mixture, kernel, x, eps)
     swap = exact_log_prob_t(mixture, kernel, z, sde.T) - sde.prior_logp(z)
     assert ((logp + swap - exact) / (2 * math.log(2))).abs().max() < BPD_TOL
+
+
+@pytest.mark.parametrize("error_norm", ["max", "rms"])
+def test_float32_data_are_integrated_in_float64(error_norm):
+    # The ODE state and the log-density accumulator are float64 whatever the data's dtype; only
+    # the score sees float32. With tolerances far below float32 resolution the float32 and
+    # float64 results then differ by the float32 evaluation noise alone: ~1e-7 relative per
+    # evaluation of a divergence of order D / sigma^2, measured below 1e-6 bits/dim on a
+    # 784-d mixture solved at rtol = atol = 1e-7; here 1e-5 bits/dim allows
+    # for the sharper 32-d components (std >= 0.05) and the two runs' own solver errors.
+    mixture = random_mixture(32, seed=2, std_range=(0.05, 0.2))
+    x, _ = mixture.sample(4, torch.Generator().manual_seed(1))
+    x = x.float().double()  # the same values in both dtypes
+    sde, score_fn = score_sde.VPSDE(), exact_score_fn(mixture, KERNELS["vp"])
+    probes = torch.sign(torch.randn((1,) + tuple(x.shape), generator=torch.Generator()
+                                    .manual_seed(2), dtype=torch.float64))
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        logp, _, _ = log_likelihood(sde, score_fn, x.to(dtype), probes=probes.to(dtype),
+                                    rtol=1e-7, atol=1e-7, eps=EPS, error_norm=error_norm)
+        assert logp.dtype == dtype
+        results[dtype] = bits_per_dim(logp.double(), 32, data_width=1.0, num_levels=1 << 30)
+    assert (results[torch.float32] - results[torch.float64]).abs().max() < 1e-5

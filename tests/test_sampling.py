@@ -11,8 +11,8 @@ SDEs, and argument validation. The probability-flow latent maps, solver time bou
 stiffness are in test_ode.py.
 """
 import math
+import warnings
 import re
-from functools import partial
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from scipy import stats
 import score_sde
 from score_sde import CORRECTORS, PREDICTORS, Corrector, Predictor, sample_ode, sample_pc
 from tests.problems import KERNELS, exact_score_fn, random_mixture, ring_mixture
-from tests.test_sde import OrnsteinUhlenbeck
+from tests.test_sde import OrnsteinUhlenbeck, cosine_chain
 
 F64 = torch.float64
 SDES = {"vp": score_sde.VPSDE, "subvp": score_sde.SubVPSDE, "ve": score_sde.VESDE,
@@ -146,8 +146,15 @@ def test_ring_mode_weights_and_spread(name, method):
 
 # --- 1b. convergence order of the deterministic predictors ------------------------------------
 
-CONV_STD = 0.5  # data N(0, 0.5^2 I): the probability-flow map is x_eps = sqrt(V_eps / V_T) x_T
-CONV_STEPS = (200, 400, 800, 1600)
+CONV_STD = 0.5  # data N(0, 0.5^2 I): the probability-flow map is x_0 = sqrt(V_0 / V_T) x_T
+# eps (N - 1) < T for all of them, so the DDPM chain's steps are used once each.
+CONV_STEPS = (100, 200, 400, 800)
+
+
+def pc_grid(num_steps, eps):
+    """sample_pc's step times linspace(T, eps, N) followed by the end time 0, with T = 1."""
+    return torch.cat([torch.linspace(1.0, eps, num_steps, dtype=F64),
+                      torch.zeros(1, dtype=F64)])
 
 
 @pytest.mark.parametrize("predictor", ["euler_maruyama", "reverse_diffusion",
@@ -155,9 +162,10 @@ CONV_STEPS = (200, 400, 800, 1600)
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_probability_flow_predictors_converge_at_first_order(name, predictor):
     # Gaussian data: x_t ~ N(0, V_t I) with V_t = a^2 s^2 + v, and the probability-flow ODE
-    # moves each sample along x_t = sqrt(V_t / V_T) x_T. Euler's method, reverse diffusion
-    # and DDIM (ancestral sampling on the ODE) are first-order: the error halves as N doubles.
-    a_t, v_t = KERNELS[name](torch.tensor([1.0, EPS[name]], dtype=F64))
+    # moves each sample along x_t = sqrt(V_t / V_T) x_T, to t = 0 at the end of the last step.
+    # Euler's method, reverse diffusion and DDIM (ancestral sampling on the ODE) are
+    # first-order: the error halves as N doubles.
+    a_t, v_t = KERNELS[name](torch.tensor([1.0, 0.0], dtype=F64))
     var = a_t ** 2 * CONV_STD ** 2 + v_t
     prior = torch.randn((4, 3), generator=gen(0), dtype=F64) * (50.0 if name == "ve" else 1.0)
     exact = torch.sqrt(var[1] / var[0]) * prior
@@ -200,7 +208,7 @@ def test_ancestral_sampling_matches_the_ddpm_recursion(name):
     # At 20 steps it under-disperses strongly (std 0.39 for s = 0.5 under VP); the DDPM
     # alternative variance v_st would give 0.54 instead.
     num_steps, s2 = 20, CONV_STD ** 2
-    ts = torch.linspace(1.0, EPS[name], num_steps + 1, dtype=F64)
+    ts = pc_grid(num_steps, EPS[name])  # the last step, to t = 0, is the Tweedie mean
     a, v = KERNELS[name](ts)
     p = 2500.0 if name == "ve" else 1.0  # the prior's variance
     for i in range(num_steps):
@@ -365,8 +373,10 @@ def test_every_combination_runs_with_honest_nfe(name, predictor, corrector, prob
     assert x.shape == shape and x.dtype == dtype and x.device.type == "cpu"
     assert torch.isfinite(x).all()
     # One evaluation per predictor step (none for "none"), one per corrector step (none for
-    # "none"), one for the final Tweedie denoising.
-    expected = num_steps * ((predictor != "none") + corrector_steps * (corrector != "none")) + 1
+    # "none"); the last predictor step denoises at no extra cost, and only without a predictor
+    # does the final Tweedie denoising take one more.
+    expected = (num_steps * ((predictor != "none") + corrector_steps * (corrector != "none"))
+                + (predictor == "none"))
     assert nfe == counter.calls == expected
     assert EPS[name] <= counter.t_min and counter.t_max <= 1.0  # the score sees t in [eps, T]
 
@@ -378,7 +388,7 @@ def test_nfe_not_over_reported_without_corrector(corrector, corrector_steps, den
     _, nfe = sample_pc(make_sde("vp"), counter, (4, 3), predictor="euler_maruyama",
                        corrector=corrector, corrector_steps=corrector_steps, num_steps=7,
                        denoise=denoise, generator=gen(0))
-    assert nfe == counter.calls == 7 + denoise
+    assert nfe == counter.calls == 7  # denoising is the last step without its noise
 
 
 @pytest.mark.parametrize("denoise", [False, True])
@@ -478,17 +488,18 @@ def test_user_defined_predictor_and_corrector_are_used():
                        corrector_steps=corrector_steps, num_steps=num_steps, eps=eps,
                        denoise=False, probability_flow=True, dtype=F64, generator=gen(7))
     assert log["init"] == [("predictor", True), ("corrector", 0.3, corrector_steps)]
-    # Called once per step, on the uniform grid t_i = T - i (T - eps) / N, corrector first.
-    grid = [1.0 - i * (1.0 - eps) / num_steps for i in range(num_steps + 1)]
+    # Called once per step, at t_i = T - i (T - eps) / (N - 1), corrector first; the last
+    # step ends at t_N = 0.
+    grid = [1.0 - i * (1.0 - eps) / (num_steps - 1) for i in range(num_steps)] + [0.0]
     assert len(log["predictor"]) == len(log["corrector"]) == num_steps
     for i, ((t, t_next), t_corr) in enumerate(zip(log["predictor"], log["corrector"])):
         assert t.shape == t_next.shape == t_corr.shape == (shape[0],)
         torch.testing.assert_close(t, torch.full_like(t, grid[i]), rtol=1e-14, atol=0)
         torch.testing.assert_close(t_next, torch.full_like(t, grid[i + 1]), rtol=1e-14, atol=0)
         assert torch.equal(t_corr, t)
-    # Prior draw + (T - eps) from the predictor + N * corrector_steps * SHIFT.
+    # Prior draw + T from the predictor + N * corrector_steps * SHIFT.
     prior = torch.randn(shape, generator=gen(7), dtype=F64)
-    expected = prior + (1.0 - eps) + num_steps * corrector_steps * SHIFT
+    expected = prior + 1.0 + num_steps * corrector_steps * SHIFT
     torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
     assert nfe == num_steps * corrector_steps  # the corrector's score calls, counted
 
@@ -573,23 +584,24 @@ def ou_exact_moments(denoise):
     return ou_tweedie(mean, std, OU_EPS) if denoise else (mean, std)
 
 
-def ou_euler_moments(denoise, reverse_diffusion=False):
+def ou_euler_moments(denoise):
     """Mean and std of Euler-Maruyama on the reverse SDE with the exact score, started from
     N(0, I): each step x <- x + (b x / 2 + b score) dt + sqrt(b dt) z is linear in x. With
     b dt = 0.1 at 200 steps its output is 6 % wider than the data in the narrow coordinate;
     the closed form makes that bias part of the expectation. Reverse diffusion (Song et al.
-    2021, Eq. 46) takes the same step from the SDE's own discretization, whose Euler-Maruyama
-    default steps by dt = T / N while the grid moves by (T - eps) / N."""
-    ts = torch.linspace(1.0, OU_EPS, OU_STEPS + 1, dtype=F64)
+    2021, Eq. 46) takes the same step from the SDE's own (Euler-Maruyama) discretization.
+    Steps go by dt = t - t_next on sample_pc's grid, the last one from eps to 0, which with
+    `denoise` adds no noise."""
+    ts = pc_grid(OU_STEPS, OU_EPS)
     mean, var = torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64)
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        dt = 1.0 / OU_STEPS if reverse_diffusion else t - t_next
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t - t_next
         a, v = ou_kernel(t)
         var_t = a ** 2 * OU_STD ** 2 + v
         gain = 1 + OU_RATE * dt / 2 - OU_RATE * dt / var_t
         mean = gain * mean + OU_RATE * dt * a * OU_MEAN / var_t
-        var = gain ** 2 * var + OU_RATE * dt
-    return ou_tweedie(mean, var.sqrt(), OU_EPS) if denoise else (mean, var.sqrt())
+        var = gain ** 2 * var + (0.0 if denoise and i == OU_STEPS - 1 else OU_RATE * dt)
+    return mean, var.sqrt()
 
 
 def check_gaussian_moments(x, mean, std, bias):
@@ -606,7 +618,7 @@ def check_gaussian_moments(x, mean, std, bias):
 # sampler -> (expected moments, allowed relative std bias). The Langevin corrector (snr 0.16)
 # is not in the reverse-diffusion closed form: measured within 0.4 % with 40000 samples. The
 # ODE is solved at rtol 1e-5 from N(0, I), which is p_T to within e^-10: nothing to allow for.
-OU_CASES = {"pc": (partial(ou_euler_moments, reverse_diffusion=True), 0.006),
+OU_CASES = {"pc": (ou_euler_moments, 0.006),
             "em": (ou_euler_moments, 0.0),
             "ode": (ou_exact_moments, 0.0)}
 
@@ -626,18 +638,19 @@ def test_user_sde_with_marginal_recovers_gaussian(sampler):
     check_gaussian_moments(x, *moments(denoise=True), bias)
 
 
-@pytest.mark.parametrize("sampler", ["em", "ode"])
-def test_user_sde_without_marginal_samples_without_denoising(sampler):
+@pytest.mark.parametrize("sampler, denoise", [("em", False), ("em", True), ("ode", False)])
+def test_user_sde_without_marginal_samples(sampler, denoise):
+    # Euler-Maruyama denoises by leaving out the last step's noise, which needs no marginal.
     sde = OrnsteinUhlenbeck(beta=OU_RATE, num_steps=OU_STEPS)
     assert not sde.has_marginal
     if sampler == "em":
         x, _ = sample_pc(sde, ou_score, (OU_N, 2), predictor="euler_maruyama", corrector="none",
-                         eps=OU_EPS, denoise=False, dtype=F64, generator=gen(12))
+                         eps=OU_EPS, denoise=denoise, dtype=F64, generator=gen(12))
     else:
         x, _ = sample_ode(sde, ou_score, (OU_N, 2), eps=OU_EPS, denoise=False, dtype=F64,
                           generator=gen(12))
     moments, bias = OU_CASES[sampler]
-    check_gaussian_moments(x, *moments(denoise=False), bias)
+    check_gaussian_moments(x, *moments(denoise=denoise), bias)
 
 
 @pytest.mark.parametrize("kind, name", [("predictor", "ancestral_sampling"),
@@ -660,8 +673,8 @@ def test_user_sde_without_marginal_rejects_marginal_methods_at_construction(kind
 def test_user_sde_without_marginal_denoise_raises(sampler):
     sde, counter = OrnsteinUhlenbeck(beta=OU_RATE), Counter(ou_score)
     with pytest.raises(ValueError, match=re.escape("denoise=False")):
-        if sampler == "pc":
-            sample_pc(sde, counter, (4, 2), predictor="euler_maruyama", corrector="none")
+        if sampler == "pc":  # only the corrector-only sampler denoises with Tweedie's formula
+            sample_pc(sde, counter, (4, 2), predictor="none", corrector="langevin")
         else:
             sample_ode(sde, counter, (4, 2))
     assert counter.calls == 0
@@ -815,4 +828,110 @@ def test_vp_without_the_chain_runs_with_few_steps(predictor):
     counter = Counter(gaussian_score("vp"))
     x, nfe = sample_pc(make_sde("vp"), counter, (4, 2), predictor=predictor, corrector="none",
                        num_steps=5, generator=gen(0))
-    assert torch.isfinite(x).all() and nfe == counter.calls == 5 * (predictor != "none") + 1
+    # Predictor "none" ends with Tweedie's formula, the others with a noise-free last step.
+    assert torch.isfinite(x).all()
+    assert nfe == counter.calls == (1 if predictor == "none" else 5)
+
+
+def chain_coefficients(name, num_steps):
+    """The DDPM betas (VP) or the SMLD step variances sigma_i^2 - sigma_{i-1}^2 (VE, with
+    sigma_{-1} = 0) of the N-step chains of Ho et al. 2020 and Song & Ermon 2019, noisiest
+    first, with the defaults beta in [0.1, 20] and sigma in [0.01, 50]."""
+    i = torch.arange(num_steps, dtype=F64)
+    if name == "vp":
+        chain = (0.1 + i / (num_steps - 1) * (20.0 - 0.1)) / num_steps
+    else:
+        sigma = 0.01 * (50.0 / 0.01) ** (i / (num_steps - 1))
+        chain = sigma ** 2 - torch.cat([torch.zeros(1, dtype=F64), sigma[:-1]]) ** 2
+    return chain.flip(0)
+
+
+class TimeRecorder(Counter):
+    """A Counter that keeps every time it is called at (all samples share one time)."""
+
+    def __init__(self, score_fn):
+        super().__init__(score_fn)
+        self.times = []
+
+    def __call__(self, x, t):
+        assert torch.equal(t, t[:1].expand_as(t))
+        self.times.append(float(t[0]))
+        return super().__call__(x, t)
+
+
+@pytest.mark.parametrize("sde_steps", [None, 1000])  # None: the SDE has the sampler's count
+@pytest.mark.parametrize("num_steps", [25, 100, 1000])
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_reverse_diffusion_walks_each_chain_step_once(name, num_steps, sde_steps):
+    # The paper's code takes its steps at linspace(T, eps, N) and maps t to the chain's step
+    # floor(t (N - 1) / T): every step once, noisiest first. Rounding to the nearest step
+    # instead skips steps 0 and 1 at N = 1000 and uses steps 250 and 749 twice. The times at
+    # which sample_pc calls the score, put through sde.discretize, must give the chain's
+    # N betas (VP) or SMLD variances (VE) in order.
+    sde = make_sde(name, sde_steps or num_steps)
+    recorder = TimeRecorder(gaussian_score(name))
+    sample_pc(sde, recorder, (2, 3), predictor="reverse_diffusion", corrector="none",
+              num_steps=num_steps, eps=EPS[name], denoise=False, dtype=F64, generator=gen(0))
+    t = torch.tensor(recorder.times, dtype=F64)
+    assert len(t) == num_steps
+    _, G = make_sde(name, num_steps).discretize(torch.zeros(num_steps, 1, dtype=F64), t)
+    torch.testing.assert_close(G ** 2, chain_coefficients(name, num_steps), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("num_steps", [25, 100, 1000])
+def test_langevin_corrector_uses_each_ddpm_alpha_once(num_steps):
+    # Song et al. 2021, Algorithm 5: alpha_i = 1 - beta_i of the chain's step at the corrector's
+    # time, each of the N steps once. The corrector runs at the same times as the predictor.
+    recorder = TimeRecorder(gaussian_score("vp"))
+    sample_pc(make_sde("vp"), recorder, (2, 3), predictor="none", corrector="langevin",
+              num_steps=num_steps, eps=EPS["vp"], denoise=False, dtype=F64, generator=gen(0))
+    t = torch.tensor(recorder.times, dtype=F64)
+    torch.testing.assert_close(t, torch.linspace(1.0, EPS["vp"], num_steps, dtype=F64),
+                               rtol=0, atol=1e-15)
+    alpha = make_sde("vp", num_steps).langevin_scale(t)
+    torch.testing.assert_close(alpha, 1 - chain_coefficients("vp", num_steps), rtol=1e-12,
+                               atol=0)
+
+
+@pytest.mark.parametrize("predictor", ["euler_maruyama", "ancestral_sampling"])
+def test_time_stepping_predictors_share_the_chain_grid(predictor):
+    # Ancestral sampling and Euler-Maruyama step between the same N times linspace(T, eps, N)
+    # (and on to t = 0), so on VP they evaluate the score where the DDPM chain would.
+    recorder = TimeRecorder(gaussian_score("vp"))
+    sample_pc(make_sde("vp"), recorder, (2, 3), predictor=predictor, corrector="none",
+              num_steps=100, eps=EPS["vp"], dtype=F64, generator=gen(0))
+    t = torch.tensor(recorder.times, dtype=F64)
+    torch.testing.assert_close(t, torch.linspace(1.0, EPS["vp"], 100, dtype=F64), rtol=0,
+                               atol=1e-15)
+    assert make_sde("vp", 100).step_index(t).tolist() == list(range(99, -1, -1))
+
+
+def test_eps_too_large_for_the_chain_warns():
+    # With eps (N - 1) >= T the grid starts above the chain's step 1, and floor(t (N - 1) / T)
+    # cannot give each step once: sample_pc says so. Time-stepping samplers are unaffected.
+    counter = Counter(gaussian_score("vp"))
+    with pytest.warns(UserWarning, match=r"eps=0.01 >= T / \(num_steps - 1\)"):
+        sample_pc(make_sde("vp"), counter, (2, 3), predictor="reverse_diffusion",
+                  corrector="none", num_steps=101, eps=1e-2, generator=gen(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample_pc(make_sde("vp"), counter, (2, 3), predictor="euler_maruyama",
+                  corrector="none", num_steps=101, eps=1e-2, generator=gen(0))
+        sample_pc(make_sde("subvp"), counter, (2, 3), predictor="reverse_diffusion",
+                  corrector="langevin", num_steps=101, eps=1e-2, generator=gen(0))
+
+
+@pytest.mark.parametrize("num_steps", [10, 100, 1000])
+def test_reverse_diffusion_on_the_cosine_chain_of_its_own_step_count(num_steps):
+    # sample_pc re-discretizes a 1000-step cosine SDE to num_steps, and the clip of its betas
+    # (0.999) must follow. N(0, I) data have the exact score -x under every VP schedule, and on
+    # the probability-flow ODE each reverse-diffusion step (Eq. 46) multiplies x by
+    # 2 - sqrt(1 - beta_i) - beta_i / 2, so the output is the prior times the product over the
+    # chain, which the closed-form chain of test_sde gives.
+    x, _ = sample_pc(make_sde("cosine", 1000), lambda x, t: -x, (3, 2),
+                     predictor="reverse_diffusion", corrector="none", num_steps=num_steps,
+                     probability_flow=True, denoise=False, dtype=F64, generator=gen(0))
+    beta = cosine_chain(num_steps)
+    factor = torch.prod(2 - torch.sqrt(1 - beta) - beta / 2)
+    prior = torch.randn((3, 2), generator=gen(0), dtype=F64)
+    torch.testing.assert_close(x, factor * prior, rtol=1e-9, atol=0)

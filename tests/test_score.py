@@ -5,6 +5,8 @@ x_t ~ N(0, (a^2 S^2 + v) I), so the exact score is -x / (a^2 S^2 + v), the exact
 prediction E[eps | x_t] = -sqrt(v) score and the exact Tweedie mean E[x0 | x_t] = a S^2 x /
 (a^2 S^2 + v). The kernels a(t), v(t) come from `tests/problems.py`, not from the library.
 """
+import math
+
 import pytest
 import torch
 
@@ -114,7 +116,8 @@ def test_time_input(name, time_input, dtype, num_steps):
     score_fn(x, t)
     t_in, = model.seen
     if time_input == "index":
-        expected = torch.tensor([round(ti * (num_steps - 1)) for ti in TIMES])
+        # The paper code's step of t: floor(t (N - 1) / T); TIMES are not step boundaries.
+        expected = torch.tensor([math.floor(ti * (num_steps - 1)) for ti in TIMES])
         assert t_in.dtype == torch.long
         assert torch.equal(t_in, expected)
         return

@@ -229,6 +229,43 @@ def test_cosine_discrete_betas_match_nichol_dhariwal(num_steps, max_beta):
     assert 0 < betas[straddle] <= max_beta * (1 + 1e-12)
 
 
+def cosine_chain(num_steps, max_beta=COS_MAX_BETA):
+    """The N betas of the clipped cosine chain, from the closed form: log alpha_bar is Nichol &
+    Dhariwal's below t_cap (where beta(t) reaches the cap of N steps) and falls at the rate
+    beta_cap beyond it; beta_i = 1 - alpha_bar((i + 1) / N) / alpha_bar(i / N)."""
+    cap, t_cap = cosine_beta_cap(num_steps, max_beta), cosine_t_cap(num_steps, max_beta)
+    grid = np.arange(num_steps + 1) / num_steps
+    log_abar = np.where(grid <= t_cap, np.log(cosine_abar(np.minimum(grid, t_cap))),
+                        math.log(cosine_abar(t_cap)) - cap * (grid - t_cap))
+    return torch.from_numpy(-np.expm1(np.diff(log_abar)))
+
+
+@pytest.mark.parametrize("num_steps", [10, 100, 1000])
+def test_cosine_with_num_steps_rebuilds_the_cap(num_steps):
+    # The cap -N log(1 - max_beta) depends on N; a copy for another N that kept the old cap
+    # had a largest beta of 0.999999 at N = 10 and 0.99989 at N = 100 (from N = 1000), above
+    # the 0.999 of Nichol & Dhariwal. Every derived table must follow N, whichever N the SDE
+    # was built with.
+    expected = cosine_chain(num_steps)
+    for start in (1000, 10, num_steps):
+        sde = make_sde("cosine", start).with_num_steps(num_steps)
+        assert sde.num_steps == num_steps
+        assert sde.beta_cap == pytest.approx(cosine_beta_cap(num_steps), rel=1e-12)
+        assert sde.t_cap == pytest.approx(cosine_t_cap(num_steps), rel=1e-12)
+        assert_close(sde.discrete_betas, expected, rtol=1e-9)
+        assert float(sde.discrete_betas.max()) <= COS_MAX_BETA
+        # The continuous SDE has the same cap: beta(1) = beta_cap, and the chain's marginals
+        # are the SDE's at the chain times i / N.
+        _, diffusion = sde.sde(torch.ones(1, 1, dtype=F64), times(1.0))
+        assert float(diffusion[0]) ** 2 == pytest.approx(cosine_beta_cap(num_steps), rel=1e-12)
+        alpha, _ = sde.marginal_coeffs(torch.linspace(0, 1, num_steps + 1, dtype=F64))
+        assert_close(alpha[1:] ** 2, torch.cumprod(1 - expected, 0), rtol=1e-9)
+    # The original is left unchanged.
+    original = make_sde("cosine", 1000)
+    original.with_num_steps(num_steps)
+    assert original.beta_cap == pytest.approx(cosine_beta_cap(1000), rel=1e-12)
+
+
 def test_cosine_cap_below_beta_at_t0():
     """max_beta = 1e-5, N = 1000: beta_cap ~ 0.01 < beta(0) ~ 0.039, so beta = beta_cap on all
     of [0, 1] and alpha(t) = exp(-beta_cap t / 2)."""
@@ -350,13 +387,14 @@ def test_prior_sampling_is_reproducible_with_a_generator(name):
 
 # --- 4. discretize ----------------------------------------------------------------------------
 
-# Times chosen away from rounding ties of t (N - 1) for N in {50, 1000}; N = 50 is the
-# smallest step count of the tests (VP needs beta_max / N < 1).
+# Times chosen away from the step boundaries i / (N - 1) for N in {50, 1000} (except the ends);
+# N = 50 is the smallest step count of the tests (VP needs beta_max / N < 1).
 DISC_T = (0.0, 0.137, 0.61, 0.999, 1.0)
 
 
 def step_indices(t, num_steps):
-    return [int(round(float(ti) * (num_steps - 1))) for ti in t]
+    """The paper code's step of time t: floor(t (N - 1) / T), with T = 1."""
+    return [math.floor(float(ti) * (num_steps - 1)) for ti in t]
 
 
 @pytest.mark.parametrize("rank", [2, 4])
@@ -414,6 +452,19 @@ def test_discretize_subvp_is_euler_maruyama(num_steps, rank):
     f, G = sde.discretize(x, t)
     assert_close(f, per_sample(f_coef, rank) * x / num_steps, rtol=1e-12)
     assert_close(G, torch.sqrt(g2 / num_steps), rtol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5, 1e-3])
+@pytest.mark.parametrize("num_steps", [21, 100, 999, 1000])  # VP needs N > 20
+@pytest.mark.parametrize("name", SDE_NAMES)
+def test_step_index_meets_each_step_once_on_the_sampler_grid(name, num_steps, eps):
+    # The paper code's grid linspace(T, eps, N) holds t_k = eps + k (T - eps) / (N - 1), and
+    # t_k (N - 1) / T = k + eps (N - 1 - k) / T lies in [k, k + 1) when eps (N - 1) < T.
+    t = torch.linspace(1.0, eps, num_steps, dtype=F64)
+    assert make_sde(name, num_steps).step_index(t).tolist() == list(range(num_steps))[::-1]
+    # The chain times i T / (N - 1) themselves, whatever their round-off, give step i.
+    t = torch.tensor([i / (num_steps - 1) for i in range(num_steps)], dtype=F64)
+    assert make_sde(name, num_steps).step_index(t).tolist() == list(range(num_steps))
 
 
 @pytest.mark.parametrize("num_steps", [50, 1000])

@@ -100,8 +100,8 @@ def test_generate_on_toy_checkpoint(sampler, toy_run, tmp_path):
     assert arrays["samples"].shape == (10, 2) and arrays["samples"].dtype == np.float32
     assert np.isfinite(arrays["samples"]).all()
     assert len(summary["nfe"]) == 3 and all(v > 0 for v in summary["nfe"])
-    if sampler == "pc":  # 25 predictor + 25 corrector steps and one denoising evaluation
-        assert summary["nfe"] == [51, 51, 51]
+    if sampler == "pc":  # 25 predictor + 25 corrector steps (the last step denoises)
+        assert summary["nfe"] == [50, 50, 50]
     assert summary["sampler"] == sampler and summary["eps"] == 1e-3
     assert (out / "samples.png").exists()
 
@@ -110,6 +110,7 @@ def test_generate_on_toy_checkpoint(sampler, toy_run, tmp_path):
     ("ddim", ["--num_steps", 10, "--eta", 0.5], 10),
     ("dpm_solver", ["--num_steps", 12, "--order", 3], 12),
     ("dpm_solver", ["--num_steps", 12, "--dpm_method", "singlestep"], 12),
+    ("dpm_solver", ["--num_steps", 12, "--order", 3, "--dpm_solver_type", "taylor"], 12),
     ("heun", ["--num_steps", 6], 11),
 ])
 def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
@@ -119,6 +120,8 @@ def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
     summary, arrays = _result(out)
     assert arrays["samples"].shape == (8, 2) and np.isfinite(arrays["samples"]).all()
     assert summary["nfe"] == [nfe] and summary["sampler"] == sampler
+    if "--dpm_solver_type" in extra:
+        assert summary["dpm_solver_type"] == "taylor"
 
 
 def test_cuda_graph_flag_on_the_cpu_gives_the_same_samples(toy_run, tmp_path):
@@ -227,9 +230,9 @@ def test_class_conditional_and_cfg(gray_run, tmp_path):
         summary, arrays = _result(out)
         assert arrays["labels"].tolist() == [0, 1, 2, 3]
         assert summary["guidance"] == guidance
-        # 25 predictor + 25 corrector steps + denoising; a guided evaluation costs two
-        # network passes (label and null label).
-        assert summary["nfe"] == [51]
+        # 25 predictor + 25 corrector steps; a guided evaluation costs two network passes
+        # (label and null label).
+        assert summary["nfe"] == [50]
         assert summary["network_passes_per_eval"] == (2 if guidance == "cfg" else 1)
 
 

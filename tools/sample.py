@@ -18,9 +18,11 @@ Samplers. pc: predictor-corrector (Song et al. 2021, Algorithm 1; --predictor, -
 --snr, --num_steps, --corrector_steps); ode: the probability-flow ODE with an adaptive solver
 (--rtol, --atol); ald: annealed Langevin dynamics (corrector "ald" alone, Song & Ermon 2019);
 few-step samplers (generate only): ddim (--num_steps, default 50, --eta), dpm_solver
-(--num_steps evaluations, default 20, --order, --dpm_method) and heun (EDM, --num_steps,
-default 18, 2 num_steps - 1 evaluations).
-Sampling ends at --eps (default 1e-3 for VP / sub-VP, 1e-5 for VE) with Tweedie denoising.
+(--num_steps evaluations, default 20, --order, --dpm_method, --dpm_solver_type) and heun
+(EDM, --num_steps, default 18, 2 num_steps - 1 evaluations).
+The last step is taken at --eps (default 1e-3 for VP / sub-VP, 1e-5 for VE) and denoises: pc
+steps on to t = 0 without noise, ald ends with Tweedie's formula, ode and the few-step samplers
+with the denoiser.
 
 Tasks. generate; inpaint (known pixels from the data split, --mask left|right|top|bottom|
 center|random or a .npy file of 0/1 values shaped like one image, 1 = known; the known pixels
@@ -278,7 +280,8 @@ def run(fv) -> Dict[str, object]:
                                      eta=fv.eta, eps=eps, device=device, generator=gen)
             elif fv.sampler == "dpm_solver":
                 x, nfe = sample_dpm_solver(sde, score_fn, shape, num_steps=fv.num_steps or 20,
-                                           order=fv.order, method=fv.dpm_method, eps=eps,
+                                           order=fv.order, method=fv.dpm_method,
+                                           solver_type=fv.dpm_solver_type, eps=eps,
                                            device=device, generator=gen)
             elif fv.sampler == "heun":
                 x, nfe = sample_heun(sde, score_fn, shape, num_steps=fv.num_steps or 18,
@@ -332,6 +335,7 @@ def run(fv) -> Dict[str, object]:
         "eta": fv.eta if fv.sampler == "ddim" else None,
         "order": fv.order if fv.sampler == "dpm_solver" else None,
         "dpm_method": fv.dpm_method if fv.sampler == "dpm_solver" else None,
+        "dpm_solver_type": fv.dpm_solver_type if fv.sampler == "dpm_solver" else None,
         "snr": fv.snr if fv.sampler in ("pc", "ald") else None, "rtol": fv.rtol, "atol": fv.atol,
         "eps": eps, "num_samples": n, "batch_size": bs, "seed": fv.seed,
         "class_label": fv.class_label, "guidance": fv.guidance,
@@ -363,6 +367,9 @@ def define_flags(fv) -> None:
     f.DEFINE_integer("order", 2, "dpm_solver: order 1, 2 or 3.", lower_bound=1, upper_bound=3,
                      **kw)
     f.DEFINE_enum("dpm_method", "multistep", ["multistep", "singlestep"], "dpm_solver.", **kw)
+    f.DEFINE_enum("dpm_solver_type", None, ["dpmsolver", "taylor"], "dpm_solver: the form of "
+                  "the higher-order updates; default: the one measured more accurate for the "
+                  "method, order and prediction (score_sde.DPM_DEFAULT_SOLVER_TYPES).", **kw)
     f.DEFINE_enum("predictor", "reverse_diffusion", list(PREDICTORS), "PC predictor.", **kw)
     f.DEFINE_enum("corrector", "langevin", list(CORRECTORS), "PC corrector.", **kw)
     f.DEFINE_float("snr", 0.16, "Corrector signal-to-noise ratio.", lower_bound=0.0, **kw)

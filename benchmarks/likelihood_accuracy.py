@@ -1,0 +1,95 @@
+"""Likelihood accuracy of each error norm against a tight float64 solve, on closed-form mixtures.
+
+    python benchmarks/likelihood_accuracy.py --output lik_accuracy.json
+
+For Gaussian mixtures of several dimensions and sharpness (closed-form score under VP, exact
+samples, one Rademacher probe per sample shared by every run), `log_likelihood` at rtol = atol
+= --tol with the max and rms error norms, batch and per-sample step control, on float32 and
+float64 data, and the paper code's solve (SciPy RK45 on a flattened float64 state,
+`bench.paper_code_loglik`). The truth is the same estimate (same probes) solved in float64 at
+rtol = atol = 1e-10 with the max norm. Each row: evaluations per solve (SciPy: its nfev, each
+of which runs the network twice) and the largest |bits/dim - truth| over the samples
+(-log p / (D ln 2), continuous data: no dequantization offset).
+"""
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench import Mixture, paper_code_loglik  # noqa: E402
+from score_sde import VPSDE, log_likelihood  # noqa: E402
+
+# name -> (dimension, component std range, scale of the means, seed, samples)
+CASES = {
+    "784-d, stds 0.1-0.3 (bench.py's)": (784, (0.1, 0.3), 0.3, 1, 64),
+    "784-d, stds 0.3-0.8": (784, (0.3, 0.8), 1.0, 0, 64),
+    "256-d, stds 0.02-0.1": (256, (0.02, 0.1), 0.5, 4, 64),
+    "64-d, stds 0.05-0.2": (64, (0.05, 0.2), 1.0, 2, 64),
+    "2-d, stds 0.05-0.3": (2, (0.05, 0.3), 2.0, 3, 64),
+    "3072-d, stds 0.1-0.3": (3072, (0.1, 0.3), 0.3, 1, 16),
+}
+RUNS = [(norm, control) for norm in ("max", "rms") for control in ("batch", "per_sample")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))),
+                   help="indices into CASES")
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    names = list(CASES)
+    rows = []
+    for i in map(int, args.cases.split(",")):
+        dim, stds, scale, seed, n = CASES[names[i]]
+        mixture = Mixture(dim, 4, seed=seed, scale=scale, std_range=stds)
+        sde, score = VPSDE(), mixture.score_fn(VPSDE())
+        x = mixture.sample(n, torch.Generator().manual_seed(0)).float().double()
+        g = torch.Generator().manual_seed(1)
+        probes = torch.randint(0, 2, (1,) + tuple(x.shape), generator=g).double() * 2 - 1
+        t0 = time.perf_counter()
+        truth, _, truth_nfe = log_likelihood(sde, score, x, probes=probes, rtol=1e-10,
+                                             atol=1e-10, eps=1e-5)
+        truth_s = time.perf_counter() - t0
+
+        def error(logp):
+            return float(((logp.double() - truth) / (dim * math.log(2))).abs().max())
+
+        for dtype in (torch.float32, torch.float64):
+            for norm, control in RUNS:
+                logp, _, nfe = log_likelihood(sde, score, x.to(dtype), probes=probes.to(dtype),
+                                              rtol=args.tol, atol=args.tol, eps=1e-5,
+                                              error_norm=norm, step_control=control)
+                rows.append(dict(case=names[i], dtype=str(dtype)[6:], run=f"{norm}, {control}",
+                                 nfe=nfe, max_abs_dbpd=error(logp)))
+                print(json.dumps(rows[-1]), flush=True)
+            logp, nfe = paper_code_loglik(sde, score, x.to(dtype), probes.to(dtype),
+                                          rtol=args.tol, atol=args.tol, eps=1e-5)
+            rows.append(dict(case=names[i], dtype=str(dtype)[6:], run="SciPy RK45 (paper code)",
+                             nfe=nfe, max_abs_dbpd=error(logp)))
+            print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(dict(case=names[i], truth_nfe=truth_nfe, truth_seconds=truth_s)),
+              flush=True)
+    print(f"\n{'case':<36}{'data':>8}  {'run':<26}{'NFE':>6}{'max|dbpd|':>11}")
+    for r in rows:
+        print(f"{r['case']:<36}{r['dtype']:>8}  {r['run']:<26}{r['nfe']:>6}"
+              f"{r['max_abs_dbpd']:>11.1e}")
+    if args.output:
+        meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                    command=" ".join(["likelihood_accuracy.py"] + list(argv or sys.argv[1:])),
+                    tol=args.tol)
+        Path(args.output).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
