@@ -214,13 +214,13 @@ def test_damaged_checkpoint_falls_back_to_newest_good_snapshot(tmp_path, capsys,
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     snap.write_bytes(bytes(data))
     capsys.readouterr()
-    train(_toy_cfg(**FAST), str(tmp_path))
+    train(_toy_cfg(**FAST), str(tmp_path), quiet=True)  # quiet: warnings only
     _same(straight_run, read_checkpoint(ckpt))  # resumed from step 20, exactly
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 2, warnings  # one line per damaged file
     assert "checkpoint.pt" in warnings[0] and "snapshot_00000025.pt" in warnings[1]
     log = (tmp_path / "log.txt").read_text()
-    assert warnings[0] in log and warnings[1] in log and "start at step 20 " in log
+    assert warnings[0] in log and warnings[1] in log and "resuming from step 20 " in log
 
 
 class _FailingOS:
@@ -644,7 +644,8 @@ score_sde.checkpoint.os = _FullDisk()
 ], ids=["non-finite loss", "disk full"])
 def test_training_failures_exit_3_or_4_with_one_line(cli, tmp_path, patch, status, message):
     out = cli(*TOY, "--n_iters", "8", "--batch_size", "16", "--checkpoint_every", "2",
-              "--sample_every", "0", "--device", "cpu", "--workdir", tmp_path, patch=patch)
+              "--sample_every", "0", "--device", "cpu", "--workdir", tmp_path, "--quiet",
+              patch=patch)
     assert out.returncode == status, (out.returncode, out.stderr)
     line = _one_error_line(out)
     assert message in line, line

@@ -20,7 +20,8 @@ from score_sde.checkpoint import read_checkpoint
 from score_sde.config import from_dict, to_dict
 from score_sde.datasets import load_dataset
 from score_sde.models import SmallUNet
-from score_sde.config import apply_overrides, load_config_file
+from score_sde.config import (apply_overrides, check_config, config_dir, find_config,
+                              load_config_file, shipped_configs)
 from score_sde.trainer import Trainer, TrainingError, ema_decay, learning_rate, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,9 +64,14 @@ def test_config_round_trips_through_dict():
 
 
 def test_every_config_file_builds():
-    for path in sorted((REPO / "configs").glob("*.py")):
+    names = shipped_configs()
+    assert {p.stem for p in (REPO / "configs").glob("*.py")} == set(names) | {"__init__"}
+    for name in names:
+        path = find_config(name)
+        assert path == find_config(f"{name}.py") == config_dir() / f"{name}.py"
         cfg = load_config_file(str(path))
         assert cfg.training.n_iters > 0, path
+        check_config(cfg)
 
 
 def test_train_writes_run_folder_and_is_finite(tmp_path):
@@ -111,7 +117,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path):
     train(_toy_cfg(n_iters=40), str(tmp_path / "resumed"))
     _assert_same_state(_final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed"))
     log = (tmp_path / "resumed" / "log.txt").read_text()
-    assert "start at step 0 " in log and "start at step 20 " in log  # appended, not truncated
+    assert "start at step 0 " in log and "resuming from step 20 " in log  # appended
 
 
 def test_killed_process_resumes_exactly(tmp_path):
@@ -242,7 +248,7 @@ def test_class_conditional_model_gets_labels(tmp_path, monkeypatch):
     ema = [labels for training, labels in calls if not training]
     _, test_labels = load_dataset("fashion_mnist", split="test", data_dir=cfg.data.data_dir)[0][:8]
     assert torch.equal(ema[0], test_labels)  # held-out loss: the true labels, no dropout
-    assert len(ema) > 25  # then the sample grid: 25 Euler-Maruyama steps, cyclic labels
+    assert len(ema) == 1 + 20  # then the sample grid: 20 DPM-Solver steps, cyclic labels
     assert all(torch.equal(lab, torch.arange(12) % NUM_CLASSES) for lab in ema[1:])
     state = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["model"]["label_embed.table.weight"].shape[0] == NUM_CLASSES + 1

@@ -100,8 +100,9 @@ def test_two_processes_match_one_and_resume(tmp_path):
 
     # Rank 0 alone writes: one copy of every log line, one TensorBoard file, no stray files.
     log = (two / "log.txt").read_text().splitlines()
-    for line in ("start at step 0 of 20 on cpu x 2 processes",
-                 "start at step 20 of 30 on cpu x 2 processes", "done at step 30"):
+    size = "mlp with 1,250 parameters, batch 64"  # 2 -> 32 -> 32 -> 2 with a time embedding
+    for line in (f"start at step 0 of 20 on cpu x 2 processes: {size}",
+                 f"resuming from step 20 of 30 on cpu x 2 processes: {size}", "done at step 30"):
         assert log.count(line) == 1, log
     steps = [line.split()[1] for line in log if line.startswith("step ") and "loss=" in line]
     assert steps == [str(s) for s in range(5, 31, 5)], log
