@@ -155,7 +155,8 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
     assert _temporaries(workdir) == []  # the interrupted write's file was removed on resume
     log = (workdir / "log.txt").read_text()
     assert "by an interrupted checkpoint write" in log
-    assert [int(s) for s in re.findall(r"start at step (\d+) ", log)] == steps  # appended
+    launches = re.findall(r"(?:start at|resuming from) step (\d+) ", log)
+    assert [int(s) for s in launches] == steps  # appended
 
 
 def _kill_three_times(rng, args, workdir, marker):

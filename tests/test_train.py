@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -387,6 +388,37 @@ def test_a_nonfinite_step_changes_no_state(tmp_path, monkeypatch, fused, kind):
     trainer.settle(report)
     assert trainer.nonfinite_streak == 0
     assert not torch.equal(after[0][0], next(trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("sampler, steps, evaluations", [
+    ("dpm_solver", None, 20),  # the default: cheap grids
+    ("dpm_solver", 7, 7),
+    ("pc", 9, 10),  # Euler-Maruyama steps and the final denoising evaluation
+])
+def test_sample_grid_sampler_and_its_evaluations(tmp_path, monkeypatch, sampler, steps,
+                                                 evaluations):
+    trainer = Trainer(_toy_cfg(sampler=sampler, sample_steps=steps, num_samples=10),
+                      str(tmp_path))
+    calls = []
+    forward = type(trainer.ema).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self is trainer.ema)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.ema), "forward", counting)
+    x = trainer.sample_grid()
+    assert x.shape == (10, 2) and torch.isfinite(x).all()
+    assert len(calls) == evaluations and all(calls)  # the EMA weights
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sampler", "ddim", "unknown sampler 'ddim'; accepted: 'dpm_solver', 'pc'"),
+    ("sample_steps", 0, "sample_steps must be >= 1 or None"),
+])
+def test_sample_grid_settings_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(_toy_cfg(**{field: value}))
 
 
 def test_learning_rate_schedule_closed_form():
