@@ -1,4 +1,5 @@
-"""Installs score_sde: `pip install -e .` (add `[test]` for the test dependencies)."""
+"""Installs score_sde: `pip install .` or `pip install -e .` (add `[test]` for the test
+dependencies)."""
 import pathlib
 import re
 
@@ -22,7 +23,10 @@ setup(
     description="Continuous-time score-based generative modelling with SDEs in PyTorch",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=find_packages(exclude=["tests", "tests.*"]),
+    # The repository's configs/ ships as score_sde.configs, so that an installed package finds
+    # its default configs (`--config NAME`) wherever it runs.
+    packages=find_packages(exclude=["tests", "tests.*", "configs"]) + ["score_sde.configs"],
+    package_dir={"score_sde.configs": "configs"},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -34,5 +38,6 @@ setup(
         "tqdm",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # setuptools: tests/test_install.py builds and installs a wheel offline (no build isolation).
+    extras_require={"test": ["pytest", "hypothesis", "setuptools>=70.1"]},
 )

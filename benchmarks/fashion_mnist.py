@@ -155,7 +155,7 @@ def logged_rates(log_txt: Path, *, up_to: Optional[int] = None) -> List[float]:
     the first interval after each start (CUDA warm-up)."""
     rates, first = [], True
     for line in log_txt.read_text().splitlines() if log_txt.is_file() else []:
-        if line.startswith("start at step"):
+        if line.startswith(("start at step", "resuming from step")):  # a launch
             first = True
             continue
         m = _LOG_RATE.match(line)

@@ -1,15 +1,16 @@
 """Configuration schema of the training script: plain dataclasses, values only.
 
-Files in `configs/` build and return a `Config` (`get_config()`, run by `load_config_file`);
+Files in `configs/` (installed with the package as `score_sde.configs`) build and return a
+`Config` (`get_config()`, run by `load_config_file`; `find_config` resolves a name or a path);
 command-line flags override fields (`apply_overrides`); `check_config` checks ranges and
-conflicts; the trainer turns the result into explicit constructor arguments. Units and
-meanings are in the trailing comments.
+conflicts; the trainer turns the result into explicit constructor arguments. Units and meanings
+are in the trailing comments.
 """
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -66,8 +67,11 @@ class TrainingConfig:
     log_every: int = 50  # steps between log lines / TensorBoard scalars
     eval_every: int = 1000  # steps between held-out losses with the EMA weights
     eval_batches: int = 4  # batches per held-out evaluation
-    sample_every: int = 5000  # steps between sample grids (PNG); 0 disables
+    sample_every: int = 5000  # steps between sample grids (PNG, TensorBoard); 0 disables
     num_samples: int = 64  # samples per grid
+    # sample grids: "dpm_solver" (DPM-Solver, order 2 multistep) or "pc" (Euler-Maruyama)
+    sampler: str = "dpm_solver"
+    sample_steps: Optional[int] = None  # grid sampler steps; None: 20 (dpm_solver) or the SDE's
     checkpoint_every: int = 500  # steps between preemption checkpoints
     snapshot_every: int = 10_000  # steps between numbered snapshots
     keep_snapshots: int = 5  # numbered snapshots kept (oldest pruned)
@@ -114,8 +118,42 @@ def from_dict(d: Dict[str, Any]) -> Config:
 
 
 LR_DECAYS = ("none", "cosine")
+# Samplers of the sample grids written during training.
+GRID_SAMPLERS = ("dpm_solver", "pc")
 # torch.compile's modes; "reduce-overhead" replays CUDA graphs, cutting per-kernel launch cost.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def config_dir() -> Path:
+    """The folder of the shipped config files: `score_sde/configs` in an installed package
+    (setup.py installs the repository's `configs/` there), else `configs/` of the checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+def shipped_configs() -> List[str]:
+    """Names of the shipped config files, usable as `--config NAME`."""
+    folder = config_dir()
+    return sorted(p.stem for p in folder.glob("*.py") if not p.name.startswith("_"))
+
+
+def find_config(spec: str) -> Path:
+    """The config file `spec` names: a path, or the name of a shipped config ("toy",
+    "fashion_mnist_cpu.py"), which works from any folder and from an installed package.
+
+    Raises:
+        ValueError: neither an existing file nor a shipped config; the message lists those.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.name == spec:
+        shipped = config_dir() / (spec if spec.endswith(".py") else f"{spec}.py")
+        if shipped.is_file():
+            return shipped
+    raise ValueError(f"--config file {spec} does not exist (shipped configs, usable by name: "
+                     f"{', '.join(shipped_configs())})")
 
 
 def load_config_file(path: str) -> Config:
@@ -192,6 +230,10 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"device must be auto or a torch device such as cpu, cuda or "
                              f"cuda:1, got {tc.device!r}") from None
     check_choice("lr_decay", tc.lr_decay, LR_DECAYS)
+    check_choice("sampler", tc.sampler, GRID_SAMPLERS)
+    if tc.sample_steps is not None and tc.sample_steps < 1:
+        raise ValueError(f"sample_steps must be >= 1 or None (the sampler's default), got "
+                         f"{tc.sample_steps}")
     check_choice("compile_mode", tc.compile_mode, COMPILE_MODES)
     if tc.compile_mode != "default" and not tc.compile:
         raise ValueError(f"--compile_mode {tc.compile_mode} needs --compile")

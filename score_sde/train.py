@@ -1,27 +1,39 @@
 """Train a score model by denoising score matching (Song et al. 2021, Eq. 7).
 
 Examples:
+    python -m score_sde.train --config fashion_mnist_cpu        # CPU quick start, ~30 min
     python -m score_sde.train --sde vp                          # Fashion-MNIST, small U-Net
     python -m score_sde.train --sde vp --dataset toy_8gaussians --n_iters 2000
     python -m score_sde.train --sde ve --dataset array --data_path train.npy --workdir runs/x
-    python -m score_sde.train --config configs/toy.py --dry_run   # print the resolved config
+    python -m score_sde.train --config toy --dry_run            # print the resolved config
     python -m score_sde.train --class_conditional --label_dropout 0.1   # for CFG sampling
     torchrun --standalone --nproc_per_node=4 -m score_sde.train --batch_size 128  # 4 GPUs
 
-Everything goes to --workdir (default runs/<sde>_<dataset>): config.json, log.txt,
-TensorBoard events (tb/), checkpoint.pt (the latest state, for resuming), snapshots/ and
-samples/. Running again with the same --workdir resumes from checkpoint.pt. Every random draw of
-step k (data order, dequantization, label dropout, t, noise, dropout) is seeded from (seed, k),
-so a resumed run ends with exactly the weights of an uninterrupted one on the CPU. Checkpoints
-are written atomically (`score_sde.checkpoint`): a run killed at any moment, even while writing
-one, resumes from the last complete one; a damaged checkpoint.pt is reported and the newest good
-snapshot is used instead.
+--config takes a file or the name of a config shipped with the package (the repository's
+configs/, installed as score_sde.configs). Everything goes to --workdir (default
+runs/<sde>_<dataset>): config.json, log.txt, TensorBoard events (tb/: scalars and sample
+grids), checkpoint.pt (the latest state, for resuming), snapshots/ and samples/. The console
+(stderr) shows the log lines and, on a terminal, a progress bar with the smoothed loss,
+images/s and the ETA; the first lines give the device, the model's size and the expected
+duration (--quiet: only warnings, errors and the result).
+
+Running again with the same --workdir resumes from checkpoint.pt. Every random draw of step k
+(data order, dequantization, label dropout, t, noise, dropout) is seeded from (seed, k), so a
+resumed run ends with exactly the weights of an uninterrupted one on the CPU. Checkpoints are
+written atomically (`score_sde.checkpoint`): a run killed at any moment, even while writing
+one, resumes from the last complete one; a damaged checkpoint.pt is reported and the newest
+good snapshot is used instead.
+
+Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun's shutdown) finishes the step
+under way, writes checkpoint.pt and prints "stopped at step k (SIGINT); run the same command
+to resume"; a sample grid or held-out loss under way is abandoned. Under torchrun every
+process stops at the same step.
 
 Exit status: 0 done; 2 bad input (flags, config, data, a checkpoint of another model in
 --workdir); 3 a non-finite loss or gradient (without --skip_nonfinite); 4 the file system
 failed (disk full, no permission), e.g. while writing a checkpoint: the files written before
-stay intact and the same command resumes once that is fixed. Errors print one line on stderr
-(and, once training has started, in log.txt).
+stay intact and the same command resumes once that is fixed; 130 / 143 stopped by SIGINT /
+SIGTERM. Errors print one line on stderr (and, once training has started, in log.txt).
 
 Multi-process training (DistributedDataParallel) starts when torchrun's RANK, WORLD_SIZE and
 LOCAL_RANK are set: backend "nccl" on CUDA (process LOCAL_RANK on cuda:LOCAL_RANK), "gloo" on
@@ -37,39 +49,45 @@ on a file system all of them see.
 """
 import json
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 from . import datasets as data_lib
 from ._utils import stderr_line
 from .cli import EXIT_BAD_INPUT, EXIT_NUMERICAL
-from .config import (COMPILE_MODES, LR_DECAYS, apply_overrides, check_config, load_config_file,
-                     to_dict)
+from .config import (COMPILE_MODES, GRID_SAMPLERS, LR_DECAYS, apply_overrides, check_config,
+                     find_config, load_config_file, to_dict)
 from .distributed import DistInfo, dist_from_env
 from .models import MODELS
+from .stopping import TrainingInterrupted
 from .trainer import (EMA_RATES, CheckpointWriteError, NonFiniteError, TrainingError,
                       check_world_size, train)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Config file used when --config is not given, by dataset.
-DEFAULT_CONFIGS = {"fashion_mnist": "fashion_mnist.py", "cifar10": "cifar10_ddpmpp_cont.py",
-                   "array": "toy.py"}
-TOY_CONFIG = "toy.py"
+# Config file used when --config is not given, by dataset (a shipped config, `find_config`).
+DEFAULT_CONFIGS = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar10_ddpmpp_cont",
+                   "array": "toy"}
+TOY_CONFIG = "toy"
+# The shipped config sized for a CPU, which the default Fashion-MNIST run points to there.
+CPU_QUICK_START = "fashion_mnist_cpu"
 # Exit status of the command line when the file system fails (disk full, no permission): the
-# run can resume once that is fixed. 2 (bad input) and 3 (non-finite) are the tools' codes.
+# run can resume once that is fixed. 2 (bad input) and 3 (non-finite) are the tools' codes;
+# a run stopped by a signal exits with 128 + its number (130 SIGINT, 143 SIGTERM).
 EXIT_WRITE_FAILED = 4
 
 
 def default_config_path(dataset: str) -> Path:
-    return CONFIG_DIR / DEFAULT_CONFIGS.get(dataset, TOY_CONFIG)
+    return find_config(DEFAULT_CONFIGS.get(dataset, TOY_CONFIG))
 
 
 def _define_flags():
     from absl import flags
 
     flags.DEFINE_enum("sde", "vp", list(EMA_RATES), "Forward SDE.")
-    flags.DEFINE_string("config", None, "Config file in configs/ defining get_config(); "
-                        "default: chosen by --dataset.")
+    flags.DEFINE_string("config", None, "Config file defining get_config(), or the name of a "
+                        "shipped one (toy, fashion_mnist, fashion_mnist_cpu, cifar10_ddpmpp_cont, "
+                        "...); default: chosen by --dataset.")
     flags.DEFINE_enum("dataset", "fashion_mnist", list(data_lib.DATASETS), "Training data.")
     flags.DEFINE_string("data_dir", None, "Folder of the image dataset files.")
     flags.DEFINE_string("data_path", None, ".npy/.npz float array [N, ...] for --dataset array.")
@@ -93,6 +111,10 @@ def _define_flags():
     flags.DEFINE_integer("eval_every", None, "Steps between held-out losses.", lower_bound=1)
     flags.DEFINE_integer("sample_every", None, "Steps between sample grids (0: never).",
                          lower_bound=0)
+    flags.DEFINE_enum("sampler", None, list(GRID_SAMPLERS), "Sampler of the sample grids: "
+                      "dpm_solver (fast, 20 evaluations) or pc (Euler-Maruyama, the SDE's steps).")
+    flags.DEFINE_integer("sample_steps", None, "Steps of the sample-grid sampler; default 20 "
+                         "(dpm_solver) or the SDE's (pc).", lower_bound=1)
     flags.DEFINE_integer("checkpoint_every", None, "Steps between preemption checkpoints.",
                          lower_bound=1)
     flags.DEFINE_integer("snapshot_every", None, "Steps between numbered snapshots.",
@@ -106,6 +128,8 @@ def _define_flags():
     flags.DEFINE_integer("max_nonfinite", None, "With --skip_nonfinite: stop after more than "
                          "this many skipped steps in a row.", lower_bound=0)
     flags.DEFINE_boolean("dry_run", False, "Print the resolved config and exit.")
+    flags.DEFINE_boolean("quiet", False, "No progress bar and no log lines on the console (they "
+                         "still go to log.txt); warnings, errors and the result still appear.")
 
 
 # flag name -> config field it overrides
@@ -119,7 +143,8 @@ FLAG_FIELDS = {
     "channels_last": "training.channels_last", "compile": "training.compile",
     "compile_mode": "training.compile_mode",
     "log_every": "training.log_every", "eval_every": "training.eval_every",
-    "sample_every": "training.sample_every", "checkpoint_every": "training.checkpoint_every",
+    "sample_every": "training.sample_every", "sampler": "training.sampler",
+    "sample_steps": "training.sample_steps", "checkpoint_every": "training.checkpoint_every",
     "snapshot_every": "training.snapshot_every", "class_conditional": "model.class_conditional",
     "label_dropout": "training.label_dropout", "skip_nonfinite": "training.skip_nonfinite",
     "max_nonfinite": "training.max_nonfinite",
@@ -128,7 +153,8 @@ FLAG_FIELDS = {
 
 def resolve(flag_values) -> tuple:
     """(config, workdir) from parsed flags: config file, then explicitly given flags."""
-    path = flag_values.config or default_config_path(flag_values.dataset)
+    path = find_config(flag_values.config) if flag_values.config else \
+        default_config_path(flag_values.dataset)
     cfg = load_config_file(str(path))
     overrides = {field: getattr(flag_values, name) for name, field in FLAG_FIELDS.items()
                  if flag_values[name].present or (name in ("sde", "dataset")
@@ -143,6 +169,15 @@ def resolve(flag_values) -> tuple:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} exists and is not a folder")
     return cfg, workdir
+
+
+def slow_hint(flag_values) -> Optional[str]:
+    """The pointer to the CPU quick start, for the default Fashion-MNIST config only."""
+    if flag_values.config or flag_values.dataset != "fashion_mnist":
+        return None
+    return (f"that is long for a CPU: `python -m score_sde.train --config {CPU_QUICK_START}` "
+            f"trains a 1.1M-parameter model sized for two CPU cores (about half an hour; "
+            f"BENCHMARKS.md)")
 
 
 def main(argv) -> None:
@@ -160,11 +195,16 @@ def main(argv) -> None:
             if dist.is_main:
                 print(json.dumps({"workdir": workdir, **to_dict(cfg)}, indent=2))
             return
-        metrics = train(cfg, workdir, dist=dist)
+        metrics = train(cfg, workdir, dist=dist, quiet=flags.FLAGS.quiet,
+                        slow_hint=slow_hint(flags.FLAGS))
     except (ValueError, OSError, TrainingError) as err:
         where = f" (rank {dist.rank})" if dist.world_size > 1 else ""
         stderr_line(f"error{where}: {err}")
         sys.exit(_exit_status(err))
+    except TrainingInterrupted as stop:
+        if dist.is_main:
+            stderr_line(str(stop))
+        sys.exit(stop.exit_status)
     if dist.is_main:
         print(json.dumps({"workdir": workdir, "step": cfg.training.n_iters, **metrics}))
 
@@ -192,7 +232,11 @@ def run() -> None:
     from absl import app
 
     _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except KeyboardInterrupt:  # Ctrl-C outside `train`: while parsing flags, say
+        stderr_line("stopped by SIGINT before training started; nothing was written")
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ seeded from (seed, k) by `step_seed`, so a run resumed from a checkpoint ends wi
 weights of an uninterrupted one on the CPU. A step never waits for the device: batches go
 through pinned memory, and with fused Adam a step whose loss or gradient norm is not finite is
 skipped on the device; `Trainer.settle` reads those outcomes before anything is logged or
-saved. The command line around it is `score_sde.train`.
+saved. SIGINT and SIGTERM end a run after the step under way, with a checkpoint
+(`score_sde.stopping`); what the run prints and logs is `score_sde.progress`'s. The command
+line around it is `score_sde.train`.
 """
 import copy
 import dataclasses
@@ -28,10 +30,13 @@ from .checkpoint import (load_checkpoint, prune_snapshots, remove_stale_temporar
 from .config import Config, check_config, from_dict, to_dict
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
                           process_group_backend, resolve_device)
+from .fast_sampling import sample_dpm_solver
 from .losses import ScoreMatchingLoss
+from .progress import Reporter, SmoothedLoss, SpeedProbe, format_duration
 from .sampling import sample_pc
 from .score import make_score_fn
-from .visualize import save_samples_png
+from .stopping import Abandoned, SignalStop, TrainingInterrupted
+from .visualize import samples_picture
 
 # The paper's EMA rates: 0.9999 for VP-type SDEs, 0.999 for VE.
 EMA_RATES = {"vp": 0.9999, "subvp": 0.9999, "cosine": 0.9999, "ve": 0.999}
@@ -39,6 +44,10 @@ EMA_RATES = {"vp": 0.9999, "subvp": 0.9999, "cosine": 0.9999, "ve": 0.999}
 # dropout; held-out loss noise and data; sample grids; network dropout (+ rank).
 STREAM_NOISE, STREAM_DATA, STREAM_EVAL_NOISE, STREAM_EVAL_DATA, STREAM_SAMPLES = range(5)
 STREAM_DROPOUT = 5
+# Evaluations of the default sample-grid sampler (DPM-Solver, order 2 multistep).
+GRID_DPM_STEPS = 20
+# A CPU run whose steps take longer than this gets `slow_hint` after its expected duration.
+SLOW_CPU_RUN_SECONDS = 2 * 3600
 
 
 class TrainingError(RuntimeError):
@@ -131,42 +140,6 @@ def peak_memory_mib(device: torch.device) -> float:
     return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
 
-class _Reporter:
-    """log.txt, TensorBoard and the progress bar of rank 0; a no-op on other ranks."""
-
-    def __init__(self, workdir: Path, *, enabled: bool, total: int, initial: int):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
-
-        self.log = open(workdir / "log.txt", "a", buffering=1)
-        self.writer = SummaryWriter(str(workdir / "tb"))
-        self.bar = tqdm(total=total, initial=initial, desc="train", disable=None)
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            self.log.write(text + "\n")
-
-    def scalars(self, prefix: str, values: Dict[str, float], step: int) -> None:
-        if self.enabled:
-            for k, v in values.items():
-                self.writer.add_scalar(f"{prefix}/{k}", v, step)
-
-    def advance(self, **postfix) -> None:
-        if self.enabled:
-            self.bar.update(1)
-            if postfix:
-                self.bar.set_postfix(**postfix)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.close()
-            self.writer.close()
-            self.log.close()
-
-
 class Trainer:
     """Holds the state of one training run; `run()` executes the loop.
 
@@ -175,10 +148,19 @@ class Trainer:
         workdir: run folder (written by rank 0 only).
         dist: this process's place in a torchrun launch; with world_size > 1 the default
             process group must be initialised (see `train`).
+        stop: signal handlers whose requests `run` obeys between steps (see
+            `score_sde.stopping`); None: signals keep their usual effect.
+        quiet: no progress bar and no routine log lines on the console.
+        slow_hint: a line printed after the expected duration when a run on the CPU would
+            take longer than `SLOW_CPU_RUN_SECONDS` (e.g. a pointer to a smaller config).
     """
 
-    def __init__(self, cfg: Config, workdir: str, *, dist: DistInfo = DistInfo()):
+    def __init__(self, cfg: Config, workdir: str, *, dist: DistInfo = DistInfo(),
+                 stop: Optional[SignalStop] = None, quiet: bool = False,
+                 slow_hint: Optional[str] = None):
         self.cfg, self.workdir, self.dist = cfg, Path(workdir), dist
+        self.stop = stop if stop is not None else SignalStop()  # never installed: no signals
+        self.quiet, self.slow_hint = quiet, slow_hint
         tc = cfg.training
         check_config(cfg)
         check_world_size(cfg, dist)
@@ -209,6 +191,12 @@ class Trainer:
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(net, mode=tc.compile_mode) if tc.compile else net
         self.score_fn(self.model)  # checks prediction / time_input before anything is written
+        # Collectives that agree on stopping: gloo on CPU tensors, so that polling every step
+        # never waits for a GPU (NCCL runs get a gloo group of their own).
+        self.control_group = None
+        if dist.world_size > 1 and self.device.type == "cuda":
+            self.control_group = torch.distributed.new_group(backend="gloo",
+                                                             timeout=PROCESS_GROUP_TIMEOUT)
         self.step = 0
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or loaded
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
@@ -357,9 +345,18 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> Dict[str, float]:
+        """Trains from the checkpoint in workdir (if any) to step n_iters; returns the metrics
+        of the last log step (and the last held-out loss).
+
+        Raises:
+            TrainingError: see `train`.
+            TrainingInterrupted: a SIGINT or SIGTERM reached `stop`: the step under way was
+                finished and its checkpoint written (on every process: they agree on the step).
+        """
         tc = self.cfg.training
         main = self.dist.is_main
-        notes = []  # for log.txt, which is opened after resuming
+        self.stop.defer()  # from here on a signal ends the run after a checkpoint
+        notes, warnings = [], []  # for log.txt, which is opened after resuming
         if main:
             self.workdir.mkdir(parents=True, exist_ok=True)
             for folder in (self.workdir, self.workdir / "snapshots"):
@@ -367,8 +364,10 @@ class Trainer:
                           f"write" for path in remove_stale_temporaries(folder)]
 
         def warn(message: str) -> None:
-            stderr_line(message)
-            notes.append(message)
+            if main:
+                warnings.append(message)  # printed by the reporter, which also logs it
+            else:
+                stderr_line(message)
 
         state = load_checkpoint(self.workdir / "checkpoint.pt", self.workdir / "snapshots",
                                 warn=warn)
@@ -376,17 +375,28 @@ class Trainer:
             self.restore(state)
         if main:
             (self.workdir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
-        report = _Reporter(self.workdir, enabled=main, total=tc.n_iters, initial=self.step)
+        report = Reporter(self.workdir, enabled=main, total=tc.n_iters, initial=self.step,
+                          batch_size=tc.batch_size, quiet=self.quiet)
+        for message in warnings:
+            report.warn(message)
         for note in notes:
             report.line(note)
         procs = f" x {self.dist.world_size} processes" if self.dist.world_size > 1 else ""
-        report.line(f"start at step {self.step} of {tc.n_iters} on {self.device}{procs}")
+        verb = "start at" if state is None else "resuming from"
+        report.line(f"{verb} step {self.step} of {tc.n_iters} on {self.device}{procs}: "
+                    f"{self.cfg.model.name} with {_count(self.model.parameters())} parameters, "
+                    f"batch {tc.batch_size}")
         last_time, last_step, metrics = time.time(), self.step, {}
+        smoothed, probe = SmoothedLoss(), SpeedProbe(self.device)
         self.model.train()
         try:
             while self.step < tc.n_iters:
+                signum = self.stop_requested()
+                if signum is not None:
+                    self.interrupt(signum, report)
                 loss, lr, grad_norm = self.train_step(report)
-                postfix = {}
+                if report.shows_bar:
+                    smoothed.add(loss)
                 last = self.step == tc.n_iters
                 snapshot = self.step % tc.snapshot_every == 0 or last
                 save = snapshot or self.step % tc.checkpoint_every == 0
@@ -406,21 +416,28 @@ class Trainer:
                     report.scalars("train", metrics, self.step)
                     report.line(f"step {self.step} " + " ".join(
                         f"{k}={v:.6g}" for k, v in metrics.items()))
-                    postfix = dict(loss=f"{metrics['loss']:.4g}", per_s=f"{rate:.0f}")
-                report.advance(**postfix)
+                # On a GPU reading the loss waits for the device: only where settle did.
+                refresh = report.shows_bar and (log or self.device.type != "cuda")
+                report.advance(smoothed.read() if refresh else None)
+                if main:
+                    self.report_speed(probe.tick(self.step), report)
                 if main and evaluate:
                     # Rank 0 only, with no collectives inside; the others wait in the next one.
-                    metrics["eval_loss"] = self.eval_loss()
-                    report.scalars("eval", {"loss_ema": metrics["eval_loss"]}, self.step)
-                    report.line(f"step {self.step} eval_loss_ema={metrics['eval_loss']:.6g}")
+                    try:
+                        with self.stop.abandonable():
+                            metrics["eval_loss"] = self.eval_loss()
+                        report.scalars("eval", {"loss_ema": metrics["eval_loss"]}, self.step)
+                        report.line(f"step {self.step} eval_loss_ema={metrics['eval_loss']:.6g}")
+                    except Abandoned:
+                        pass  # the stop request is honoured before the next step
                 if main and sample:
-                    self.write_samples()
+                    self.write_samples(report)
                 if save:
                     self.save(snapshot=snapshot)
             report.line(f"done at step {self.step}")
         except TrainingError as err:
-            try:
-                report.line(f"stopped at step {self.step}: {err}")
+            try:  # the command line prints the error itself
+                report.line(f"stopped at step {self.step}: {err}", console=False)
             except OSError:  # the disk may be full
                 pass
             raise
@@ -428,7 +445,44 @@ class Trainer:
             report.close()
         return metrics
 
-    def train_step(self, report: _Reporter) -> Tuple[torch.Tensor, float, torch.Tensor]:
+    def stop_requested(self) -> Optional[int]:
+        """The signal that stops the run, or None: with several processes the largest signal
+        number any of them received, so that all stop at the same step (one CPU all-reduce
+        per step, which never waits for a GPU)."""
+        signum = self.stop.signum or 0
+        if self.dist.world_size > 1:
+            flag = torch.tensor([signum], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                         group=self.control_group)
+            signum = int(flag.item())
+        return signum or None
+
+    def interrupt(self, signum: int, report: Reporter) -> None:
+        """Writes the checkpoint of the step reached (unless written already) and raises
+        TrainingInterrupted; called by every process at the same step."""
+        self.settle(report)
+        if self.step != self.saved_step:
+            self.save(snapshot=False)
+        stop = TrainingInterrupted(signum, self.step)
+        report.line(str(stop), console=False)  # the command line prints it
+        raise stop
+
+    def report_speed(self, steps_per_s: Optional[float], report: Reporter) -> None:
+        """The line with the measured speed and the expected duration of the steps left, and
+        `slow_hint` after it when that is long on a CPU."""
+        tc = self.cfg.training
+        left = tc.n_iters - self.step
+        if steps_per_s is None or left <= 0:
+            return
+        seconds = left / steps_per_s
+        images = steps_per_s * tc.batch_size
+        report.line(f"speed {images:.0f} images/s ({1 / steps_per_s:.3g} s/step): the {left} "
+                    f"steps left take about "
+                    f"{format_duration(seconds)}")
+        if self.slow_hint and self.device.type == "cpu" and seconds > SLOW_CPU_RUN_SECONDS:
+            report.line(self.slow_hint)
+
+    def train_step(self, report: Reporter) -> Tuple[torch.Tensor, float, torch.Tensor]:
         """One optimizer step (or a skipped one); returns (loss over all processes, lr,
         gradient norm).
 
@@ -469,7 +523,7 @@ class Trainer:
         self.step += 1
         return loss, lr, grad_norm
 
-    def settle(self, report: _Reporter) -> None:
+    def settle(self, report: Reporter) -> None:
         """Reads the finiteness of the steps run since the last call (one wait for the device)
         and accounts for their skips in order; raises TrainingError as `skip_nonfinite` does.
         Called before anything that reports or saves the training state."""
@@ -484,7 +538,7 @@ class Trainer:
             else:
                 self.skip_nonfinite(step, "loss" if not loss_ok else "gradient norm", report)
 
-    def skip_nonfinite(self, step: int, what: str, report: _Reporter) -> None:
+    def skip_nonfinite(self, step: int, what: str, report: Reporter) -> None:
         """Skips the update of `step` (with skip_nonfinite) or raises TrainingError."""
         tc = self.cfg.training
         problem = f"non-finite {what} at step {step}"
@@ -518,9 +572,11 @@ class Trainer:
         return total / tc.eval_batches
 
     @torch.no_grad()
-    def write_samples(self) -> Optional[Path]:
-        """Samples of the EMA model (Euler–Maruyama, the SDE's steps) written as a PNG; a
-        class-conditional model gets labels 0, 1, ..., K - 1, 0, 1, ... in grid order."""
+    def sample_grid(self) -> torch.Tensor:
+        """Samples of the EMA model for the grid: DPM-Solver (order 2, multistep) with
+        `sample_steps` evaluations (default 20), or with `sampler` "pc" Euler–Maruyama with
+        the SDE's steps; a class-conditional model gets labels 0, 1, ..., K - 1, 0, 1, ... in
+        grid order."""
         tc = self.cfg.training
         gen = torch.Generator(device=self.device).manual_seed(
             step_seed(tc.seed, 0, STREAM_SAMPLES))
@@ -528,14 +584,49 @@ class Trainer:
         labels = None
         if self.num_classes is not None:
             labels = torch.arange(tc.num_samples, device=self.device) % self.num_classes
-        x, _ = sample_pc(self.sde, self.score_fn(self.ema, labels),
-                         (tc.num_samples,) + self.info.shape, predictor="euler_maruyama",
-                         corrector="none", eps=eps, device=self.device, generator=gen)
-        return save_samples_png(x.cpu(), self.workdir / "samples" / f"samples_{self.step:08d}.png")
+        score_fn = self.score_fn(self.ema, labels)
+        shape = (tc.num_samples,) + self.info.shape
+        if tc.sampler == "dpm_solver":
+            x, _ = sample_dpm_solver(self.sde, score_fn, shape,
+                                     num_steps=tc.sample_steps or GRID_DPM_STEPS, eps=eps,
+                                     device=self.device, generator=gen)
+        else:
+            x, _ = sample_pc(self.sde, score_fn, shape, predictor="euler_maruyama",
+                             corrector="none", num_steps=tc.sample_steps, eps=eps,
+                             device=self.device, generator=gen)
+        return x
+
+    def write_samples(self, report: Optional[Reporter] = None) -> Optional[Path]:
+        """Writes `sample_grid` as samples/samples_STEP.png (and to TensorBoard through
+        `report`); returns the path, or None for data without a picture or when a stop
+        request abandoned the sampling."""
+        try:
+            with self.stop.abandonable():
+                x = self.sample_grid().cpu()
+        except Abandoned:
+            return None
+        picture = samples_picture(x, title=f"step {self.step}")
+        if picture is None:
+            return None
+        path = self.workdir / "samples" / f"samples_{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
+        if report is not None:
+            report.image("samples", picture, self.step)
+        return path
 
 
-def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None) -> Dict[str, float]:
+def _count(parameters) -> str:
+    n = sum(p.numel() for p in parameters)
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+
+
+def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None, quiet: bool = False,
+          slow_hint: Optional[str] = None) -> Dict[str, float]:
     """Trains (or resumes) with `cfg`, writing into `workdir`; returns the last metrics.
+
+    SIGINT and SIGTERM are handled while it runs (in the main thread; `score_sde.stopping`):
+    the step under way is finished, its checkpoint written and TrainingInterrupted raised.
 
     Args:
         cfg: the resolved configuration.
@@ -543,23 +634,30 @@ def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None) -> Dict
         dist: process layout; None reads torchrun's environment variables (`dist_from_env`).
             With several processes this initialises the default process group (NCCL on
             CUDA, gloo on the CPU) and destroys it on return or error.
+        quiet: no progress bar and no routine log lines on stderr (log.txt gets them all).
+        slow_hint: printed after the expected duration when a CPU run would take longer
+            than `SLOW_CPU_RUN_SECONDS`.
 
     Raises:
         ValueError, FileNotFoundError: bad configuration or data.
         TrainingError: an incompatible checkpoint; its subclasses NonFiniteError (non-finite
             loss or gradient) and CheckpointWriteError (disk full, no permission).
+        TrainingInterrupted: a SIGINT or SIGTERM (a KeyboardInterrupt); `step` is that of
+            the checkpoint written, None if it came before training started.
     """
     dist = dist_from_env(os.environ) if dist is None else dist
-    if dist.world_size == 1:
-        return Trainer(cfg, workdir, dist=dist).run()
-    check_world_size(cfg, dist)
-    device = resolve_device(cfg.training.device, dist)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(process_group_backend(device), rank=dist.rank,
-                                         world_size=dist.world_size,
-                                         timeout=PROCESS_GROUP_TIMEOUT)
-    try:
-        return Trainer(cfg, workdir, dist=dist).run()
-    finally:
-        torch.distributed.destroy_process_group()
+    options = dict(quiet=quiet, slow_hint=slow_hint)
+    with SignalStop() as stop:
+        if dist.world_size == 1:
+            return Trainer(cfg, workdir, dist=dist, stop=stop, **options).run()
+        check_world_size(cfg, dist)
+        device = resolve_device(cfg.training.device, dist)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(process_group_backend(device), rank=dist.rank,
+                                             world_size=dist.world_size,
+                                             timeout=PROCESS_GROUP_TIMEOUT)
+        try:
+            return Trainer(cfg, workdir, dist=dist, stop=stop, **options).run()
+        finally:
+            torch.distributed.destroy_process_group()

@@ -206,7 +206,7 @@ def test_logged_rates_leave_out_each_first_interval(tmp_path):
     log.write_text("start at step 0 of 30 on cpu\n"
                    "step 10 loss=1 samples_per_s=5\nstep 20 loss=1 samples_per_s=50\n"
                    "step 20 eval_loss_ema=1\ndone at step 20\n"
-                   "start at step 20 of 40 on cpu\n"
+                   "resuming from step 20 of 40 on cpu: mlp with 1,250 parameters\n"
                    "step 30 loss=1 samples_per_s=7\nstep 40 loss=1 samples_per_s=60\n")
     assert bench.logged_rates(log) == [50.0, 60.0]
     assert bench.logged_rates(log, up_to=20) == [50.0]

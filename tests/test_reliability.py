@@ -155,7 +155,8 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
     assert _temporaries(workdir) == []  # the interrupted write's file was removed on resume
     log = (workdir / "log.txt").read_text()
     assert "by an interrupted checkpoint write" in log
-    assert [int(s) for s in re.findall(r"start at step (\d+) ", log)] == steps  # appended
+    launches = re.findall(r"(?:start at|resuming from) step (\d+) ", log)
+    assert [int(s) for s in launches] == steps  # appended
 
 
 def _kill_three_times(rng, args, workdir, marker):
@@ -214,13 +215,13 @@ def test_damaged_checkpoint_falls_back_to_newest_good_snapshot(tmp_path, capsys,
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     snap.write_bytes(bytes(data))
     capsys.readouterr()
-    train(_toy_cfg(**FAST), str(tmp_path))
+    train(_toy_cfg(**FAST), str(tmp_path), quiet=True)  # quiet: warnings only
     _same(straight_run, read_checkpoint(ckpt))  # resumed from step 20, exactly
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 2, warnings  # one line per damaged file
     assert "checkpoint.pt" in warnings[0] and "snapshot_00000025.pt" in warnings[1]
     log = (tmp_path / "log.txt").read_text()
-    assert warnings[0] in log and warnings[1] in log and "start at step 20 " in log
+    assert warnings[0] in log and warnings[1] in log and "resuming from step 20 " in log
 
 
 class _FailingOS:
@@ -644,7 +645,8 @@ score_sde.checkpoint.os = _FullDisk()
 ], ids=["non-finite loss", "disk full"])
 def test_training_failures_exit_3_or_4_with_one_line(cli, tmp_path, patch, status, message):
     out = cli(*TOY, "--n_iters", "8", "--batch_size", "16", "--checkpoint_every", "2",
-              "--sample_every", "0", "--device", "cpu", "--workdir", tmp_path, patch=patch)
+              "--sample_every", "0", "--device", "cpu", "--workdir", tmp_path, "--quiet",
+              patch=patch)
     assert out.returncode == status, (out.returncode, out.stderr)
     line = _one_error_line(out)
     assert message in line, line

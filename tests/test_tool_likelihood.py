@@ -90,6 +90,20 @@ def test_smoke_command_line_on_toy_checkpoint(toy_run, tmp_path):
     assert result["method"] == "dopri5" and result["num_repeats"] == 1
     assert result["nfe_total"] == 2 * result["nfe_mean"]  # two batches
     assert len(list((tmp_path / "partial").glob("*.rank0.jsonl"))) == 1
+    # For people, one line on stderr with the JSON's numbers.
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"NLL {result['nll_nats']:.2f} ± {result['stderr']:.2f} nats, n = 32 (32 samples x 1 "
+        f"passes), mean NFE {result['nfe_mean']:.1f}, {result['seconds']:.1f} s")
+
+
+def test_summary_line_of_an_image_result():
+    result = dict(nll_nats=2012.345, stderr=3.21, bpd=3.70126, bpd_stderr=0.00594, n=500,
+                  num_data=100, num_repeats=5, nfe_mean=468.25, seconds=812.44)
+    assert tool.summary_line(result) == ("NLL 2012.35 ± 3.21 nats, 3.7013 ± 0.0059 bits/dim, "
+                                         "n = 500 (100 samples x 5 passes), mean NFE 468.2, "
+                                         "812.4 s")
+    single = dict(result, stderr=None, bpd_stderr=None, n=1, num_data=1, num_repeats=1)
+    assert tool.summary_line(single).startswith("NLL 2012.35 nats, 3.7013 bits/dim, n = 1 ")
 
 
 # --- 2. numbers against closed forms ----------------------------------------------------------
@@ -234,8 +248,11 @@ def test_command_line_resume_with_max_batches(toy_run, tmp_path, capsys):
     assert _main(*args, "--partial_dir", tmp_path / "a", "--output", tmp_path / "a.json") == 0
     capsys.readouterr()
     assert _main(*args, "--partial_dir", tmp_path / "b", "--max_batches", 4) == 0
-    stopped = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    stopped = json.loads(captured.out)
     assert stopped["complete"] is False and stopped["batches_done"] == 4
+    assert captured.err.strip().splitlines()[-1] == (
+        "4 of 6 batches done (--max_batches); rerun the same command to continue")
     assert stopped["batches_total"] == 6
     assert _main(*args, "--partial_dir", tmp_path / "b", "--output", tmp_path / "b.json") == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")

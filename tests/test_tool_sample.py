@@ -315,7 +315,11 @@ def test_command_line_process(toy_run, tmp_path):
                            "--output_dir", str(tmp_path / "o")],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["num_samples"] == 4
+    summary = json.loads(proc.stdout)
+    assert summary["num_samples"] == 4
+    assert proc.stderr.strip().splitlines()[-1] == (  # for people, on stderr
+        f"4 samples (generate, pc sampler), mean NFE 50.0 per batch, "
+        f"{summary['seconds']:.1f} s -> {tmp_path / 'o' / 'samples.png'}")
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), "--workdir",
                           str(tmp_path / "none")], cwd=tmp_path, env=ENV, capture_output=True,
                          text=True, timeout=120)

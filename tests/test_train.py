@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -20,7 +21,8 @@ from score_sde.checkpoint import read_checkpoint
 from score_sde.config import from_dict, to_dict
 from score_sde.datasets import load_dataset
 from score_sde.models import SmallUNet
-from score_sde.config import apply_overrides, load_config_file
+from score_sde.config import (apply_overrides, check_config, config_dir, find_config,
+                              load_config_file, shipped_configs)
 from score_sde.trainer import Trainer, TrainingError, ema_decay, learning_rate, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,9 +65,14 @@ def test_config_round_trips_through_dict():
 
 
 def test_every_config_file_builds():
-    for path in sorted((REPO / "configs").glob("*.py")):
+    names = shipped_configs()
+    assert {p.stem for p in (REPO / "configs").glob("*.py")} == set(names) | {"__init__"}
+    for name in names:
+        path = find_config(name)
+        assert path == find_config(f"{name}.py") == config_dir() / f"{name}.py"
         cfg = load_config_file(str(path))
         assert cfg.training.n_iters > 0, path
+        check_config(cfg)
 
 
 def test_train_writes_run_folder_and_is_finite(tmp_path):
@@ -111,7 +118,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path):
     train(_toy_cfg(n_iters=40), str(tmp_path / "resumed"))
     _assert_same_state(_final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed"))
     log = (tmp_path / "resumed" / "log.txt").read_text()
-    assert "start at step 0 " in log and "start at step 20 " in log  # appended, not truncated
+    assert "start at step 0 " in log and "resuming from step 20 " in log  # appended
 
 
 def test_killed_process_resumes_exactly(tmp_path):
@@ -242,7 +249,7 @@ def test_class_conditional_model_gets_labels(tmp_path, monkeypatch):
     ema = [labels for training, labels in calls if not training]
     _, test_labels = load_dataset("fashion_mnist", split="test", data_dir=cfg.data.data_dir)[0][:8]
     assert torch.equal(ema[0], test_labels)  # held-out loss: the true labels, no dropout
-    assert len(ema) > 25  # then the sample grid: 25 Euler-Maruyama steps, cyclic labels
+    assert len(ema) == 1 + 20  # then the sample grid: 20 DPM-Solver steps, cyclic labels
     assert all(torch.equal(lab, torch.arange(12) % NUM_CLASSES) for lab in ema[1:])
     state = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["model"]["label_embed.table.weight"].shape[0] == NUM_CLASSES + 1
@@ -381,6 +388,37 @@ def test_a_nonfinite_step_changes_no_state(tmp_path, monkeypatch, fused, kind):
     trainer.settle(report)
     assert trainer.nonfinite_streak == 0
     assert not torch.equal(after[0][0], next(trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("sampler, steps, evaluations", [
+    ("dpm_solver", None, 20),  # the default: cheap grids
+    ("dpm_solver", 7, 7),
+    ("pc", 9, 9),  # one evaluation per Euler-Maruyama step; the last step drops its noise
+])
+def test_sample_grid_sampler_and_its_evaluations(tmp_path, monkeypatch, sampler, steps,
+                                                 evaluations):
+    trainer = Trainer(_toy_cfg(sampler=sampler, sample_steps=steps, num_samples=10),
+                      str(tmp_path))
+    calls = []
+    forward = type(trainer.ema).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self is trainer.ema)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.ema), "forward", counting)
+    x = trainer.sample_grid()
+    assert x.shape == (10, 2) and torch.isfinite(x).all()
+    assert len(calls) == evaluations and all(calls)  # the EMA weights
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sampler", "ddim", "unknown sampler 'ddim'; accepted: 'dpm_solver', 'pc'"),
+    ("sample_steps", 0, "sample_steps must be >= 1 or None"),
+])
+def test_sample_grid_settings_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(_toy_cfg(**{field: value}))
 
 
 def test_learning_rate_schedule_closed_form():

@@ -19,6 +19,7 @@ from score_sde.config import to_dict
 from score_sde.datasets import BatchOrder
 from score_sde.config import apply_overrides
 from score_sde.distributed import DistInfo, dist_from_env, process_group_backend, resolve_device
+from score_sde.models import MLPScoreNet
 from score_sde.trainer import train
 from tests.test_train import _fashion_cfg
 
@@ -100,8 +101,10 @@ def test_two_processes_match_one_and_resume(tmp_path):
 
     # Rank 0 alone writes: one copy of every log line, one TensorBoard file, no stray files.
     log = (two / "log.txt").read_text().splitlines()
-    for line in ("start at step 0 of 20 on cpu x 2 processes",
-                 "start at step 20 of 30 on cpu x 2 processes", "done at step 30"):
+    n = sum(p.numel() for p in MLPScoreNet(dim=2, hidden=32, num_layers=2).parameters())
+    size = f"mlp with {n:,} parameters, batch 64"
+    for line in (f"start at step 0 of 20 on cpu x 2 processes: {size}",
+                 f"resuming from step 20 of 30 on cpu x 2 processes: {size}", "done at step 30"):
         assert log.count(line) == 1, log
     steps = [line.split()[1] for line in log if line.startswith("step ") and "loss=" in line]
     assert steps == [str(s) for s in range(5, 31, 5)], log

@@ -35,13 +35,15 @@ the data range's width (2 for [-1, 1]): bpd = nll / (D ln 2) - log2(2) + log2(25
 or [0, 1] (width 1, offset 8) for the paper's VE models converted by
 tools/convert_checkpoint.py. Continuous data has no bits/dim (null).
 
-Output. One JSON line on stdout and, with --output, the same object in a file: nll_nats, stderr,
-stderr_samples, bpd, bpd_stderr, n, num_data, nfe_mean (score evaluations per solve),
-nfe_total, seconds (wall time of this run), solve_seconds (summed per-batch solve times, resumed
-batches included), complete, and every setting (checkpoint, step, use_ema, sde, model, dataset,
-split, data_source, num_dims, batch_size, divergence, num_probes, method, step_control,
-error_norm, cuda_graph, rtol, atol, eps, num_repeats, seed, dequantization, data_width,
-num_levels, class_labels, world_size, device).
+Output. A progress bar over batches (on a terminal) and one line on stderr for people,
+"NLL M ± SE nats, B ± SE bits/dim, n = N (D samples x R passes), mean NFE F, S s" (no bits/dim
+for continuous data); one JSON line on stdout and, with --output, the same object in a file:
+nll_nats, stderr, stderr_samples, bpd, bpd_stderr, n, num_data, nfe_mean (score evaluations
+per solve), nfe_total, seconds (wall time of this run), solve_seconds (summed per-batch solve
+times, resumed batches included), complete, and every setting (checkpoint, step, use_ema,
+sde, model, dataset, split, data_source, num_dims, batch_size, divergence, num_probes, method,
+step_control, error_norm, cuda_graph, rtol, atol, eps, num_repeats, seed, dequantization,
+data_width, num_levels, class_labels, world_size, device).
 A class-conditional checkpoint is evaluated with the null label (the unconditional model;
 class_labels is "null"), which is meaningful only if it was trained with label dropout.
 
@@ -76,6 +78,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from score_sde._utils import stderr_line
 from score_sde.checkpoint import read_checkpoint
 from score_sde.cli import InputError, run_tool, write_json
 from score_sde.config import Config, from_dict
@@ -478,13 +481,32 @@ def run(fv) -> Dict[str, object]:
         return {}
     expected = num_repeats * len(batch_slices(len(data), fv.batch_size))
     if len(records) < expected:
+        stderr_line(f"{len(records)} of {expected} batches done (--max_batches); rerun the "
+                    f"same command to continue")
         return {"complete": False, "batches_done": len(records), "batches_total": expected,
                 "partial_dir": str(partial.folder)}
     result = {**summarize(records, num_data=len(data), num_repeats=num_repeats, info=info),
               "seconds": time.time() - wall, "complete": True, **settings}
     if fv.output:
         write_json(Path(fv.output), result)
+    stderr_line(summary_line(result))
     return result
+
+
+def summary_line(result: Dict[str, object]) -> str:
+    """The result for people, one line: NLL and bits/dim with their standard errors, the
+    number of values, the mean NFE and the wall time (the JSON line carries everything)."""
+    def mean_pm(mean, stderr, digits):
+        return f"{mean:.{digits}f}" + ("" if stderr is None else f" ± {stderr:.{digits}f}")
+
+    parts = [f"NLL {mean_pm(result['nll_nats'], result['stderr'], 2)} nats"]
+    if result.get("bpd") is not None:
+        parts.append(f"{mean_pm(result['bpd'], result['bpd_stderr'], 4)} bits/dim")
+    parts.append(f"n = {result['n']} ({result['num_data']} samples x {result['num_repeats']} "
+                 f"passes)")
+    parts.append(f"mean NFE {result['nfe_mean']:.1f}")
+    parts.append(f"{result['seconds']:.1f} s")
+    return ", ".join(parts)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

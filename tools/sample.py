@@ -40,9 +40,11 @@ of a time-dependent classifier from tools/train_classifier.py is added at --guid
 Output (--output_dir, default WORKDIR/samples_<task>): samples.npz ("samples": uint8 images
 [N, C, H, W] for 8-bit datasets, else float32 in the data's units; "labels" when conditioned;
 "inputs" and "masks" for inpainting and colorization; "frames" [N, num_interp, ...] for
-interpolation), samples.png (a grid, or a scatter plot for 2-D data) and summary.json, also
-printed as one JSON line: nfe (score evaluations per batch; with --guidance cfg each costs
-two network passes, network_passes_per_eval), seconds, and the settings.
+interpolation), samples.png (a grid, or a scatter plot with axes for 2-D data) and
+summary.json, also printed as one JSON line on stdout: nfe (score evaluations per batch; with
+--guidance cfg each costs two network passes, network_passes_per_eval), seconds, and the
+settings. A progress bar over batches (--noprogress: none) and one line for people (samples,
+sampler, mean NFE, seconds, picture) go to stderr.
 
 --cuda_graph (CUDA): the network is recorded once per batch shape as a CUDA graph and replayed
 at every evaluation (`score_sde.cuda_graphs.CudaGraphed`), which removes most per-kernel
@@ -61,6 +63,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from score_sde._utils import stderr_line
 from score_sde.cli import InputError, run_tool
 from score_sde.config import from_dict
 from score_sde.datasets import DATASETS, SPLITS, from_model_range, load_dataset, to_model_range
@@ -266,7 +269,7 @@ def run(fv) -> Dict[str, object]:
     else:
         pc.update(predictor=fv.predictor, corrector=fv.corrector)
     for start in tqdm(range(0, n, bs), desc=f"{fv.task} ({fv.sampler})", unit="batch",
-                      disable=not fv.progress):
+                      disable=None if fv.progress else True):
         b = min(bs, n - start)
         labels = _labels(fv, run_, b, start, device)
         score_fn = graphed or _score_fn(fv, run_, labels, classifier)
@@ -324,7 +327,8 @@ def run(fv) -> Dict[str, object]:
         picture = torch.from_numpy(picture.astype(np.float32)) / 127.5 - 1
     else:
         picture = torch.from_numpy(picture)
-    png = save_samples_png(picture, out_dir / "samples.png")
+    png = save_samples_png(picture, out_dir / "samples.png",
+                           title=f"step {run_.step}, {fv.sampler} sampler")
     summary = {
         "checkpoint": str(checkpoint.resolve()), "step": run_.step, "use_ema": fv.use_ema,
         "sde": run_.cfg.sde.name, "task": fv.task, "sampler": fv.sampler,
@@ -349,7 +353,15 @@ def run(fv) -> Dict[str, object]:
         "png": str(png) if png else None,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stderr_line(summary_line(summary))
     return summary
+
+
+def summary_line(summary: Dict[str, object]) -> str:
+    """The run for people, one line: what was sampled, evaluations, time and where it went."""
+    return (f"{summary['num_samples']} samples ({summary['task']}, {summary['sampler']} "
+            f"sampler), mean NFE {summary['nfe_mean']:.1f} per batch, "
+            f"{summary['seconds']:.1f} s -> {summary['png'] or summary['output_dir']}")
 
 
 def define_flags(fv) -> None:
@@ -403,7 +415,7 @@ def define_flags(fv) -> None:
                    "weight).", **kw)
     f.DEFINE_string("classifier", None, "Noisy classifier checkpoint for --guidance "
                     "classifier.", **kw)
-    f.DEFINE_boolean("progress", True, "Show a progress bar.", **kw)
+    f.DEFINE_boolean("progress", True, "Show a progress bar (on a terminal).", **kw)
     f.DEFINE_boolean("cuda_graph", False, "Replay the network from CUDA graphs (unconditional "
                      "fixed-step sampling on CUDA; no effect on the CPU).", **kw)
 
