@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import train_speed  # noqa: E402
 from score_sde import (VESDE, VPSDE, CosineVPSDE, ReverseSDE, SubVPSDE,  # noqa: E402
-                      log_likelihood, make_score_fn, sample_ddim, sample_dpm_solver,
+                      log_likelihood, sample_ddim, sample_dpm_solver,
                       sample_heun, sample_ode, sample_pc)
 from score_sde._utils import host_checked_times  # noqa: E402
 from score_sde.cuda_graphs import CudaGraphed  # noqa: E402
@@ -74,7 +74,7 @@ from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.datasets import DataInfo, load_dataset, to_model_range  # noqa: E402
 from score_sde.metrics import frechet_distance  # noqa: E402
 from score_sde.runs import load_trained  # noqa: E402
-from score_sde.build import build_model, build_sde  # noqa: E402
+from score_sde.build import build_model, build_sde, model_score_fn  # noqa: E402
 from score_sde.config import apply_overrides, load_config_file  # noqa: E402
 
 SECTIONS = ("train", "likelihood", "samplers")
@@ -112,8 +112,7 @@ def random_ddpmpp(config: str, model_kwargs: Dict, device: torch.device, seed: i
                 p.normal_(0.0, 0.02)
     model = model.to(device).eval().requires_grad_(False)
     sde = build_sde(cfg)
-    fn = make_score_fn(model, sde, prediction=cfg.model.prediction,
-                       time_input=cfg.model.time_input)
+    fn = model_score_fn(model, sde, cfg)
     return sde, fn, info.shape
 
 

@@ -12,7 +12,8 @@ import torch
 from . import datasets as data_lib
 from .config import Config
 from .models import MODELS
-from .sde import SDE, CosineVPSDE, SubVPSDE, VESDE, VPSDE
+from .score import make_score_fn
+from .sde import SDE, CosineVPSDE, SubVPSDE, VESDE, VPSDE, ScoreFn
 
 
 def build_sde(cfg: Config) -> SDE:
@@ -112,6 +113,14 @@ def load_train_eval(data_cfg, *, seed: int):
     """(train tensor, held-out tensor, DataInfo) of `load_splits`, without labels."""
     s = load_splits(data_cfg, seed=seed)
     return s.train_x, s.eval_x, s.info
+
+
+def model_score_fn(model, sde: SDE, cfg: Config) -> ScoreFn:
+    """The score function of a network built from `cfg` (`make_score_fn` with the config's
+    prediction, time input and input scaling)."""
+    m = cfg.model
+    return make_score_fn(model, sde, prediction=m.prediction, time_input=m.time_input,
+                         input_scaling=m.input_scaling)
 
 
 def with_labels(model, labels: Optional[torch.Tensor]):

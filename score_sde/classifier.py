@@ -235,15 +235,15 @@ def classifier_log_prob_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.T
         model: network taking (x [B, ...], time input [B]) and returning logits [B, K].
         sde: the SDE the classifier was trained with; "scaled_t" and "index" also depend on
             its `num_steps` (tools/train_classifier.py stores it in meta["sde_config"]).
-        time_input: "t", "scaled_t", "index", "std" or "sigma" (`score_sde.score.TIME_INPUTS`).
+        time_input: a name in `score_sde.score.TIME_INPUTS`.
 
     Returns:
         fn(x [B, ...], t [B]) -> log-softmax [B, K] in the logits' dtype (at least float32).
 
     Raises:
-        ValueError: unknown `time_input`, "std" for an SDE without closed-form marginals, or
-            "sigma" for one without sigma(t). The returned fn raises ValueError for
-            mismatched x / t or logits not [B, K].
+        ValueError: unknown `time_input`, "std" / "noise_level" for an SDE without
+            closed-form marginals, or "sigma" for one without sigma(t). The returned fn raises
+            ValueError for mismatched x / t or logits not [B, K].
     """
     to_time = time_input_fn(sde, time_input)
 

@@ -41,7 +41,8 @@ class ModelConfig:
     name: str = "small_unet"  # a name in score_sde.models.MODELS
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     prediction: str = "noise"  # network output: "noise", "score" or "x0" (make_score_fn)
-    time_input: str = "scaled_t"  # network time input: "t", "scaled_t", "index", "std", "sigma"
+    time_input: str = "scaled_t"  # network time input: a name in score_sde.score.TIME_INPUTS
+    input_scaling: bool = False  # network sees x / sqrt(alpha^2 + sigma^2) (make_score_fn)
     class_conditional: bool = False  # embed the dataset's class labels (+ a null label)
 
 

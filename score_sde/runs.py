@@ -17,9 +17,8 @@ import torch
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import Config, from_dict
 from .datasets import DataInfo, load_dataset
-from .score import make_score_fn
 from .sde import SDE, ScoreFn
-from .build import build_model, build_sde, with_labels
+from .build import build_model, build_sde, model_score_fn, with_labels
 
 TRAINING_KEYS = ("model", "ema", "step", "config")
 # Exported weights (`export_weights`): the EMA weights with what rebuilds the network.
@@ -47,9 +46,7 @@ class TrainedModel:
         label num_classes, i.e. the unconditional model learned with label dropout)."""
         if labels is not None and self.num_classes is None:
             raise ValueError("labels given, but the checkpoint's model is not class-conditional")
-        return make_score_fn(with_labels(self.model, labels), self.sde,
-                             prediction=self.cfg.model.prediction,
-                             time_input=self.cfg.model.time_input)
+        return model_score_fn(with_labels(self.model, labels), self.sde, self.cfg)
 
 
 def data_info_of(state: Dict[str, Any], cfg: Config) -> DataInfo:

@@ -32,6 +32,13 @@ def _x0_to_score(out, x, alpha, sigma):
 # What the network predicts -> how to turn its output into the score.
 PREDICTIONS = {"noise": _noise_to_score, "score": _score_to_score, "x0": _x0_to_score}
 
+
+def _noise_level(sde: SDE, t: torch.Tensor) -> torch.Tensor:
+    """EDM's noise level sigma / alpha = e^-lambda."""
+    alpha, sigma = sde.marginal_coeffs(t)
+    return sigma / alpha
+
+
 # How the network reads time: a function of (sde, t [B] float64) -> network time input.
 TIME_INPUTS = {
     "t": lambda sde, t: t,
@@ -42,6 +49,7 @@ TIME_INPUTS = {
     # the reference's VE networks read; it differs from the exact marginal std ("std") of
     # VESDE by the noise sigma_min that it assumes to be already in the data at t = 0.
     "sigma": lambda sde, t: sde.sigma(t),
+    "noise_level": _noise_level,
 }
 
 
@@ -49,13 +57,14 @@ def time_input_fn(sde: SDE, time_input: str) -> Callable[[torch.Tensor], torch.T
     """The map from times t [B] (float64) to the network time input named `time_input`.
 
     Raises:
-        ValueError: an unknown name, "std" for an SDE without closed-form marginals, or
-            "sigma" for an SDE without a noise scale `sigma(t)` (only VESDE has one).
+        ValueError: an unknown name, "std" or "noise_level" for an SDE without closed-form
+            marginals, or "sigma" for an SDE without a noise scale `sigma(t)` (only VESDE
+            has one).
     """
     check_choice("time_input", time_input, TIME_INPUTS)
-    if time_input == "std" and not sde.has_marginal:
-        raise ValueError(f"time_input='std' needs the marginal of {type(sde).__name__}, which "
-                         f"has none")
+    if time_input in ("std", "noise_level") and not sde.has_marginal:
+        raise ValueError(f"time_input={time_input!r} needs the marginal of "
+                         f"{type(sde).__name__}, which has none")
     if time_input == "sigma" and not callable(getattr(sde, "sigma", None)):
         raise ValueError(f"time_input='sigma' needs an SDE with a noise scale sigma(t) "
                          f"(VESDE), got {type(sde).__name__}")
@@ -63,22 +72,29 @@ def time_input_fn(sde: SDE, time_input: str) -> Callable[[torch.Tensor], torch.T
 
 
 def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sde: SDE, *,
-                  prediction: str = "noise", time_input: str = "t") -> ScoreFn:
+                  prediction: str = "noise", time_input: str = "t",
+                  input_scaling: bool = False) -> ScoreFn:
     """Wraps a network `model(x, time_input) -> output` as a score function.
 
     Continuous-time models read t itself (`"t"`, or `"scaled_t"` = t (num_steps - 1) as in
     the DDPM++ continuous checkpoints) or the noise level (`"std"`, the marginal std, NCSN
-    style; `"sigma"`, VESDE's noise scale sigma(t), as the reference's VE networks). Discrete-time
-    models (DDPM, SMLD) read the integer step index (`"index"`, `sde.step_index(t)` =
-    floor(t (num_steps - 1) / T) as in the paper's code). The model's train/eval mode is the
-    caller's business and is never changed here.
+    style; `"sigma"`, VESDE's noise scale sigma(t), as the reference's VE networks;
+    `"noise_level"`, EDM's sigma / alpha = e^-lambda, which keeps resolving time where the std
+    of a VP schedule saturates at 1). Discrete-time models (DDPM, SMLD) read the integer step
+    index (`"index"`, `sde.step_index(t)` = floor(t (num_steps - 1) / T) as in the paper's
+    code). The model's train/eval mode is the caller's business and is never changed here.
 
     Args:
         model: network taking (x [B, ...], time input [B]) and returning a tensor shaped like x.
         sde: the SDE the model was trained with (gives alpha(t), sigma(t) and the step grid).
         prediction: what the model outputs: "noise" (epsilon; score = -eps / sigma),
             "score", or "x0" (the denoised data; score = (alpha x0 - x) / sigma^2).
-        time_input: "t", "scaled_t", "index", "std" or "sigma" (see above).
+        time_input: "t", "scaled_t", "index", "std", "sigma" or "noise_level" (see above).
+        input_scaling: feed the network x / sqrt(alpha(t)^2 + sigma(t)^2) instead of x (its
+            output is still read against x). That is the identity for VP and cosine VP,
+            whose alpha^2 + sigma^2 = 1, and keeps a VE network's input at the data's scale
+            instead of sigma (up to 50): EDM's c_in (Karras et al. 2022, Table 1) for data
+            of unit variance. Needs closed-form marginals.
 
     Returns:
         score_fn(x, t) -> score shaped like x, in x's dtype.
@@ -89,15 +105,17 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     """
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("time_input", time_input, TIME_INPUTS)
-    needs_marginal = prediction != "score" or time_input == "std"
+    needs_marginal = (prediction != "score" or time_input in ("std", "noise_level")
+                      or input_scaling)
     if needs_marginal and not sde.has_marginal:
-        raise ValueError(f"prediction={prediction!r} / time_input={time_input!r} need the "
-                         f"marginal of {type(sde).__name__}, which has none; use "
-                         f"prediction='score' with time_input='t'")
+        raise ValueError(f"prediction={prediction!r} / time_input={time_input!r} / "
+                         f"input_scaling={input_scaling!r} need the marginal of "
+                         f"{type(sde).__name__}, which has none; use prediction='score' with "
+                         f"time_input='t'")
     to_score = PREDICTIONS[prediction]
     to_time = time_input_fn(sde, time_input)
 
-    divides = prediction != "score" or time_input == "std"
+    divides = prediction != "score" or time_input in ("std", "noise_level")
     why = (f" for prediction={prediction!r}, time_input={time_input!r}: sigma(0) = 0 would be "
            f"divided by (samplers stop at eps > 0)")
 
@@ -108,7 +126,11 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         t_in = to_time(t64)
         if t_in.is_floating_point():
             t_in = t_in.to(x.dtype)
-        out = model(x, t_in)
+        x_in = x
+        if input_scaling:
+            alpha, sigma = sde.marginal_coeffs(t64)
+            x_in = x * append_dims(torch.rsqrt(alpha ** 2 + sigma ** 2).to(x.dtype), x.ndim)
+        out = model(x_in, t_in)
         if out.shape != x.shape:
             raise ValueError(f"model output has shape {tuple(out.shape)}, expected the input "
                              f"shape {tuple(x.shape)}")

@@ -24,7 +24,7 @@ import torch
 
 from . import datasets as data_lib
 from ._utils import stderr_line
-from .build import build_model, build_sde, load_splits, with_labels
+from .build import build_model, build_sde, load_splits, model_score_fn, with_labels
 from .checkpoint import (load_checkpoint, prune_snapshots, remove_stale_temporaries,
                          save_checkpoint)
 from .config import Config, check_config, from_dict, to_dict
@@ -34,7 +34,6 @@ from .fast_sampling import sample_dpm_solver
 from .losses import ScoreMatchingLoss
 from .progress import Reporter, SmoothedLoss, SpeedProbe, format_duration
 from .sampling import sample_pc
-from .score import make_score_fn
 from .stopping import Abandoned, SignalStop, TrainingInterrupted
 from .visualize import samples_picture
 
@@ -242,9 +241,7 @@ class Trainer:
     # --- losses ---------------------------------------------------------------------------
 
     def score_fn(self, model, labels: Optional[torch.Tensor] = None):
-        return make_score_fn(with_labels(model, labels), self.sde,
-                             prediction=self.cfg.model.prediction,
-                             time_input=self.cfg.model.time_input)
+        return model_score_fn(with_labels(model, labels), self.sde, self.cfg)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,

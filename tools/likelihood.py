@@ -87,9 +87,8 @@ from score_sde.distributed import dist_from_env, resolve_device
 from score_sde.likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from score_sde.ode import ERROR_NORMS
 from score_sde.runs import check_trained_state, model_from_state, with_trained_range
-from score_sde.score import make_score_fn
 from score_sde.sde import SDE, ScoreFn
-from score_sde.build import build_sde, load_train_eval
+from score_sde.build import build_sde, load_train_eval, model_score_fn
 
 METHOD = "dopri5"  # RK45, the paper's solver
 IMAGE_REPEATS, CONTINUOUS_REPEATS = 5, 1  # default passes over the data
@@ -330,8 +329,7 @@ def load_model(cfg: Config, state: Dict[str, object], info: DataInfo, *, use_ema
         model = model_from_state(cfg, state, info, use_ema=use_ema, device=device)
     except ValueError as err:
         raise InputError(f"{err} (in {checkpoint})") from None
-    return make_score_fn(model, build_sde(cfg), prediction=cfg.model.prediction,
-                         time_input=cfg.model.time_input)
+    return model_score_fn(model, build_sde(cfg), cfg)
 
 
 def _prepare_discrete(x: torch.Tensor, generator: torch.Generator, *,
