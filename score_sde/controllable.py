@@ -23,8 +23,7 @@ import torch
 
 from ._utils import append_dims, check_int, check_positive, checks_times_on_host
 from .ode import _check_data, data_to_latent, latent_to_data
-from .sampling import Corrector, Predictor, pc_components, pc_time_grid
-from .score import CountingScore
+from .sampling import Corrector, Predictor, normal_noise, pc_components, run_pc
 from .sde import SDE, ScoreFn
 
 __all__ = ["inpaint", "colorize", "classifier_guided_score", "classifier_free_score", "slerp",
@@ -77,15 +76,10 @@ def _check_mask(mask, x_known):
 
 def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corrector_cls,
                 snr, corrector_steps, eps, generator, probability_flow):
-    """The sampling loop of `inpaint` on validated inputs (`known` a bool mask)."""
-    counting = CountingScore(score_fn, eps, sde.T)
-    predictor_obj = predictor_cls(sde, counting, probability_flow)
-    # One corrector step per call, so that the known region is replaced after each of them.
-    corrector_obj = corrector_cls(sde, counting, snr, 1)
-    batch, ndim, device, dtype = x_known.shape[0], x_known.ndim, x_known.device, x_known.dtype
-
-    def noise(like):
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    """`sample_pc`'s loop (`run_pc`) with the known region imposed after every step, on
+    validated inputs (`known` a bool mask)."""
+    ndim, dtype = x_known.ndim, x_known.dtype
+    noise = normal_noise(generator)
 
     def replace_known(x, t):
         # Known region <- a draw of p_t(x_t | x_0 = x_known) = N(alpha x_known, sigma^2 I).
@@ -94,31 +88,19 @@ def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corr
                + append_dims(sigma.to(dtype), ndim) * noise(x))
         return torch.where(known, x_t, x)
 
+    # denoise: the generated region without the last step's noise (Tweedie at the last step
+    # time when no predictor moves x); the known region is then the data itself.
+    x, nfe = run_pc(sde, score_fn, x_known.shape, predictor_cls=predictor_cls,
+                    corrector_cls=corrector_cls, snr=snr, corrector_steps=corrector_steps,
+                    num_steps=num_steps, eps=eps, denoise=True,
+                    probability_flow=probability_flow, device=x_known.device, dtype=dtype,
+                    generator=generator, project=replace_known)
     with torch.no_grad():
-        ts = pc_time_grid(sde.T, eps, num_steps, device)
-        ones = torch.ones(batch, dtype=torch.float64, device=device)
-        x = sde.prior_sampling(x_known.shape, generator=generator, device=device, dtype=dtype)
-        x = replace_known(x, ts[0] * ones)
-        for i in range(num_steps):
-            t, t_next = ts[i] * ones, ts[i + 1] * ones
-            # Corrector steps at t, then the predictor step to t_next.
-            for _ in range(corrector_steps):
-                x, _ = corrector_obj.step(x, t, noise)
-                x = replace_known(x, t)
-            x, x_mean = predictor_obj.step(x, t, t_next, noise)
-            x = replace_known(x, t_next)
-        # The generated region without the last step's noise (Tweedie at the last step time
-        # when no predictor moves x); the known region is the data itself.
-        if predictor_cls.advances:
-            x = x_mean
-        else:
-            t_last = ts[-2] * ones
-            x = sde.denoise(x, t_last, counting(x, t_last))
         x = torch.where(known, x_known, x)
     if not torch.isfinite(x).all():
         raise RuntimeError("inpainting produced non-finite samples; check that score_fn is "
                            "finite on [eps, T] and that snr / step sizes are not too large")
-    return x, counting.nfe
+    return x, nfe
 
 
 @checks_times_on_host
