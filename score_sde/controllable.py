@@ -22,7 +22,8 @@ from typing import Optional, Sequence, Tuple, Type, Union
 import torch
 
 from ._utils import append_dims, check_int, check_positive, checks_times_on_host
-from .ode import _check_data, data_to_latent, latent_to_data
+from .checks import check_data, check_pc_inputs
+from .ode import data_to_latent, latent_to_data
 from .sampling import Corrector, Predictor, normal_noise, pc_components, run_pc
 from .sde import SDE, ScoreFn
 
@@ -34,22 +35,6 @@ SLERP_MIN_SIN = 1e-6
 
 
 # --- predictor-corrector sampling with a known region -----------------------------------------
-
-def _check_pc_args(sde, score_fn, predictor, corrector, snr, corrector_steps, num_steps, eps):
-    """Validates the sampler options; returns (sde re-discretized if needed, predictor class,
-    corrector class, num_steps)."""
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
-    if not sde.has_marginal:
-        raise ValueError(f"conditional sampling draws the known region from the forward "
-                         f"marginal, which {type(sde).__name__} does not provide "
-                         f"(marginal_coeffs); use a linear SDE such as VPSDE or VESDE")
-    if not callable(score_fn):
-        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    check_positive("snr", snr)
-    return pc_components(sde, predictor, corrector, corrector_steps=corrector_steps,
-                         num_steps=num_steps, eps=eps)
-
 
 def _check_generator(generator, x):
     if generator is not None and generator.device.type != x.device.type:
@@ -152,9 +137,11 @@ def inpaint(sde: SDE, score_fn: ScoreFn, x_known: torch.Tensor, mask: torch.Tens
             without closed-form marginals.
         RuntimeError: the samples became non-finite.
     """
-    sde, predictor_cls, corrector_cls, num_steps = _check_pc_args(
-        sde, score_fn, predictor, corrector, snr, corrector_steps, num_steps, eps)
-    _check_data(x_known, "x_known")
+    _, num_steps = check_pc_inputs(sde, score_fn, snr=snr, corrector_steps=corrector_steps,
+                                   num_steps=num_steps, eps=eps, marginals_for="conditional")
+    sde, predictor_cls, corrector_cls = pc_components(
+        sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
+    check_data(x_known, "x_known")
     known = _check_mask(mask, x_known)
     _check_generator(generator, x_known)
     return _inpaint_pc(sde, score_fn, x_known, known, num_steps=num_steps,
@@ -213,9 +200,11 @@ def colorize(sde: SDE, score_fn: ScoreFn, gray: torch.Tensor, *,
             closed-form marginals.
         RuntimeError: the samples became non-finite.
     """
-    sde, predictor_cls, corrector_cls, num_steps = _check_pc_args(
-        sde, score_fn, predictor, corrector, snr, corrector_steps, num_steps, eps)
-    _check_data(gray, "gray")
+    _, num_steps = check_pc_inputs(sde, score_fn, snr=snr, corrector_steps=corrector_steps,
+                                   num_steps=num_steps, eps=eps, marginals_for="conditional")
+    sde, predictor_cls, corrector_cls = pc_components(
+        sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
+    check_data(gray, "gray")
     if gray.shape[1] == 3:
         if not (torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 0], gray[:, 2])):
             raise ValueError("gray with 3 channels must have equal channels; pass [B, 1, ...] "
@@ -431,8 +420,8 @@ def interpolate(sde: SDE, score_fn: ScoreFn, x0: torch.Tensor, x1: torch.Tensor,
     Raises:
         ValueError: invalid arguments. RuntimeError: an ODE solve failed.
     """
-    _check_data(x0, "x0")
-    _check_data(x1, "x1")
+    check_data(x0, "x0")
+    check_data(x1, "x1")
     if x0.shape != x1.shape or x0.dtype != x1.dtype or x0.device != x1.device:
         raise ValueError(f"x0 and x1 must have the same shape, dtype and device, got "
                          f"{tuple(x0.shape)} {x0.dtype} {x0.device} and "

@@ -22,9 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import (check_choice, check_int, check_positive, check_shape, checks_times_on_host,
-                     float64_like)
-from .sampling import check_eps, sample_device
+from ._utils import check_choice, check_positive, checks_times_on_host, float64_like
+from .checks import check_eps, check_fast_inputs, sample_device
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -171,19 +170,6 @@ def _time_grid(sched: _Schedule, name: str, num_steps: int, eps: float) -> torch
 
 # --- shared set-up and the model outputs -------------------------------------------------------
 
-def _check_common(sde, score_fn, shape, num_steps):
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
-    if not sde.has_marginal:
-        raise ValueError(f"the fast samplers need closed-form marginals (marginal_coeffs), "
-                         f"which {type(sde).__name__} does not provide; use sample_pc or "
-                         f"sample_ode")
-    if not callable(score_fn):
-        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    check_int("num_steps", num_steps, minimum=1)
-    return check_shape(shape)
-
-
 def _prior(sde, shape, device, dtype, generator):
     device = sample_device(device, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
@@ -264,7 +250,7 @@ def sample_ddim(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 50, eta:
             decreasing lambda(t).
         RuntimeError: the samples became non-finite.
     """
-    shape = _check_common(sde, score_fn, shape, num_steps)
+    shape = check_fast_inputs(sde, score_fn, shape, num_steps=num_steps)
     if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     check_eps(eps, sde)
@@ -421,7 +407,7 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
             decreasing lambda(t).
         RuntimeError: the samples became non-finite.
     """
-    shape = _check_common(sde, score_fn, shape, num_steps)
+    shape = check_fast_inputs(sde, score_fn, shape, num_steps=num_steps)
     if not isinstance(order, int) or isinstance(order, bool) or order not in DPM_ORDERS:
         raise ValueError(f"order must be one of 1, 2, 3, got {order!r}")
     check_choice("method", method, DPM_METHODS)
@@ -531,7 +517,7 @@ def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho:
             decreasing lambda(t), or (eps=None) whose noise level at T is below 0.002.
         RuntimeError: the samples became non-finite.
     """
-    shape = _check_common(sde, score_fn, shape, num_steps)
+    shape = check_fast_inputs(sde, score_fn, shape, num_steps=num_steps)
     check_positive("rho", rho)
     sched = _Schedule(sde)
     if eps is None:

@@ -12,8 +12,8 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 from tqdm.auto import tqdm
 
-from ._utils import (append_dims, batch_norm2, check_choice, check_int, check_positive,
-                     check_shape, checks_times_on_host)
+from ._utils import append_dims, batch_norm2, check_choice, checks_times_on_host
+from .checks import check_pc_inputs, sample_device
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -246,13 +246,6 @@ def _resolve(kind: str, value, table: dict, base: type):
                      f"{base.__name__}, got {value!r}")
 
 
-def sample_device(device, generator: Optional[torch.Generator]) -> torch.device:
-    """The device to sample on: `device`, else the generator's, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return generator.device if generator is not None else torch.device("cpu")
-
-
 def pc_time_grid(T: float, eps: float, num_steps: int, device=None) -> torch.Tensor:
     """The times of a predictor-corrector loop, float64 [num_steps + 1].
 
@@ -266,27 +259,16 @@ def pc_time_grid(T: float, eps: float, num_steps: int, device=None) -> torch.Ten
     return grid
 
 
-def check_eps(eps: float, sde: SDE) -> None:
-    check_positive("eps", eps)
-    if eps >= sde.T:
-        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
-
-
-def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int,
-                  num_steps: Optional[int], eps: float
-                  ) -> Tuple[SDE, Type[Predictor], Type[Corrector], int]:
-    """Validated set-up of a predictor-corrector loop, shared by `sample_pc` and the
-    controllable-generation samplers: (the SDE, re-discretized to `num_steps` when a component
-    steps its discrete chain, the predictor class, the corrector class, num_steps).
+def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int, num_steps: int,
+                  eps: float) -> Tuple[SDE, Type[Predictor], Type[Corrector]]:
+    """The set-up of a predictor-corrector loop on arguments that passed `check_pc_inputs`,
+    shared by `sample_pc` and the controllable-generation samplers: (the SDE, re-discretized to
+    `num_steps` when a component steps its discrete chain, the predictor class, the corrector
+    class).
 
     Raises:
-        ValueError: unknown components, bad step counts or eps, or a chain that cannot take
-            `num_steps` steps.
+        ValueError: unknown components, or a chain that cannot take `num_steps` steps.
     """
-    check_int("corrector_steps", corrector_steps, minimum=0)
-    num_steps = sde.num_steps if num_steps is None else num_steps
-    check_int("num_steps", num_steps, minimum=1)
-    check_eps(eps, sde)
     predictor_cls = _resolve("predictor", predictor, PREDICTORS, Predictor)
     corrector_cls = _resolve("corrector", corrector, CORRECTORS, Corrector)
     chain_users = [c.__name__ for c in (predictor_cls, corrector_cls)
@@ -303,7 +285,7 @@ def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int,
                       f"step times linspace(T, eps, {num_steps}) skip some steps of the SDE's "
                       f"discrete chain and use others twice ({' and '.join(chain_users)}); "
                       f"lower eps or num_steps", stacklevel=3)
-    return sde, predictor_cls, corrector_cls, num_steps
+    return sde, predictor_cls, corrector_cls
 
 
 def normal_noise(generator: Optional[torch.Generator]) -> NoiseFn:
@@ -426,13 +408,10 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
         ValueError: invalid arguments or an SDE lacking what the predictor/corrector needs.
         RuntimeError: the samples became non-finite.
     """
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
-    if not callable(score_fn):
-        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    shape = check_shape(shape)
-    check_positive("snr", snr)
-    sde, predictor_cls, corrector_cls, num_steps = pc_components(
+    shape, num_steps = check_pc_inputs(sde, score_fn, shape, snr=snr,
+                                       corrector_steps=corrector_steps, num_steps=num_steps,
+                                       eps=eps)
+    sde, predictor_cls, corrector_cls = pc_components(
         sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
     if denoise and not predictor_cls.advances and not sde.has_marginal:
         raise ValueError(f"denoise=True with predictor {predictor!r} needs the marginal of "
