@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from ._utils import append_dims, check_batch_time, check_choice, check_int, float64_like
 from .checkpoint import read_checkpoint, save_checkpoint
+from .checks import check_eps
 from .models.layers import (EMBEDDINGS, Downsample, ResnetBlockDDPMpp, TimeEmbedding,
                             check_time_input, conv3x3, group_norm, linear)
-from .sampling import check_eps
 from .score import time_input_fn
 from .sde import SDE
 

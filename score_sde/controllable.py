@@ -22,9 +22,9 @@ from typing import Optional, Sequence, Tuple, Type, Union
 import torch
 
 from ._utils import append_dims, check_int, check_positive, checks_times_on_host
-from .ode import _check_data, data_to_latent, latent_to_data
-from .sampling import Corrector, Predictor, pc_components, pc_time_grid
-from .score import CountingScore
+from .checks import check_data, check_pc_inputs
+from .ode import data_to_latent, latent_to_data
+from .sampling import Corrector, Predictor, normal_noise, pc_components, run_pc
 from .sde import SDE, ScoreFn
 
 __all__ = ["inpaint", "colorize", "classifier_guided_score", "classifier_free_score", "slerp",
@@ -35,22 +35,6 @@ SLERP_MIN_SIN = 1e-6
 
 
 # --- predictor-corrector sampling with a known region -----------------------------------------
-
-def _check_pc_args(sde, score_fn, predictor, corrector, snr, corrector_steps, num_steps, eps):
-    """Validates the sampler options; returns (sde re-discretized if needed, predictor class,
-    corrector class, num_steps)."""
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
-    if not sde.has_marginal:
-        raise ValueError(f"conditional sampling draws the known region from the forward "
-                         f"marginal, which {type(sde).__name__} does not provide "
-                         f"(marginal_coeffs); use a linear SDE such as VPSDE or VESDE")
-    if not callable(score_fn):
-        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    check_positive("snr", snr)
-    return pc_components(sde, predictor, corrector, corrector_steps=corrector_steps,
-                         num_steps=num_steps, eps=eps)
-
 
 def _check_generator(generator, x):
     if generator is not None and generator.device.type != x.device.type:
@@ -77,15 +61,10 @@ def _check_mask(mask, x_known):
 
 def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corrector_cls,
                 snr, corrector_steps, eps, generator, probability_flow):
-    """The sampling loop of `inpaint` on validated inputs (`known` a bool mask)."""
-    counting = CountingScore(score_fn, eps, sde.T)
-    predictor_obj = predictor_cls(sde, counting, probability_flow)
-    # One corrector step per call, so that the known region is replaced after each of them.
-    corrector_obj = corrector_cls(sde, counting, snr, 1)
-    batch, ndim, device, dtype = x_known.shape[0], x_known.ndim, x_known.device, x_known.dtype
-
-    def noise(like):
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    """`sample_pc`'s loop (`run_pc`) with the known region imposed after every step, on
+    validated inputs (`known` a bool mask)."""
+    ndim, dtype = x_known.ndim, x_known.dtype
+    noise = normal_noise(generator)
 
     def replace_known(x, t):
         # Known region <- a draw of p_t(x_t | x_0 = x_known) = N(alpha x_known, sigma^2 I).
@@ -94,31 +73,19 @@ def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corr
                + append_dims(sigma.to(dtype), ndim) * noise(x))
         return torch.where(known, x_t, x)
 
+    # denoise: the generated region without the last step's noise (Tweedie at the last step
+    # time when no predictor moves x); the known region is then the data itself.
+    x, nfe = run_pc(sde, score_fn, x_known.shape, predictor_cls=predictor_cls,
+                    corrector_cls=corrector_cls, snr=snr, corrector_steps=corrector_steps,
+                    num_steps=num_steps, eps=eps, denoise=True,
+                    probability_flow=probability_flow, device=x_known.device, dtype=dtype,
+                    generator=generator, project=replace_known)
     with torch.no_grad():
-        ts = pc_time_grid(sde.T, eps, num_steps, device)
-        ones = torch.ones(batch, dtype=torch.float64, device=device)
-        x = sde.prior_sampling(x_known.shape, generator=generator, device=device, dtype=dtype)
-        x = replace_known(x, ts[0] * ones)
-        for i in range(num_steps):
-            t, t_next = ts[i] * ones, ts[i + 1] * ones
-            # Corrector steps at t, then the predictor step to t_next.
-            for _ in range(corrector_steps):
-                x, _ = corrector_obj.step(x, t, noise)
-                x = replace_known(x, t)
-            x, x_mean = predictor_obj.step(x, t, t_next, noise)
-            x = replace_known(x, t_next)
-        # The generated region without the last step's noise (Tweedie at the last step time
-        # when no predictor moves x); the known region is the data itself.
-        if predictor_cls.advances:
-            x = x_mean
-        else:
-            t_last = ts[-2] * ones
-            x = sde.denoise(x, t_last, counting(x, t_last))
         x = torch.where(known, x_known, x)
     if not torch.isfinite(x).all():
         raise RuntimeError("inpainting produced non-finite samples; check that score_fn is "
                            "finite on [eps, T] and that snr / step sizes are not too large")
-    return x, counting.nfe
+    return x, nfe
 
 
 @checks_times_on_host
@@ -170,9 +137,11 @@ def inpaint(sde: SDE, score_fn: ScoreFn, x_known: torch.Tensor, mask: torch.Tens
             without closed-form marginals.
         RuntimeError: the samples became non-finite.
     """
-    sde, predictor_cls, corrector_cls, num_steps = _check_pc_args(
-        sde, score_fn, predictor, corrector, snr, corrector_steps, num_steps, eps)
-    _check_data(x_known, "x_known")
+    _, num_steps = check_pc_inputs(sde, score_fn, snr=snr, corrector_steps=corrector_steps,
+                                   num_steps=num_steps, eps=eps, marginals_for="conditional")
+    sde, predictor_cls, corrector_cls = pc_components(
+        sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
+    check_data(x_known, "x_known")
     known = _check_mask(mask, x_known)
     _check_generator(generator, x_known)
     return _inpaint_pc(sde, score_fn, x_known, known, num_steps=num_steps,
@@ -231,9 +200,11 @@ def colorize(sde: SDE, score_fn: ScoreFn, gray: torch.Tensor, *,
             closed-form marginals.
         RuntimeError: the samples became non-finite.
     """
-    sde, predictor_cls, corrector_cls, num_steps = _check_pc_args(
-        sde, score_fn, predictor, corrector, snr, corrector_steps, num_steps, eps)
-    _check_data(gray, "gray")
+    _, num_steps = check_pc_inputs(sde, score_fn, snr=snr, corrector_steps=corrector_steps,
+                                   num_steps=num_steps, eps=eps, marginals_for="conditional")
+    sde, predictor_cls, corrector_cls = pc_components(
+        sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
+    check_data(gray, "gray")
     if gray.shape[1] == 3:
         if not (torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 0], gray[:, 2])):
             raise ValueError("gray with 3 channels must have equal channels; pass [B, 1, ...] "
@@ -449,8 +420,8 @@ def interpolate(sde: SDE, score_fn: ScoreFn, x0: torch.Tensor, x1: torch.Tensor,
     Raises:
         ValueError: invalid arguments. RuntimeError: an ODE solve failed.
     """
-    _check_data(x0, "x0")
-    _check_data(x1, "x1")
+    check_data(x0, "x0")
+    check_data(x1, "x1")
     if x0.shape != x1.shape or x0.dtype != x1.dtype or x0.device != x1.device:
         raise ValueError(f"x0 and x1 must have the same shape, dtype and device, got "
                          f"{tuple(x0.shape)} {x0.dtype} {x0.device} and "

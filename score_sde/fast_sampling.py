@@ -14,17 +14,19 @@ that provides them) and the half log-SNR lambda(t) = log(alpha(t) / sigma(t)):
 - `sample_heun`: EDM's deterministic sampler (Karras et al. 2022, Algorithm 1 and the rho time
   steps of Eq. 5) on the ODE of x / alpha against the noise level sigma / alpha.
 
+Each sampler is a short loop over a step function from grid point p to q (`_run`: DDIM's
+`_ddim_step`, DPM-Solver's `_multistep` / `_singlestep`; `sample_heun` over `_heun_step`).
 Time and schedule coefficients are float64 on the CPU; the state stays in the caller's dtype and
 on its device. Every score call goes through `CountingScore`, so the returned NFE is exact.
 """
+import functools
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import (check_choice, check_int, check_positive, check_shape, checks_times_on_host,
-                     float64_like)
-from .sampling import check_eps, sample_device
+from ._utils import check_choice, check_positive, checks_times_on_host, float64_like
+from .checks import check_eps, check_fast_inputs, sample_device
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -171,22 +173,13 @@ def _time_grid(sched: _Schedule, name: str, num_steps: int, eps: float) -> torch
 
 # --- shared set-up and the model outputs -------------------------------------------------------
 
-def _check_common(sde, score_fn, shape, num_steps):
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
-    if not sde.has_marginal:
-        raise ValueError(f"the fast samplers need closed-form marginals (marginal_coeffs), "
-                         f"which {type(sde).__name__} does not provide; use sample_pc or "
-                         f"sample_ode")
-    if not callable(score_fn):
-        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    check_int("num_steps", num_steps, minimum=1)
-    return check_shape(shape)
-
-
-def _prior(sde, shape, device, dtype, generator):
+def _prior(sde: SDE, start: _Point, shape, device, dtype, generator) -> torch.Tensor:
+    """The draw at the grid's first point: the SDE's prior at T, else N(0, sigma^2 I) at that
+    time (EDM's prior N(0, sigma_max^2 I) of x / alpha, when `sample_heun` starts below T)."""
     device = sample_device(device, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
+    if start.t < sde.T:
+        return start.sigma * torch.randn(shape, generator=generator, device=device, dtype=dtype)
     return sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
 
 
@@ -219,7 +212,39 @@ def _finish(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+Step = Callable[[torch.Tensor, _Point, _Point], torch.Tensor]
+
+
+def _run(model: _Model, points: List[_Point], step: Step, shape, *, denoise: bool, device,
+         dtype: Optional[torch.dtype], generator: Optional[torch.Generator],
+         name: str) -> Tuple[torch.Tensor, int]:
+    """The loop of DDIM and DPM-Solver: a prior draw at the first grid point, `step(x, p, q)`
+    between consecutive points, and with `denoise` Tweedie's formula at the last one; returns
+    (x, nfe)."""
+    with torch.no_grad():
+        x = _prior(model.sde, points[0], shape, device, dtype, generator)
+        for p, q in zip(points[:-1], points[1:]):
+            x = step(x, p, q)
+        if denoise:
+            x = model.denoise(x, points[-1])
+    return _finish(x, name), model.score.nfe
+
+
 # --- DDIM ---------------------------------------------------------------------------------------
+
+def _ddim_step(model: _Model, x: torch.Tensor, p: _Point, q: _Point, *, eta: float,
+               generator: Optional[torch.Generator]) -> torch.Tensor:
+    """DDIM from p to q: x_q = alpha_q x0_hat + sqrt(sigma_q^2 - c^2) eps_hat + c z."""
+    t, score = model.score_at(x, p)
+    x0, noise_pred = model.sde.denoise(x, t, score), -p.sigma * score
+    # Noise std c of the step: (c / sigma_s)^2 = eta^2 (1 - SNR_t / SNR_s) <= 1.
+    frac = eta ** 2 * -math.expm1(2 * (p.lam - q.lam))
+    c = q.sigma * math.sqrt(frac)
+    x = q.alpha * x0 + q.sigma * math.sqrt(1 - frac) * noise_pred
+    if c > 0:
+        x = x + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
 
 @checks_times_on_host
 def sample_ddim(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 50, eta: float = 0.0,
@@ -264,7 +289,7 @@ def sample_ddim(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 50, eta:
             decreasing lambda(t).
         RuntimeError: the samples became non-finite.
     """
-    shape = _check_common(sde, score_fn, shape, num_steps)
+    shape = check_fast_inputs(sde, score_fn, shape, num_steps=num_steps)
     if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     check_eps(eps, sde)
@@ -273,22 +298,9 @@ def sample_ddim(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 50, eta:
     sched.check(eps)
     points = sched.points(_time_grid(sched, time_grid, num_steps, eps))
     model = _Model(sde, CountingScore(score_fn, eps, sde.T))
-
-    with torch.no_grad():
-        x = _prior(sde, shape, device, dtype, generator)
-        for p, q in zip(points[:-1], points[1:]):
-            t, score = model.score_at(x, p)
-            x0, noise_pred = sde.denoise(x, t, score), -p.sigma * score
-            # Noise std c of the step: (c / sigma_s)^2 = eta^2 (1 - SNR_t / SNR_s) <= 1.
-            frac = eta ** 2 * -math.expm1(2 * (p.lam - q.lam))
-            c = q.sigma * math.sqrt(frac)
-            x = q.alpha * x0 + q.sigma * math.sqrt(1 - frac) * noise_pred
-            if c > 0:
-                x = x + c * torch.randn(x.shape, generator=generator, device=x.device,
-                                        dtype=x.dtype)
-        if denoise:
-            x = model.denoise(x, points[-1])
-    return _finish(x, "sample_ddim"), model.score.nfe
+    step = functools.partial(_ddim_step, model, eta=eta, generator=generator)
+    return _run(model, points, step, shape, denoise=denoise, device=device, dtype=dtype,
+                generator=generator, name="sample_ddim")
 
 
 # --- DPM-Solver ---------------------------------------------------------------------------------
@@ -346,6 +358,78 @@ def _singlestep_orders(num_steps: int, order: int) -> List[int]:
     then one lower-order step for the remainder."""
     orders = [order] * (num_steps // order)
     return orders + ([num_steps % order] if num_steps % order else [])
+
+
+def _multistep(model: _Model, order: int, prediction: str, solver_type: str) -> Step:
+    """Multistep DPM-Solver: each step evaluates the model once and takes the derivatives of
+    its Taylor polynomial from the last `order` evaluations (fewer on the first steps)."""
+    history = []  # (lambda, model output) of the latest evaluations, newest first
+
+    def step(x, p, q):
+        history.insert(0, (p.lam, model(x, p, prediction)))
+        del history[order:]
+        return _exp_step(x, p, q, _backward_derivatives(history), prediction, solver_type)
+
+    return step
+
+
+def _singlestep_update(model: _Model, x: torch.Tensor, p: _Point, q: _Point,
+                       stages: Sequence[_Point], prediction: str,
+                       solver_type: str) -> torch.Tensor:
+    """One singlestep DPM-Solver step from p to q, of order k = len(stages) + 1, through
+    intermediate stages at lambda_p + r h (`SINGLESTEP_FRACTIONS[k]`)."""
+    k, h = len(stages) + 1, q.lam - p.lam
+    m0 = model(x, p, prediction)
+    derivs, nodes = [m0], [(p.lam, m0)]
+    for r, u_point in zip(SINGLESTEP_FRACTIONS[k], stages):
+        # Stage from the current estimate (Taylor form: the published forms share their
+        # stages), then a slope through it.
+        u = _exp_step(x, p, u_point, derivs, prediction)
+        m_u = model(u, u_point, prediction)
+        derivs, nodes = [m0, (m_u - m0) / (r * h)], nodes + [(u_point.lam, m_u)]
+    if k == 3 and solver_type == "taylor":
+        # The quadratic through the three stages (DPM-Solver's Taylor form).
+        return _exp_step(x, p, q, _backward_derivatives(nodes), prediction)
+    if k == 3:
+        # DPM-Solver-3: the slope through the stage at r = 2/3 alone, Taylor weight.
+        return _exp_step(x, p, q, derivs, prediction)
+    return _exp_step(x, p, q, derivs, prediction, solver_type)
+
+
+def _singlestep(model: _Model, sched: _Schedule, points: List[_Point], orders: List[int],
+                prediction: str, solver_type: str) -> Step:
+    """Singlestep DPM-Solver: step i has order orders[i]; the stages' times are all found by
+    one bisection, before sampling."""
+    stage_lams = [p.lam + r * (q.lam - p.lam)
+                  for p, q, k in zip(points[:-1], points[1:], orders)
+                  for r in SINGLESTEP_FRACTIONS[k]]
+    stage_points = iter(sched.points(sched.time_of(torch.tensor(stage_lams,
+                                                                 dtype=torch.float64))))
+    stages = iter([[next(stage_points) for _ in SINGLESTEP_FRACTIONS[k]] for k in orders])
+
+    def step(x, p, q):
+        return _singlestep_update(model, x, p, q, next(stages), prediction, solver_type)
+
+    return step
+
+
+def _dpm_options(sde: SDE, order: int, method: str, prediction: str,
+                 solver_type: Optional[str], time_grid: Optional[str],
+                 eps: float) -> Tuple[str, str]:
+    """Validates the options of `sample_dpm_solver`; returns (solver_type, time_grid) with
+    their defaults filled in."""
+    if not isinstance(order, int) or isinstance(order, bool) or order not in DPM_ORDERS:
+        raise ValueError(f"order must be one of 1, 2, 3, got {order!r}")
+    check_choice("method", method, DPM_METHODS)
+    check_choice("prediction", prediction, DPM_PREDICTIONS)
+    if solver_type is None:
+        solver_type = DPM_DEFAULT_SOLVER_TYPES[method, order, prediction]
+    check_choice("solver_type", solver_type, DPM_SOLVER_TYPES)
+    if time_grid is None:
+        time_grid = "edm" if (method, prediction) == ("multistep", "noise") else "logsnr"
+    check_eps(eps, sde)
+    check_choice("time_grid", time_grid, TIME_GRIDS)
+    return solver_type, time_grid
 
 
 @checks_times_on_host
@@ -421,69 +505,73 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
             decreasing lambda(t).
         RuntimeError: the samples became non-finite.
     """
-    shape = _check_common(sde, score_fn, shape, num_steps)
-    if not isinstance(order, int) or isinstance(order, bool) or order not in DPM_ORDERS:
-        raise ValueError(f"order must be one of 1, 2, 3, got {order!r}")
-    check_choice("method", method, DPM_METHODS)
-    check_choice("prediction", prediction, DPM_PREDICTIONS)
-    if solver_type is None:
-        solver_type = DPM_DEFAULT_SOLVER_TYPES[method, order, prediction]
-    check_choice("solver_type", solver_type, DPM_SOLVER_TYPES)
-    if time_grid is None:
-        time_grid = "edm" if (method, prediction) == ("multistep", "noise") else "logsnr"
-    check_eps(eps, sde)
-    check_choice("time_grid", time_grid, TIME_GRIDS)
+    shape = check_fast_inputs(sde, score_fn, shape, num_steps=num_steps)
+    solver_type, time_grid = _dpm_options(sde, order, method, prediction, solver_type,
+                                          time_grid, eps)
     sched = _Schedule(sde)
     sched.check(eps)
     model = _Model(sde, CountingScore(score_fn, eps, sde.T))
-
     if method == "multistep":
         points = sched.points(_time_grid(sched, time_grid, num_steps, eps))
-        with torch.no_grad():
-            x = _prior(sde, shape, device, dtype, generator)
-            history = []  # (lambda, model output) of the latest evaluations, newest first
-            for p, q in zip(points[:-1], points[1:]):
-                history = [(p.lam, model(x, p, prediction))] + history[:order - 1]
-                x = _exp_step(x, p, q, _backward_derivatives(history), prediction, solver_type)
-            if denoise:
-                x = model.denoise(x, points[-1])
-        return _finish(x, "sample_dpm_solver"), model.score.nfe
-
-    orders = _singlestep_orders(num_steps, order)
-    points = sched.points(_time_grid(sched, time_grid, len(orders), eps))
-    # The stages' times, all found by one bisection.
-    stage_lams = [p.lam + r * (q.lam - p.lam)
-                  for p, q, k in zip(points[:-1], points[1:], orders)
-                  for r in SINGLESTEP_FRACTIONS[k]]
-    stage_points = iter(sched.points(sched.time_of(torch.tensor(stage_lams,
-                                                                 dtype=torch.float64))))
-    with torch.no_grad():
-        x = _prior(sde, shape, device, dtype, generator)
-        for p, q, k in zip(points[:-1], points[1:], orders):
-            h = q.lam - p.lam
-            m0 = model(x, p, prediction)
-            derivs, nodes = [m0], [(p.lam, m0)]
-            for r in SINGLESTEP_FRACTIONS[k]:
-                # Stage at lambda_p + r h from the current estimate (Taylor form: the
-                # published forms share their stages), then a slope through it.
-                u_point = next(stage_points)
-                u = _exp_step(x, p, u_point, derivs, prediction)
-                m_u = model(u, u_point, prediction)
-                derivs, nodes = [m0, (m_u - m0) / (r * h)], nodes + [(u_point.lam, m_u)]
-            if k == 3 and solver_type == "taylor":
-                # The quadratic through the three stages (DPM-Solver's Taylor form).
-                x = _exp_step(x, p, q, _backward_derivatives(nodes), prediction)
-            elif k == 3:
-                # DPM-Solver-3: the slope through the stage at r = 2/3 alone, Taylor weight.
-                x = _exp_step(x, p, q, derivs, prediction)
-            else:
-                x = _exp_step(x, p, q, derivs, prediction, solver_type)
-        if denoise:
-            x = model.denoise(x, points[-1])
-    return _finish(x, "sample_dpm_solver"), model.score.nfe
+        step = _multistep(model, order, prediction, solver_type)
+    else:
+        orders = _singlestep_orders(num_steps, order)
+        points = sched.points(_time_grid(sched, time_grid, len(orders), eps))
+        step = _singlestep(model, sched, points, orders, prediction, solver_type)
+    return _run(model, points, step, shape, denoise=denoise, device=device, dtype=dtype,
+                generator=generator, name="sample_dpm_solver")
 
 
 # --- EDM Heun -----------------------------------------------------------------------------------
+
+def _heun_times(sched: _Schedule, num_steps: int, rho: float, eps: Optional[float],
+                sigma_max: Optional[float]) -> torch.Tensor:
+    """The times of `sample_heun`'s noise levels, float64 [num_steps]: EDM's Eq. 5 between
+    s_max = min(sigma_max, s(T)) and s(eps), mapped back to times, the ends exactly; eps=None
+    takes the time where s = EDM_SIGMA_MIN.
+
+    Raises:
+        ValueError: eps or sigma_max invalid for the SDE, or lambda(t) not strictly decreasing.
+    """
+    sde = sched.sde
+    if eps is None:
+        lam_min = -math.log(EDM_SIGMA_MIN)
+        if float(sched.lam(torch.tensor([sde.T], dtype=torch.float64))) >= lam_min:
+            raise ValueError(f"eps=None needs a noise level sigma/alpha above {EDM_SIGMA_MIN} "
+                             f"at T for {type(sde).__name__}; pass eps")
+        eps = float(sched.time_of(torch.tensor([lam_min], dtype=torch.float64)))
+    else:
+        check_eps(eps, sde)
+    sched.check(eps)
+
+    s_max, s_min = (math.exp(-float(v)) for v in
+                    sched.lam(torch.tensor([sde.T, eps], dtype=torch.float64)))
+    t_start = sde.T
+    if sigma_max is not None:
+        check_positive("sigma_max", sigma_max)
+        if sigma_max <= s_min:
+            raise ValueError(f"sigma_max must exceed the noise level at eps, {s_min:.6g}; got "
+                             f"{sigma_max:g}")
+        if s_max > sigma_max:
+            t_start = float(sched.time_of(torch.tensor([-math.log(sigma_max)],
+                                                       dtype=torch.float64), t_lo=eps))
+            s_max = math.exp(-float(sched.lam(torch.tensor([t_start], dtype=torch.float64))))
+    t = sched.time_of(-torch.log(_edm_levels(s_max, s_min, num_steps, rho)))
+    t[-1] = eps
+    t[0] = t_start  # with num_steps = 1 the only level is s(t_0)
+    return t
+
+
+def _heun_step(model: _Model, y: torch.Tensor, p: _Point, q: _Point) -> torch.Tensor:
+    """EDM's step from noise level s_p to s_q of dy/ds = eps_hat (y = x / alpha, s = sigma /
+    alpha): Euler, then the 2nd-order correction with the slope at its end."""
+    s_cur = math.exp(-p.lam)
+    d_cur = model(p.alpha * y, p, "noise")
+    ds = math.exp(-q.lam) - s_cur
+    y_next = y + ds * d_cur
+    d_next = model(q.alpha * y_next, q, "noise")
+    return y + ds * 0.5 * (d_cur + d_next)
+
 
 @checks_times_on_host
 def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho: float = 7.0,
@@ -531,57 +619,17 @@ def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho:
             decreasing lambda(t), or (eps=None) whose noise level at T is below 0.002.
         RuntimeError: the samples became non-finite.
     """
-    shape = _check_common(sde, score_fn, shape, num_steps)
+    shape = check_fast_inputs(sde, score_fn, shape, num_steps=num_steps)
     check_positive("rho", rho)
     sched = _Schedule(sde)
-    if eps is None:
-        lam_min = -math.log(EDM_SIGMA_MIN)
-        if float(sched.lam(torch.tensor([sde.T], dtype=torch.float64))) >= lam_min:
-            raise ValueError(f"eps=None needs a noise level sigma/alpha above {EDM_SIGMA_MIN} "
-                             f"at T for {type(sde).__name__}; pass eps")
-        eps = float(sched.time_of(torch.tensor([lam_min], dtype=torch.float64)))
-    else:
-        check_eps(eps, sde)
-    sched.check(eps)
-
-    # EDM's Eq. 5 between s(t_0) and s(eps), mapped back to times; the ends exactly.
-    s_max, s_min = (math.exp(-float(v)) for v in
-                    sched.lam(torch.tensor([sde.T, eps], dtype=torch.float64)))
-    t_start = sde.T
-    if sigma_max is not None:
-        check_positive("sigma_max", sigma_max)
-        if sigma_max <= s_min:
-            raise ValueError(f"sigma_max must exceed the noise level at eps, {s_min:.6g}; got "
-                             f"{sigma_max:g}")
-        if s_max > sigma_max:
-            t_start = float(sched.time_of(torch.tensor([-math.log(sigma_max)],
-                                                       dtype=torch.float64), t_lo=eps))
-            s_max = math.exp(-float(sched.lam(torch.tensor([t_start], dtype=torch.float64))))
-    t = sched.time_of(-torch.log(_edm_levels(s_max, s_min, num_steps, rho)))
-    t[-1] = eps
-    t[0] = t_start  # with num_steps = 1 the only level is s(t_0)
-    points = sched.points(t)
-    model = _Model(sde, CountingScore(score_fn, eps, sde.T))
+    points = sched.points(_heun_times(sched, num_steps, rho, eps, sigma_max))
+    model = _Model(sde, CountingScore(score_fn, points[-1].t, sde.T))  # the end: eps
 
     with torch.no_grad():
-        if t_start < sde.T:
-            x = points[0].sigma * torch.randn(shape, generator=generator,
-                                              device=sample_device(device, generator),
-                                              dtype=dtype or torch.get_default_dtype())
-        else:
-            x = _prior(sde, shape, device, dtype, generator)
-        y = x / points[0].alpha
-        for i, p in enumerate(points):
-            s_cur = math.exp(-p.lam)
-            d_cur = model(p.alpha * y, p, "noise")  # dy/ds = eps_hat
-            if i == len(points) - 1:
-                # Euler step to s = 0: y - s eps_hat = x0_hat, the denoised sample.
-                y = y - s_cur * d_cur
-                break
-            q = points[i + 1]
-            ds = math.exp(-q.lam) - s_cur
-            # Euler step, then the 2nd-order correction with the slope at its end.
-            y_next = y + ds * d_cur
-            d_next = model(q.alpha * y_next, q, "noise")
-            y = y + ds * 0.5 * (d_cur + d_next)
+        y = _prior(sde, points[0], shape, device, dtype, generator) / points[0].alpha
+        for p, q in zip(points[:-1], points[1:]):
+            y = _heun_step(model, y, p, q)
+        # Euler step to s = 0: y - s eps_hat = x0_hat, the denoised sample.
+        p = points[-1]
+        y = y - math.exp(-p.lam) * model(p.alpha * y, p, "noise")
     return _finish(y, "sample_heun"), model.score.nfe

@@ -16,7 +16,9 @@ from typing import Optional, Tuple
 import torch
 
 from ._utils import check_choice, check_int, checks_times_on_host, flat_sum, float64_like
-from .ode import MAX_SOLVER_STEPS, _check_common, _check_data, _check_finite, odeint_interval
+from .checks import check_data, check_solve_inputs
+from .ode import (ADAPTIVE_METHODS, ERROR_NORMS, MAX_SOLVER_STEPS, _check_finite,
+                  odeint_interval)
 from .cuda_graphs import CudaGraphed
 from .per_sample_ode import odeint_per_sample
 from .score import CountingScore
@@ -176,8 +178,9 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
         torch.cuda.OutOfMemoryError: the batch does not fit on the device (the message says
             so; evaluate fewer samples at once).
     """
-    _check_common(sde, score_fn, rtol, atol, method, eps, error_norm)
-    _check_data(x, "x")
+    check_solve_inputs(sde, score_fn, rtol=rtol, atol=atol, method=method, eps=eps,
+                       error_norm=error_norm, methods=ADAPTIVE_METHODS, error_norms=ERROR_NORMS)
+    check_data(x, "x")
     check_choice("divergence", divergence, DIVERGENCES)
     check_int("num_probes", num_probes, minimum=1)
     check_choice("step_control", step_control, STEP_CONTROLS)

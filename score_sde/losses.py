@@ -22,7 +22,7 @@ import torch
 
 from ._utils import (append_dims, cached_on, check_choice, check_int, check_positive,
                      checks_times_on_host, flat_sum, float64_like)
-from .sampling import check_eps, sample_device
+from .checks import check_eps, sample_device
 from .score import _time_in_interval
 from .sde import SDE, ScoreFn
 

@@ -19,8 +19,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torchdiffeq
 
-from ._utils import check_choice, check_positive, check_shape, checks_times_on_host, float64_like
-from .sampling import check_eps, sample_device
+from ._utils import check_shape, checks_times_on_host, float64_like
+from .checks import check_data, check_solve_inputs, sample_device
 from .score import CountingScore
 from .sde import SDE, ReverseSDE, ScoreFn
 
@@ -37,13 +37,6 @@ MAX_SOLVER_STEPS = 100_000
 ERROR_NORMS = ("max", "rms")
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
-
-
-def check_solver_args(rtol: float, atol: float, method: str, error_norm: str = "max") -> None:
-    check_positive("rtol", rtol)
-    check_positive("atol", atol)
-    check_choice("method", method, ADAPTIVE_METHODS)
-    check_choice("error_norm", error_norm, ERROR_NORMS)
 
 
 class _ODEFunc:
@@ -157,24 +150,6 @@ def pf_ode_solve(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t_start: float, t
     return y1, counting.nfe
 
 
-def _check_data(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a floating tensor of shape [B, ...] with rank >= 2, "
-                         f"got {got}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains non-finite values")
-
-
-def _check_common(sde, score_fn, rtol, atol, method, eps, error_norm="max"):
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
-    if not callable(score_fn):
-        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    check_solver_args(rtol, atol, method, error_norm)
-    check_eps(eps, sde)
-
-
 @checks_times_on_host
 def data_to_latent(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float = 1e-5,
                    atol: float = 1e-5, method: str = "dopri5", eps: float = 1e-5,
@@ -196,8 +171,9 @@ def data_to_latent(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     Raises:
         ValueError: invalid arguments. RuntimeError: the solve failed (see `odeint_interval`).
     """
-    _check_common(sde, score_fn, rtol, atol, method, eps, error_norm)
-    _check_data(x, "x")
+    check_solve_inputs(sde, score_fn, rtol=rtol, atol=atol, method=method, eps=eps,
+                       error_norm=error_norm, methods=ADAPTIVE_METHODS, error_norms=ERROR_NORMS)
+    check_data(x, "x")
     return pf_ode_solve(sde, score_fn, x, eps, sde.T, rtol=rtol, atol=atol, method=method, eps=eps,
                         error_norm=error_norm)
 
@@ -214,8 +190,9 @@ def latent_to_data(sde: SDE, score_fn: ScoreFn, z: torch.Tensor, *, rtol: float 
     Returns:
         (x, nfe): data shaped like z at time eps, and the number of score evaluations.
     """
-    _check_common(sde, score_fn, rtol, atol, method, eps, error_norm)
-    _check_data(z, "z")
+    check_solve_inputs(sde, score_fn, rtol=rtol, atol=atol, method=method, eps=eps,
+                       error_norm=error_norm, methods=ADAPTIVE_METHODS, error_norms=ERROR_NORMS)
+    check_data(z, "z")
     return pf_ode_solve(sde, score_fn, z, sde.T, eps, rtol=rtol, atol=atol, method=method, eps=eps,
                         error_norm=error_norm)
 
@@ -247,7 +224,8 @@ def sample_ode(sde: SDE, score_fn: ScoreFn, shape, *, rtol: float = 1e-5, atol: 
     Raises:
         ValueError: invalid arguments. RuntimeError: the solve failed or went non-finite.
     """
-    _check_common(sde, score_fn, rtol, atol, method, eps, error_norm)
+    check_solve_inputs(sde, score_fn, rtol=rtol, atol=atol, method=method, eps=eps,
+                       error_norm=error_norm, methods=ADAPTIVE_METHODS, error_norms=ERROR_NORMS)
     shape = check_shape(shape)
     if denoise and not sde.has_marginal:
         raise ValueError(f"denoise=True needs the marginal of {type(sde).__name__}, which has "

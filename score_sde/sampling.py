@@ -12,8 +12,8 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 from tqdm.auto import tqdm
 
-from ._utils import (append_dims, batch_norm2, check_choice, check_int, check_positive,
-                     check_shape, checks_times_on_host)
+from ._utils import append_dims, batch_norm2, check_choice, checks_times_on_host
+from .checks import check_pc_inputs, sample_device
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -246,13 +246,6 @@ def _resolve(kind: str, value, table: dict, base: type):
                      f"{base.__name__}, got {value!r}")
 
 
-def sample_device(device, generator: Optional[torch.Generator]) -> torch.device:
-    """The device to sample on: `device`, else the generator's, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return generator.device if generator is not None else torch.device("cpu")
-
-
 def pc_time_grid(T: float, eps: float, num_steps: int, device=None) -> torch.Tensor:
     """The times of a predictor-corrector loop, float64 [num_steps + 1].
 
@@ -266,27 +259,16 @@ def pc_time_grid(T: float, eps: float, num_steps: int, device=None) -> torch.Ten
     return grid
 
 
-def check_eps(eps: float, sde: SDE) -> None:
-    check_positive("eps", eps)
-    if eps >= sde.T:
-        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
-
-
-def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int,
-                  num_steps: Optional[int], eps: float
-                  ) -> Tuple[SDE, Type[Predictor], Type[Corrector], int]:
-    """Validated set-up of a predictor-corrector loop, shared by `sample_pc` and the
-    controllable-generation samplers: (the SDE, re-discretized to `num_steps` when a component
-    steps its discrete chain, the predictor class, the corrector class, num_steps).
+def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int, num_steps: int,
+                  eps: float) -> Tuple[SDE, Type[Predictor], Type[Corrector]]:
+    """The set-up of a predictor-corrector loop on arguments that passed `check_pc_inputs`,
+    shared by `sample_pc` and the controllable-generation samplers: (the SDE, re-discretized to
+    `num_steps` when a component steps its discrete chain, the predictor class, the corrector
+    class).
 
     Raises:
-        ValueError: unknown components, bad step counts or eps, or a chain that cannot take
-            `num_steps` steps.
+        ValueError: unknown components, or a chain that cannot take `num_steps` steps.
     """
-    check_int("corrector_steps", corrector_steps, minimum=0)
-    num_steps = sde.num_steps if num_steps is None else num_steps
-    check_int("num_steps", num_steps, minimum=1)
-    check_eps(eps, sde)
     predictor_cls = _resolve("predictor", predictor, PREDICTORS, Predictor)
     corrector_cls = _resolve("corrector", corrector, CORRECTORS, Corrector)
     chain_users = [c.__name__ for c in (predictor_cls, corrector_cls)
@@ -303,7 +285,75 @@ def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int,
                       f"step times linspace(T, eps, {num_steps}) skip some steps of the SDE's "
                       f"discrete chain and use others twice ({' and '.join(chain_users)}); "
                       f"lower eps or num_steps", stacklevel=3)
-    return sde, predictor_cls, corrector_cls, num_steps
+    return sde, predictor_cls, corrector_cls
+
+
+def normal_noise(generator: Optional[torch.Generator]) -> NoiseFn:
+    """The noise callable of a loop: standard normal draws shaped like its argument, all from
+    `generator`, so one generator fixes the whole noise path."""
+
+    def noise(like):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    return noise
+
+
+ProjectFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[dict], None]
+
+
+def run_pc(sde: SDE, score_fn: ScoreFn, shape, *, predictor_cls: Type[Predictor],
+           corrector_cls: Type[Corrector], snr: float, corrector_steps: int, num_steps: int,
+           eps: float, denoise: bool, probability_flow: bool, device, dtype: torch.dtype,
+           generator: Optional[torch.Generator], project: Optional[ProjectFn] = None,
+           callback: Optional[StepCallback] = None, progress: bool = False
+           ) -> Tuple[torch.Tensor, int]:
+    """The predictor-corrector loop on validated arguments (`pc_components`), shared by
+    `sample_pc` and the controllable-generation samplers; returns (x, nfe).
+
+    From a prior draw at T, step i runs the corrector at t_i, then the predictor from t_i to
+    t_{i+1} on the grid `pc_time_grid`. `project(x, t)`, if given, maps the state after the
+    prior draw, after every single corrector step (the corrector is then called
+    `corrector_steps` times with one step each) and after every predictor step, at the time
+    the state has reached; inpainting uses it to impose the known region. `callback`, if given,
+    sees each step's result (see `sample_pc`). With `denoise` the result is the last
+    predictor step's noise-free mean, or Tweedie's formula at the last step time when the
+    predictor does not move x (one more evaluation).
+    """
+    counting = CountingScore(score_fn, eps, sde.T)
+    predictor_obj = predictor_cls(sde, counting, probability_flow)
+    if project is None:
+        corrector_obj = corrector_cls(sde, counting, snr, corrector_steps)
+        corrector_calls = 1 if corrector_steps else 0
+    else:
+        # One corrector step per call, so that the projection follows each of them.
+        corrector_obj = corrector_cls(sde, counting, snr, 1)
+        corrector_calls = corrector_steps
+    noise = normal_noise(generator)
+
+    with torch.no_grad():
+        x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+        ts = pc_time_grid(sde.T, eps, num_steps, device)
+        ones = torch.ones(shape[0], dtype=torch.float64, device=device)
+        if project is not None:
+            x = project(x, ts[0] * ones)
+        for i in tqdm(range(num_steps), disable=not progress, desc="sample_pc"):
+            t, t_next = ts[i] * ones, ts[i + 1] * ones
+            for _ in range(corrector_calls):
+                x, _ = corrector_obj.step(x, t, noise)
+                if project is not None:
+                    x = project(x, t)
+            x, x_mean = predictor_obj.step(x, t, t_next, noise)
+            if project is not None:
+                x = project(x, t_next)
+            if callback is not None:
+                callback({"i": i, "t": t, "t_next": t_next, "x": x, "x_mean": x_mean})
+        if denoise and not predictor_cls.advances:
+            t_last = ts[-2] * ones
+            x = sde.denoise(x, t_last, counting(x, t_last))
+        elif denoise:
+            x = x_mean
+    return x, counting.nfe
 
 
 @checks_times_on_host
@@ -314,7 +364,8 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
               eps: float = 1e-3, denoise: bool = True, probability_flow: bool = False,
               device=None, dtype: Optional[torch.dtype] = None,
               generator: Optional[torch.Generator] = None,
-              progress: bool = False) -> Tuple[torch.Tensor, int]:
+              progress: bool = False,
+              callback: Optional[StepCallback] = None) -> Tuple[torch.Tensor, int]:
     """Predictor–corrector sampling (Song et al. 2021, Algorithm 1).
 
     Starts from the prior at T and takes `num_steps` = N predictor steps at the times
@@ -345,6 +396,10 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
         dtype: dtype of the samples (default: torch's default dtype).
         generator: torch.Generator for all noise (prior and steps).
         progress: show a progress bar.
+        callback: called after every predictor step i with a dict: "i" (the step index),
+            "t" and "t_next" (float64 [B], the step's start time and the time x has reached),
+            "x" (the state) and "x_mean" (the state without the step's noise). It must not
+            modify the tensors; on an accelerator they are not synchronised with the host.
 
     Returns:
         (x, nfe): samples of `shape` and the number of score evaluations made.
@@ -353,43 +408,25 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
         ValueError: invalid arguments or an SDE lacking what the predictor/corrector needs.
         RuntimeError: the samples became non-finite.
     """
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
-    if not callable(score_fn):
-        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    shape = check_shape(shape)
-    check_positive("snr", snr)
-    sde, predictor_cls, corrector_cls, num_steps = pc_components(
+    shape, num_steps = check_pc_inputs(sde, score_fn, shape, snr=snr,
+                                       corrector_steps=corrector_steps, num_steps=num_steps,
+                                       eps=eps)
+    sde, predictor_cls, corrector_cls = pc_components(
         sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
-    tweedie = denoise and not predictor_cls.advances
-    if tweedie and not sde.has_marginal:
+    if denoise and not predictor_cls.advances and not sde.has_marginal:
         raise ValueError(f"denoise=True with predictor {predictor!r} needs the marginal of "
                          f"{type(sde).__name__}, which has none; pass denoise=False")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
     device = sample_device(device, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
 
-    counting = CountingScore(score_fn, eps, sde.T)
-    predictor_obj = predictor_cls(sde, counting, probability_flow)
-    corrector_obj = corrector_cls(sde, counting, snr, corrector_steps)
-
-    def noise(like):
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-    with torch.no_grad():
-        x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
-        ts = pc_time_grid(sde.T, eps, num_steps, device)
-        ones = torch.ones(shape[0], dtype=torch.float64, device=device)
-        for i in tqdm(range(num_steps), disable=not progress, desc="sample_pc"):
-            t, t_next = ts[i] * ones, ts[i + 1] * ones
-            if corrector_steps:
-                x, _ = corrector_obj.step(x, t, noise)
-            x, x_mean = predictor_obj.step(x, t, t_next, noise)
-        if tweedie:
-            t_eps = ts[-2] * ones
-            x = sde.denoise(x, t_eps, counting(x, t_eps))
-        elif denoise:
-            x = x_mean
+    x, nfe = run_pc(sde, score_fn, shape, predictor_cls=predictor_cls,
+                    corrector_cls=corrector_cls, snr=snr, corrector_steps=corrector_steps,
+                    num_steps=num_steps, eps=eps, denoise=denoise,
+                    probability_flow=probability_flow, device=device, dtype=dtype,
+                    generator=generator, callback=callback, progress=progress)
     if not torch.isfinite(x).all():
         raise RuntimeError("sample_pc produced non-finite samples; check that score_fn is finite "
                            "on [eps, T] and that snr / step sizes are not too large")
-    return x, counting.nfe
+    return x, nfe

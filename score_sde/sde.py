@@ -185,10 +185,12 @@ class SDE(abc.ABC):
 
 
 class _VPFamily(SDE):
-    """Shared parts of VP SDEs with drift -beta(t) x / 2 and diffusion sqrt(beta(t)).
+    """SDEs with drift -beta(t) x / 2 and prior N(0, I), whose marginal mean coefficient is
+    alpha(t) = exp(-1/2 int_0^t beta(s) ds) (Song et al. 2021, Eqs. 11-12, Appendix B).
 
-    Subclasses give beta(t), the log mean coefficient log alpha(t) = -int_0^t beta / 2, and the
-    discrete betas of the DDPM chain.
+    As written here they are VP SDEs: diffusion sqrt(beta(t)), sigma(t)^2 = 1 - alpha(t)^2, and
+    the DDPM chain of `discrete_betas` (built by `_build_chain`). Subclasses give beta(t) and
+    log alpha(t); sub-VP overrides the diffusion, sigma and the chain.
     """
 
     discrete_betas: torch.Tensor  # [num_steps] float64
@@ -202,16 +204,25 @@ class _VPFamily(SDE):
     def _log_alpha(self, t64: torch.Tensor) -> torch.Tensor:
         """log alpha(t) = -1/2 int_0^t beta(s) ds in float64."""
 
+    def _g2(self, beta: torch.Tensor, t64: torch.Tensor) -> torch.Tensor:
+        """g(t)^2 in float64 from beta(t): beta itself for VP."""
+        return beta
+
+    def _sigma(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """The marginal std from log alpha(t), float64: sigma^2 = 1 - alpha^2 for VP (expm1
+        keeps it accurate for small t)."""
+        return torch.sqrt(-torch.expm1(2 * log_alpha))
+
     def sde(self, x, t):
         check_batch_time(x, t)
-        beta = self._beta(_t64(t))
+        t64 = _t64(t)
+        beta = self._beta(t64)
         drift = -0.5 * append_dims(beta.to(x.dtype), x.ndim) * x
-        return drift, torch.sqrt(beta).to(x.dtype)
+        return drift, torch.sqrt(self._g2(beta, t64)).to(x.dtype)
 
     def marginal_coeffs(self, t):
         log_alpha = self._log_alpha(_t64(t))
-        # sigma^2 = 1 - alpha^2; expm1 keeps it accurate for small t.
-        return torch.exp(log_alpha).to(t.dtype), torch.sqrt(-torch.expm1(2 * log_alpha)).to(t.dtype)
+        return torch.exp(log_alpha).to(t.dtype), self._sigma(log_alpha).to(t.dtype)
 
     def prior_sampling(self, shape, *, generator=None, device=None, dtype=None):
         return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
@@ -233,16 +244,15 @@ class _VPFamily(SDE):
         return (1 - self._beta_i(t)).to(t.dtype)
 
 
-class VPSDE(_VPFamily):
-    """Variance-preserving SDE, the continuous limit of DDPM (Song et al. 2021, Eq. 11).
-
-    beta(t) = beta_min + t (beta_max - beta_min) on [0, 1]; alpha(t) = exp(-t^2 (beta_max -
-    beta_min) / 4 - t beta_min / 2), sigma(t)^2 = 1 - alpha(t)^2; prior N(0, I).
+class _LinearBeta(_VPFamily):
+    """The linear schedule beta(t) = beta_min + t (beta_max - beta_min) on [0, 1] of VP and
+    sub-VP (Song et al. 2021, Eqs. 11-12), with log alpha(t) = -t^2 (beta_max - beta_min) / 4
+    - t beta_min / 2.
 
     Args:
         beta_min: beta(0).
         beta_max: beta(1).
-        num_steps: discretization steps; the DDPM chain uses betas beta_min/N ... beta_max/N.
+        num_steps: discretization steps.
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, num_steps: int = 1000):
@@ -254,6 +264,25 @@ class VPSDE(_VPFamily):
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self._build_chain()
 
+    def _beta(self, t64):
+        return self.beta_min + t64 * (self.beta_max - self.beta_min)
+
+    def _log_alpha(self, t64):
+        return -0.25 * t64 ** 2 * (self.beta_max - self.beta_min) - 0.5 * t64 * self.beta_min
+
+
+class VPSDE(_LinearBeta):
+    """Variance-preserving SDE, the continuous limit of DDPM (Song et al. 2021, Eq. 11).
+
+    beta(t) = beta_min + t (beta_max - beta_min) on [0, 1]; alpha(t) = exp(-t^2 (beta_max -
+    beta_min) / 4 - t beta_min / 2), sigma(t)^2 = 1 - alpha(t)^2; prior N(0, I).
+
+    Args:
+        beta_min: beta(0).
+        beta_max: beta(1).
+        num_steps: discretization steps; the DDPM chain uses betas beta_min/N ... beta_max/N.
+    """
+
     def _build_chain(self):
         n = self.num_steps
         if self.beta_max / n >= 1:
@@ -262,11 +291,30 @@ class VPSDE(_VPFamily):
         self.discrete_betas = torch.linspace(self.beta_min / n, self.beta_max / n, n,
                                              dtype=torch.float64)
 
-    def _beta(self, t64):
-        return self.beta_min + t64 * (self.beta_max - self.beta_min)
 
-    def _log_alpha(self, t64):
-        return -0.25 * t64 ** 2 * (self.beta_max - self.beta_min) - 0.5 * t64 * self.beta_min
+class SubVPSDE(_LinearBeta):
+    """Sub-VP SDE (Song et al. 2021, Eq. 12): the VP drift with a smaller diffusion.
+
+    g(t)^2 = beta(t) (1 - exp(-2 beta_min t - (beta_max - beta_min) t^2)), so the marginal std is
+    sigma(t) = 1 - alpha(t)^2 (not its square root) with the VP alpha(t); prior N(0, I).
+    Discretized by Euler–Maruyama: sub-VP has no DDPM chain.
+
+    Args:
+        beta_min: beta(0).
+        beta_max: beta(1).
+        num_steps: discretization steps.
+    """
+
+    indexes_chain = False
+    discretize = SDE.discretize
+    langevin_scale = SDE.langevin_scale
+
+    def _g2(self, beta, t64):
+        # 1 - exp(-2 beta_min t - (beta_max - beta_min) t^2) = 1 - alpha^4.
+        return beta * -torch.expm1(4 * self._log_alpha(t64))
+
+    def _sigma(self, log_alpha):
+        return -torch.expm1(2 * log_alpha)
 
 
 class CosineVPSDE(_VPFamily):
@@ -320,49 +368,6 @@ class CosineVPSDE(_VPFamily):
         # log(cos u / cos u0) without cancellation: cos u - cos u0 = -2 sin((u+u0)/2) sin((u-u0)/2).
         log_f = torch.log1p(-2 * torch.sin((u + u0) / 2) * torch.sin((u - u0) / 2) / math.cos(u0))
         return log_f - 0.5 * self.beta_cap * (t64 - self.t_cap).clamp(min=0)
-
-
-class SubVPSDE(SDE):
-    """Sub-VP SDE (Song et al. 2021, Eq. 12): the VP drift with a smaller diffusion.
-
-    g(t)^2 = beta(t) (1 - exp(-2 beta_min t - (beta_max - beta_min) t^2)), so the marginal std is
-    sigma(t) = 1 - alpha(t)^2 (not its square root) with the VP alpha(t); prior N(0, I).
-    Discretized by Euler–Maruyama.
-
-    Args:
-        beta_min: beta(0).
-        beta_max: beta(1).
-        num_steps: discretization steps.
-    """
-
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, num_steps: int = 1000):
-        super().__init__(num_steps)
-        check_positive("beta_min", beta_min)
-        check_positive("beta_max", beta_max)
-        if beta_max < beta_min:
-            raise ValueError(f"beta_max must be >= beta_min, got {beta_max} < {beta_min}")
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-
-    def _log_alpha(self, t64):
-        return -0.25 * t64 ** 2 * (self.beta_max - self.beta_min) - 0.5 * t64 * self.beta_min
-
-    def sde(self, x, t):
-        check_batch_time(x, t)
-        t64 = _t64(t)
-        beta = self.beta_min + t64 * (self.beta_max - self.beta_min)
-        drift = -0.5 * append_dims(beta.to(x.dtype), x.ndim) * x
-        diffusion = torch.sqrt(beta * -torch.expm1(4 * self._log_alpha(t64)))
-        return drift, diffusion.to(x.dtype)
-
-    def marginal_coeffs(self, t):
-        log_alpha = self._log_alpha(_t64(t))
-        return torch.exp(log_alpha).to(t.dtype), (-torch.expm1(2 * log_alpha)).to(t.dtype)
-
-    def prior_sampling(self, shape, *, generator=None, device=None, dtype=None):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-
-    def prior_logp(self, z):
-        return _gaussian_logp(z, 1.0)
 
 
 class VESDE(SDE):

@@ -709,6 +709,7 @@ def call_sampler(sampler, **kwargs):
     (dict(eps=-1e-3), "eps"),
     (dict(eps=1.0), "eps"),
     (dict(eps=2.0), "eps"),
+    (dict(callback="print"), "callback must be callable or None, got str"),
 ])
 def test_pc_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -935,3 +936,47 @@ def test_reverse_diffusion_on_the_cosine_chain_of_its_own_step_count(num_steps):
     factor = torch.prod(2 - torch.sqrt(1 - beta) - beta / 2)
     prior = torch.randn((3, 2), generator=gen(0), dtype=F64)
     torch.testing.assert_close(x, factor * prior, rtol=1e-9, atol=0)
+
+
+def test_callback_sees_each_step_on_the_grid():
+    # callback gets every predictor step: its index, its start time on the grid
+    # linspace(T, eps, N), the time reached (the next grid time, 0 after the last) and the
+    # state there. With the exact score -x of N(0, I) data on the cosine chain's
+    # probability-flow ODE, step i is chain step N - 1 - i (noisiest first) and multiplies x
+    # by 2 - sqrt(1 - beta) - beta / 2 (see the test above), so the states are the prior times
+    # the partial products of those factors.
+    num_steps, eps = 10, 1e-3
+    seen = []
+    x, _ = sample_pc(make_sde("cosine", num_steps), lambda x, t: -x, (3, 2),
+                     predictor="reverse_diffusion", corrector="none", num_steps=num_steps,
+                     eps=eps, probability_flow=True, denoise=False, dtype=F64, generator=gen(0),
+                     callback=seen.append)
+    assert [info["i"] for info in seen] == list(range(num_steps))
+    grid = torch.cat([torch.linspace(1.0, eps, num_steps, dtype=F64), torch.zeros(1, dtype=F64)])
+    for name, times in (("t", grid[:-1]), ("t_next", grid[1:])):
+        got = torch.stack([info[name] for info in seen])
+        assert got.dtype == F64
+        torch.testing.assert_close(got, times[:, None].expand(-1, 3), rtol=0, atol=1e-15)
+    beta = cosine_chain(num_steps).flip(0)
+    factors = torch.cumprod(2 - torch.sqrt(1 - beta) - beta / 2, 0)
+    prior = torch.randn((3, 2), generator=gen(0), dtype=F64)
+    states = torch.stack([info["x"] for info in seen])
+    torch.testing.assert_close(states, factors[:, None, None] * prior, rtol=1e-9, atol=0)
+    assert torch.equal(seen[-1]["x"], x)
+
+
+@pytest.mark.parametrize("denoise", [True, False])
+def test_callback_sees_the_result_and_changes_nothing(denoise):
+    # The last step's state is the sample (its noise-free mean with denoise), and observing the
+    # steps leaves the samples and the NFE as they are.
+    kwargs = dict(predictor="euler_maruyama", corrector="langevin", num_steps=FEW_STEPS,
+                  denoise=denoise, dtype=F64)
+    seen = []
+    x, nfe = sample_pc(make_sde("ve"), gaussian_score("ve"), (4, 3), generator=gen(3),
+                       callback=seen.append, **kwargs)
+    x_plain, nfe_plain = sample_pc(make_sde("ve"), gaussian_score("ve"), (4, 3),
+                                   generator=gen(3), **kwargs)
+    assert torch.equal(x, x_plain) and nfe == nfe_plain == 2 * FEW_STEPS
+    assert len(seen) == FEW_STEPS
+    assert torch.equal(x, seen[-1]["x_mean" if denoise else "x"])
+    assert not torch.equal(seen[-1]["x"], seen[-1]["x_mean"])  # the last step's noise

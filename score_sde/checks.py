@@ -1,0 +1,100 @@
+"""Argument checks of the samplers, the probability-flow ODE solves and the likelihood.
+
+Each public entry point validates its arguments here, once, before any work, and then trusts
+them (torchsde's `check_contract`, torchdiffeq's `_check_inputs`, which is also handed the
+table of solver names). Every check raises ValueError with a one-line message naming the
+argument, what was expected and what arrived. The checks of single values (`check_int`,
+`check_positive`, `check_choice`, `check_shape`) live in `_utils`, shared package-wide.
+"""
+from typing import Iterable, Optional, Tuple
+
+import torch
+
+from ._utils import check_choice, check_int, check_positive, check_shape
+from .sde import SDE, ScoreFn
+
+# What a family of samplers says when the SDE has no closed-form marginals ({name}: its class).
+MARGINALS_NEEDED_BY = {
+    "fast": "the fast samplers need closed-form marginals (marginal_coeffs), which {name} does "
+            "not provide; use sample_pc or sample_ode",
+    "conditional": "conditional sampling draws the known region from the forward marginal, "
+                   "which {name} does not provide (marginal_coeffs); use a linear SDE such as "
+                   "VPSDE or VESDE",
+}
+
+
+def check_sde_and_score(sde: SDE, score_fn: ScoreFn, *, marginals_for: Optional[str] = None
+                        ) -> None:
+    """An `SDE` instance (with closed-form marginals where `marginals_for`, a key of
+    `MARGINALS_NEEDED_BY`, says a sampler family needs them) and a callable score function."""
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
+    if marginals_for is not None and not sde.has_marginal:
+        raise ValueError(MARGINALS_NEEDED_BY[marginals_for].format(name=type(sde).__name__))
+    if not callable(score_fn):
+        raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
+
+
+def check_eps(eps: float, sde: SDE) -> None:
+    """The smallest time of a sampler or solve: a number in (0, T)."""
+    check_positive("eps", eps)
+    if eps >= sde.T:
+        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+
+
+def check_data(x: torch.Tensor, name: str) -> None:
+    """Data handed to a sampler or solve: a finite floating tensor [B, ...] of rank >= 2."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating tensor of shape [B, ...] with rank >= 2, "
+                         f"got {got}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains non-finite values")
+
+
+def sample_device(device, generator: Optional[torch.Generator]) -> torch.device:
+    """The device to sample on: `device`, else the generator's, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def check_pc_inputs(sde: SDE, score_fn: ScoreFn, shape=None, *, snr: float,
+                    corrector_steps: int, num_steps: Optional[int], eps: float,
+                    marginals_for: Optional[str] = None) -> Tuple[Optional[Tuple[int, ...]], int]:
+    """The common arguments of the predictor-corrector samplers (`sample_pc`, `inpaint`,
+    `colorize`); returns (the shape as a tuple, or None when not given, and num_steps, which
+    defaults to `sde.num_steps`)."""
+    check_sde_and_score(sde, score_fn, marginals_for=marginals_for)
+    if shape is not None:
+        shape = check_shape(shape)
+    check_positive("snr", snr)
+    check_int("corrector_steps", corrector_steps, minimum=0)
+    num_steps = sde.num_steps if num_steps is None else num_steps
+    check_int("num_steps", num_steps, minimum=1)
+    check_eps(eps, sde)
+    return shape, num_steps
+
+
+def check_solve_inputs(sde: SDE, score_fn: ScoreFn, *, rtol: float, atol: float, method: str,
+                       eps: float, error_norm: str, methods: Iterable[str],
+                       error_norms: Iterable[str]) -> None:
+    """The common arguments of the adaptive probability-flow ODE solves (`sample_ode`,
+    `data_to_latent`, `latent_to_data`, `log_likelihood`); `methods` and `error_norms` are the
+    accepted names (`ode.ADAPTIVE_METHODS`, `ode.ERROR_NORMS`)."""
+    check_sde_and_score(sde, score_fn)
+    check_positive("rtol", rtol)
+    check_positive("atol", atol)
+    check_choice("method", method, methods)
+    check_choice("error_norm", error_norm, error_norms)
+    check_eps(eps, sde)
+
+
+def check_fast_inputs(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int
+                      ) -> Tuple[int, ...]:
+    """The common arguments of the fast samplers (`sample_ddim`, `sample_dpm_solver`,
+    `sample_heun`), which need closed-form marginals; returns the shape as a tuple. eps is
+    checked by each sampler (`sample_heun` may derive it)."""
+    check_sde_and_score(sde, score_fn, marginals_for="fast")
+    check_int("num_steps", num_steps, minimum=1)
+    return check_shape(shape)
