@@ -3,7 +3,8 @@
 `Reporter` writes every line to log.txt and, unless quiet, to stderr, above a tqdm progress
 bar (step / total, smoothed loss, images/s, ETA; shown only on a terminal). `SmoothedLoss`
 keeps the bar's loss without reading the device at every step, and `SpeedProbe` times the
-first steps of a launch for the expected duration printed at the start.
+first steps of a launch for the expected duration printed at the start. `peak_memory_mib` and
+`parameter_count` are figures of the log lines.
 """
 import math
 import sys
@@ -13,6 +14,22 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+
+
+def parameter_count(parameters) -> str:
+    """The number of elements of `parameters` for people: "4,354" or "1.23M"."""
+    n = sum(p.numel() for p in parameters)
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
 
 def format_duration(seconds: float) -> str:

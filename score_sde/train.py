@@ -61,9 +61,9 @@ from .config import (COMPILE_MODES, GRID_SAMPLERS, LR_DECAYS, apply_overrides, c
                      find_config, load_config_file, to_dict)
 from .distributed import DistInfo, dist_from_env
 from .models import MODELS
+from .optim import EMA_RATES
 from .stopping import TrainingInterrupted
-from .trainer import (EMA_RATES, CheckpointWriteError, NonFiniteError, TrainingError,
-                      check_world_size, train)
+from .trainer import CheckpointWriteError, NonFiniteError, TrainingError, check_world_size, train
 
 # Config file used when --config is not given, by dataset (a shipped config, `find_config`).
 DEFAULT_CONFIGS = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar10_ddpmpp_cont",

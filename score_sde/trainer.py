@@ -5,7 +5,9 @@ seeded from (seed, k) by `step_seed`, so a run resumed from a checkpoint ends wi
 weights of an uninterrupted one on the CPU. A step never waits for the device: batches go
 through pinned memory, and with fused Adam a step whose loss or gradient norm is not finite is
 skipped on the device; `Trainer.settle` reads those outcomes before anything is logged or
-saved. SIGINT and SIGTERM end a run after the step under way, with a checkpoint
+saved. `Trainer.run` is the loop: a step, then the periodic actions `due_after` names (log
+line, held-out loss, sample grid, checkpoint). Adam, the learning rate and the EMA are
+`score_sde.optim`'s. SIGINT and SIGTERM end a run after the step under way, with a checkpoint
 (`score_sde.stopping`); what the run prints and logs is `score_sde.progress`'s. The command
 line around it is `score_sde.train`.
 """
@@ -14,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,18 +28,18 @@ from ._utils import stderr_line
 from .build import build_model, build_sde, load_splits, model_score_fn, with_labels
 from .checkpoint import (load_checkpoint, prune_snapshots, remove_stale_temporaries,
                          save_checkpoint)
-from .config import Config, check_config, from_dict, to_dict
+from .config import Config, TrainingConfig, check_config, from_dict, to_dict
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
                           process_group_backend, resolve_device)
 from .fast_sampling import sample_dpm_solver
 from .losses import ScoreMatchingLoss
-from .progress import Reporter, SmoothedLoss, SpeedProbe, format_duration
+from .optim import EMA_RATES, ema_decay, ema_update, learning_rate, make_adam
+from .progress import (Reporter, SmoothedLoss, SpeedProbe, format_duration, parameter_count,
+                       peak_memory_mib)
 from .sampling import sample_pc
 from .stopping import Abandoned, SignalStop, TrainingInterrupted
 from .visualize import samples_picture
 
-# The paper's EMA rates: 0.9999 for VP-type SDEs, 0.999 for VE.
-EMA_RATES = {"vp": 0.9999, "subvp": 0.9999, "cosine": 0.9999, "ve": 0.999}
 # Independent random streams (see `step_seed`): the loss's t and z; dequantization and label
 # dropout; held-out loss noise and data; sample grids; network dropout (+ rank).
 STREAM_NOISE, STREAM_DATA, STREAM_EVAL_NOISE, STREAM_EVAL_DATA, STREAM_SAMPLES = range(5)
@@ -68,18 +69,6 @@ def check_world_size(cfg: Config, dist: DistInfo) -> None:
                          f"divisible by the number of processes WORLD_SIZE={dist.world_size}")
 
 
-def learning_rate(step: int, cfg: Config) -> float:
-    """Linear warm-up to cfg.training.lr over cfg.training.warmup steps, then constant
-    (lr_decay "none") or a half-cosine from lr down to lr_final * lr at step n_iters."""
-    tc = cfg.training
-    if step < tc.warmup:
-        return tc.lr * (step + 1) / tc.warmup
-    if tc.lr_decay == "none" or tc.n_iters <= tc.warmup:
-        return tc.lr
-    progress = min(1.0, (step - tc.warmup) / (tc.n_iters - tc.warmup))
-    return tc.lr * (tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def step_seed(seed: int, step: int, stream: int = STREAM_NOISE) -> int:
     """Seed of one random stream of one training step: a pure function of (seed, step, stream).
 
@@ -89,54 +78,31 @@ def step_seed(seed: int, step: int, stream: int = STREAM_NOISE) -> int:
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0])
 
 
-@torch.no_grad()
-def ema_decay(step: int, rate: float, warmup: bool) -> float:
-    """The EMA decay of update number `step` (0-based): `rate`, or with `warmup`
-    min(rate, (1 + step) / (10 + step)), so the average forgets the initial weights in a short
-    run (at rate 0.999, 1.8% of the initialisation would remain after 4000 plain updates)."""
-    return min(rate, (1 + step) / (10 + step)) if warmup else rate
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """What follows a training step besides the update (`due_after`)."""
+
+    log: bool  # a log line and TensorBoard scalars
+    evaluate: bool  # the EMA's held-out loss (rank 0)
+    sample: bool  # a sample grid (rank 0)
+    save: bool  # checkpoint.pt
+    snapshot: bool  # ... and a snapshot that pruning keeps
+
+    @property
+    def any(self) -> bool:
+        return self.log or self.evaluate or self.sample or self.save
 
 
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float,
-               apply: Optional[torch.Tensor] = None) -> None:
-    """ema <- rate * ema + (1 - rate) * model for the parameters; buffers are copied.
-
-    `apply`, a 0-dim boolean tensor on the device, makes the update conditional without
-    reading it on the host: where it is false the parameters are left as they are.
-    """
-    e_params = [p for p in ema.parameters()]
-    m_params = [p.detach() for p in model.parameters()]
-    if apply is None:
-        torch._foreach_lerp_(e_params, m_params, 1.0 - rate)
-    elif e_params:
-        weight = apply.to(e_params[0].dtype) * (1.0 - rate)
-        torch._foreach_lerp_(e_params, m_params, [weight] * len(e_params))
-    for eb, mb in zip(ema.buffers(), model.buffers()):
-        eb.copy_(mb)
-
-
-def make_adam(params, *, lr: float, betas: Tuple[float, float], eps: float,
-              weight_decay: float) -> Tuple[torch.optim.Adam, bool]:
-    """Adam, fused (one kernel for all parameters) where the parameters' device supports it;
-    returns (optimizer, fused). Only the fused form can skip a step on the device
-    (`found_inf`), which spares the host a wait for the device at every step."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                fused=True), True
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps,
-                                weight_decay=weight_decay), False
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+def due_after(step: int, tc: TrainingConfig) -> Due:
+    """The periodic actions once `step` updates are done: each at the multiples of its
+    `*_every` setting and all after the last update (samples only if sample_every > 0). A
+    function of the step alone, so every process does the same at the same steps."""
+    last = step == tc.n_iters
+    snapshot = step % tc.snapshot_every == 0 or last
+    return Due(log=step % tc.log_every == 0 or last,
+               evaluate=step % tc.eval_every == 0 or last,
+               sample=tc.sample_every > 0 and (step % tc.sample_every == 0 or last),
+               save=snapshot or step % tc.checkpoint_every == 0, snapshot=snapshot)
 
 
 class Trainer:
@@ -202,6 +168,7 @@ class Trainer:
         self.nonfinite_streak = 0  # ... of which the latest, in a row
         # (step, [loss finite, gradient finite]) on the device, not yet read by `settle`.
         self.unsettled: List[Tuple[int, torch.Tensor]] = []
+        self.last_log = (time.time(), 0)  # (time, step) of the last log line, for its speed
 
     # --- data -----------------------------------------------------------------------------
 
@@ -353,12 +320,53 @@ class Trainer:
         tc = self.cfg.training
         main = self.dist.is_main
         self.stop.defer()  # from here on a signal ends the run after a checkpoint
-        notes, warnings = [], []  # for log.txt, which is opened after resuming
-        if main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            for folder in (self.workdir, self.workdir / "snapshots"):
-                notes += [f"removed {path.name}, left in {folder} by an interrupted checkpoint "
-                          f"write" for path in remove_stale_temporaries(folder)]
+        report = self.start()
+        smoothed, probe = SmoothedLoss(), SpeedProbe(self.device)
+        metrics: Dict[str, float] = {}
+        self.model.train()
+        try:
+            while self.step < tc.n_iters:
+                signum = self.stop_requested()
+                if signum is not None:
+                    self.interrupt(signum, report)
+                loss, lr, grad_norm = self.train_step(report)
+                if report.shows_bar:
+                    smoothed.add(loss)
+                due = due_after(self.step, tc)
+                if due.any:  # the same steps on every process
+                    self.settle(report)
+                if due.log:
+                    metrics = self.log_step(loss, lr, grad_norm, report)
+                # On a GPU reading the loss waits for the device: only where settle did.
+                refresh = report.shows_bar and (due.log or self.device.type != "cuda")
+                report.advance(smoothed.read() if refresh else None)
+                if main:
+                    self.report_speed(probe.tick(self.step), report)
+                if main and due.evaluate:
+                    metrics.update(self.log_eval_loss(report))
+                if main and due.sample:
+                    self.write_samples(report)
+                if due.save:
+                    self.save(snapshot=due.snapshot)
+            report.line(f"done at step {self.step}")
+        except TrainingError as err:
+            try:  # the command line prints the error itself
+                report.line(f"stopped at step {self.step}: {err}", console=False)
+            except OSError:  # the disk may be full
+                pass
+            raise
+        finally:
+            report.close()
+        return metrics
+
+    def start(self) -> Reporter:
+        """Resumes from the checkpoint in workdir, if any, and opens the run's reporter with
+        its first lines: notes on checkpoint writes a killed process left behind, warnings from
+        loading the checkpoint, and where the run starts. Rank 0 writes config.json."""
+        tc = self.cfg.training
+        main = self.dist.is_main
+        notes = self.prepare_workdir() if main else []
+        warnings: List[str] = []  # for log.txt, which is opened after resuming
 
         def warn(message: str) -> None:
             if main:
@@ -381,66 +389,20 @@ class Trainer:
         procs = f" x {self.dist.world_size} processes" if self.dist.world_size > 1 else ""
         verb = "start at" if state is None else "resuming from"
         report.line(f"{verb} step {self.step} of {tc.n_iters} on {self.device}{procs}: "
-                    f"{self.cfg.model.name} with {_count(self.model.parameters())} parameters, "
-                    f"batch {tc.batch_size}")
-        last_time, last_step, metrics = time.time(), self.step, {}
-        smoothed, probe = SmoothedLoss(), SpeedProbe(self.device)
-        self.model.train()
-        try:
-            while self.step < tc.n_iters:
-                signum = self.stop_requested()
-                if signum is not None:
-                    self.interrupt(signum, report)
-                loss, lr, grad_norm = self.train_step(report)
-                if report.shows_bar:
-                    smoothed.add(loss)
-                last = self.step == tc.n_iters
-                snapshot = self.step % tc.snapshot_every == 0 or last
-                save = snapshot or self.step % tc.checkpoint_every == 0
-                log = self.step % tc.log_every == 0 or last
-                evaluate = self.step % tc.eval_every == 0 or last
-                sample = tc.sample_every > 0 and (self.step % tc.sample_every == 0 or last)
-                if log or save or evaluate or sample:  # the same steps on every process
-                    self.settle(report)
-                if log:
-                    now = time.time()
-                    rate = (self.step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
-                    last_time, last_step = now, self.step
-                    metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                               "samples_per_s": rate,
-                               "peak_mem_mib": peak_memory_mib(self.device),
-                               "skipped_steps": float(self.skipped)}
-                    report.scalars("train", metrics, self.step)
-                    report.line(f"step {self.step} " + " ".join(
-                        f"{k}={v:.6g}" for k, v in metrics.items()))
-                # On a GPU reading the loss waits for the device: only where settle did.
-                refresh = report.shows_bar and (log or self.device.type != "cuda")
-                report.advance(smoothed.read() if refresh else None)
-                if main:
-                    self.report_speed(probe.tick(self.step), report)
-                if main and evaluate:
-                    # Rank 0 only, with no collectives inside; the others wait in the next one.
-                    try:
-                        with self.stop.abandonable():
-                            metrics["eval_loss"] = self.eval_loss()
-                        report.scalars("eval", {"loss_ema": metrics["eval_loss"]}, self.step)
-                        report.line(f"step {self.step} eval_loss_ema={metrics['eval_loss']:.6g}")
-                    except Abandoned:
-                        pass  # the stop request is honoured before the next step
-                if main and sample:
-                    self.write_samples(report)
-                if save:
-                    self.save(snapshot=snapshot)
-            report.line(f"done at step {self.step}")
-        except TrainingError as err:
-            try:  # the command line prints the error itself
-                report.line(f"stopped at step {self.step}: {err}", console=False)
-            except OSError:  # the disk may be full
-                pass
-            raise
-        finally:
-            report.close()
-        return metrics
+                    f"{self.cfg.model.name} with {parameter_count(self.model.parameters())} "
+                    f"parameters, batch {tc.batch_size}")
+        self.last_log = (time.time(), self.step)
+        return report
+
+    def prepare_workdir(self) -> List[str]:
+        """Creates workdir and removes the temporaries of checkpoint writes a killed process
+        left in it; returns a note for each."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        notes = []
+        for folder in (self.workdir, self.workdir / "snapshots"):
+            notes += [f"removed {path.name}, left in {folder} by an interrupted checkpoint "
+                      f"write" for path in remove_stale_temporaries(folder)]
+        return notes
 
     def stop_requested(self) -> Optional[int]:
         """The signal that stops the run, or None: with several processes the largest signal
@@ -550,6 +512,37 @@ class Trainer:
             raise NonFiniteError(f"{problem}: {self.nonfinite_streak} skipped steps in a row, "
                                  f"more than max_nonfinite={tc.max_nonfinite}; {keep}")
 
+    # --- periodic actions (see `due_after`) ------------------------------------------------
+
+    def log_step(self, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor,
+                 report: Reporter) -> Dict[str, float]:
+        """Logs the metrics of the step just taken (after `settle`) and returns them; the
+        throughput is that since the previous log step."""
+        now = time.time()
+        last_time, last_step = self.last_log
+        rate = ((self.step - last_step) * self.cfg.training.batch_size
+                / max(now - last_time, 1e-9))
+        self.last_log = (now, self.step)
+        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                   "samples_per_s": rate, "peak_mem_mib": peak_memory_mib(self.device),
+                   "skipped_steps": float(self.skipped)}
+        report.scalars("train", metrics, self.step)
+        report.line(f"step {self.step} " + " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
+        return metrics
+
+    def log_eval_loss(self, report: Reporter) -> Dict[str, float]:
+        """Logs the EMA's held-out loss and returns {"eval_loss": loss}, or {} when a stop
+        request abandoned it (the stop is honoured before the next step). Rank 0 only, with
+        no collectives inside; the other processes wait in the next one."""
+        try:
+            with self.stop.abandonable():
+                loss = self.eval_loss()
+        except Abandoned:
+            return {}
+        report.scalars("eval", {"loss_ema": loss}, self.step)
+        report.line(f"step {self.step} eval_loss_ema={loss:.6g}")
+        return {"eval_loss": loss}
+
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Held-out loss of the EMA weights on fixed batches with fixed noise (true labels)."""
@@ -611,11 +604,6 @@ class Trainer:
         if report is not None:
             report.image("samples", picture, self.step)
         return path
-
-
-def _count(parameters) -> str:
-    n = sum(p.numel() for p in parameters)
-    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
 def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None, quiet: bool = False,

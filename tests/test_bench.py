@@ -6,7 +6,6 @@ likelihood solve (SciPy RK45 on a float64 host state) and the library's solves a
 same data and probes, fixed-step samplers report the evaluations they were asked for, and the
 ratios are computed against the right baseline.
 """
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -121,11 +122,7 @@ def test_bad_arguments_exit_2(tmp_path, args, message):
 
 def _train_speed_module():
     """benchmarks/train_speed.py as a module, loaded from its path (no sys.path edits)."""
-    spec = importlib.util.spec_from_file_location("train_speed",
-                                                  REPO / "benchmarks" / "train_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/train_speed.py")
 
 
 def test_loss_parity_windows():

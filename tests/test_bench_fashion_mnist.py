@@ -2,7 +2,6 @@
 synthetic Fashion-MNIST IDX files written here; its summary, resuming, the time budget, stage
 failures and bad input; and configs/fashion_mnist_ddpmpp.py."""
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -17,12 +16,11 @@ import torch
 
 from score_sde.models import NCSNpp
 from score_sde.config import load_config_file
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "fashion_mnist.py"
-_spec = importlib.util.spec_from_file_location("bench_fashion_mnist", SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/fashion_mnist.py")
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 NUM_SAMPLES = 24  # below the --tiny default, to check that the flag reaches every stage

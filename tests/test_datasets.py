@@ -1,4 +1,4 @@
-"""Tests of score_sde/datasets.py on data the tests write themselves.
+"""Tests of score_sde/datasets/ on data the tests write themselves.
 
 IDX files follow the format on LeCun's MNIST page (magic 0x0000 + type code + rank, big-endian
 uint32 dims, big-endian data); CIFAR-10 batches follow the "python version" description on the

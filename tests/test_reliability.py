@@ -22,7 +22,6 @@ being skipped and counted, same seed same weights (tests/test_train.py); the arr
 errors in-process and the .npz key choice (tests/test_datasets.py).
 """
 import errno
-import importlib.util
 import json
 import os
 import random
@@ -45,6 +44,7 @@ from score_sde.checkpoint import (is_intact, prune_snapshots, read_checkpoint,
 from score_sde.config import to_dict
 from score_sde.config import apply_overrides, load_config_file
 from score_sde.trainer import CheckpointWriteError, train
+from tests.scripts import load_script
 from tests.test_train import ENV, _toy_cfg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -683,10 +683,7 @@ LIKELIHOOD_TOL = 1e-3  # the solver's rtol = atol here
 # samples of a 200-step toy MLP at tolerance 1e-3 (7.9e-5 at the default 1e-5).
 BATCH_SIZE_NLL_TOL = 2e-3
 
-_spec = importlib.util.spec_from_file_location("tool_likelihood",
-                                               REPO / "tools" / "likelihood.py")
-likelihood_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(likelihood_tool)
+likelihood_tool = load_script("tools/likelihood.py")
 
 
 def test_exact_likelihood_barely_depends_on_batch_size(straight_workdir, tmp_path):

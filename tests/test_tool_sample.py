@@ -1,7 +1,6 @@
 """tools/sample.py: smoke runs of every task on tiny checkpoints trained here, exactness of the
 known pixels in inpainting and of the grayscale in colorization, and one-line errors."""
 import dataclasses
-import importlib.util
 import json
 import os
 import pickle
@@ -18,11 +17,10 @@ from score_sde.datasets import load_dataset, to_model_range
 from score_sde.runs import load_trained
 from score_sde.config import apply_overrides, load_config_file
 from score_sde.trainer import train
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("tool_sample", REPO / "tools" / "sample.py")
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+tool = load_script("tools/sample.py")
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
@@ -237,10 +235,7 @@ def test_class_conditional_and_cfg(gray_run, tmp_path):
 
 
 def test_classifier_guidance(gray_run, tmp_path, capsys):
-    _spec2 = importlib.util.spec_from_file_location("tool_clf", REPO / "tools" /
-                                                    "train_classifier.py")
-    clf_tool = importlib.util.module_from_spec(_spec2)
-    _spec2.loader.exec_module(clf_tool)
+    clf_tool = load_script("tools/train_classifier.py")
     run = load_trained(gray_run / "checkpoint.pt")
     common = ["--dataset", "fashion_mnist", "--data_dir", run.cfg.data.data_dir, "--n_iters",
               "2", "--batch_size", "4", "--device", "cpu", "--num_test", "4"]
