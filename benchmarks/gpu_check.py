@@ -294,7 +294,8 @@ def part_likelihood(args, out: Path) -> Dict:
 def part_samplers(args, out: Path) -> Dict:
     """Seconds per sampling call, eager and with the network replayed from CUDA graphs."""
     import torch
-    from score_sde import CudaGraphed, sample_dpm_solver, sample_pc
+    from score_sde import sample_dpm_solver, sample_pc
+    from score_sde.cuda_graphs import CudaGraphed
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -1,22 +1,21 @@
 """score_sde: continuous-time score-based generative modelling in PyTorch.
 
-The public API is what `__all__` lists; everything else may change.
+The top level holds what most code imports: the SDEs, the score-function wrapper, the
+samplers, the likelihood and the training loss. Choice tables (`PREDICTORS`, `TIME_GRIDS`,
+...), networks, the other losses, classifiers, metrics and `CudaGraphed` live in their
+submodules (`score_sde.sampling`, `score_sde.fast_sampling`, `score_sde.models`, ...), each
+of which lists its public names in its own `__all__`. Names outside those lists may change.
 """
-from .classifier import (CLASSIFIERS, FeatureClassifier, NoiseConditionalClassifier,
-                         classifier_log_prob_fn, load_classifier, noisy_classifier_loss,
-                         save_classifier)
-from .cuda_graphs import CudaGraphed
+import importlib
+import warnings
+
 from .controllable import (classifier_free_score, classifier_guided_score, colorize, inpaint,
-                           interpolate, slerp)
-from .fast_sampling import (DPM_DEFAULT_SOLVER_TYPES, DPM_METHODS, DPM_PREDICTIONS,
-                            DPM_SOLVER_TYPES, TIME_GRIDS, sample_ddim, sample_dpm_solver,
-                            sample_heun)
-from .likelihood import DIVERGENCES, bits_per_dim, log_likelihood
-from .losses import REDUCTIONS, WEIGHTINGS, DDPMLoss, HybridLoss, ScoreMatchingLoss, SMLDLoss
-from .metrics import feature_statistics, frechet_distance, frechet_distance_from_features
-from .ode import ADAPTIVE_METHODS, ERROR_NORMS, data_to_latent, latent_to_data, sample_ode
-from .models import MODELS, MLPScoreNet, NCSNpp, SmallUNet, paper_config
-from .sampling import CORRECTORS, PREDICTORS, Corrector, Predictor, sample_pc
+                           interpolate)
+from .fast_sampling import sample_ddim, sample_dpm_solver, sample_heun
+from .likelihood import bits_per_dim, log_likelihood
+from .losses import ScoreMatchingLoss
+from .ode import data_to_latent, latent_to_data, sample_ode
+from .sampling import Corrector, Predictor, sample_pc
 from .score import make_score_fn
 from .sde import SDE, CosineVPSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE
 
@@ -28,24 +27,40 @@ __all__ = [
     # score functions
     "make_score_fn",
     # samplers
-    "sample_pc", "Predictor", "Corrector", "PREDICTORS", "CORRECTORS",
-    "sample_ode", "data_to_latent", "latent_to_data", "ADAPTIVE_METHODS", "ERROR_NORMS",
-    "CudaGraphed",
-    # fast samplers
-    "sample_ddim", "sample_dpm_solver", "sample_heun", "TIME_GRIDS", "DPM_METHODS",
-    "DPM_PREDICTIONS", "DPM_SOLVER_TYPES", "DPM_DEFAULT_SOLVER_TYPES",
+    "sample_pc", "Predictor", "Corrector", "sample_ode", "data_to_latent", "latent_to_data",
+    "sample_ddim", "sample_dpm_solver", "sample_heun",
     # controllable generation
-    "inpaint", "colorize", "classifier_guided_score", "classifier_free_score", "slerp",
-    "interpolate",
+    "inpaint", "colorize", "interpolate", "classifier_guided_score", "classifier_free_score",
     # likelihood
-    "log_likelihood", "bits_per_dim", "DIVERGENCES",
-    # networks
-    "NCSNpp", "SmallUNet", "MLPScoreNet", "MODELS", "paper_config",
-    # training losses
-    "ScoreMatchingLoss", "DDPMLoss", "SMLDLoss", "HybridLoss", "WEIGHTINGS", "REDUCTIONS",
-    # classifiers (guidance, metrics)
-    "NoiseConditionalClassifier", "FeatureClassifier", "CLASSIFIERS", "classifier_log_prob_fn",
-    "noisy_classifier_loss", "save_classifier", "load_classifier",
-    # sample-quality metrics
-    "feature_statistics", "frechet_distance", "frechet_distance_from_features",
+    "log_likelihood", "bits_per_dim",
+    # training loss
+    "ScoreMatchingLoss",
 ]
+
+# Names the top level exported before they moved to their submodules: still importable from
+# here, with a DeprecationWarning naming the module to import them from.
+_MOVED = {
+    "sampling": ("PREDICTORS", "CORRECTORS"),
+    "ode": ("ADAPTIVE_METHODS", "ERROR_NORMS"),
+    "fast_sampling": ("TIME_GRIDS", "DPM_METHODS", "DPM_PREDICTIONS", "DPM_SOLVER_TYPES",
+                      "DPM_DEFAULT_SOLVER_TYPES"),
+    "cuda_graphs": ("CudaGraphed",),
+    "controllable": ("slerp",),
+    "likelihood": ("DIVERGENCES",),
+    "models": ("NCSNpp", "SmallUNet", "MLPScoreNet", "MODELS", "paper_config"),
+    "losses": ("DDPMLoss", "SMLDLoss", "HybridLoss", "WEIGHTINGS", "REDUCTIONS"),
+    "classifier": ("NoiseConditionalClassifier", "FeatureClassifier", "CLASSIFIERS",
+                   "classifier_log_prob_fn", "noisy_classifier_loss", "save_classifier",
+                   "load_classifier"),
+    "metrics": ("feature_statistics", "frechet_distance", "frechet_distance_from_features"),
+}
+_MOVED_TO = {name: module for module, names in _MOVED.items() for name in names}
+
+
+def __getattr__(name):
+    module = _MOVED_TO.get(name)
+    if module is None:
+        raise AttributeError(f"module 'score_sde' has no attribute {name!r}")
+    warnings.warn(f"score_sde.{name} moved to score_sde.{module}.{name}; import it from "
+                  f"score_sde.{module}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -17,7 +17,8 @@ import torch
 
 import score_sde
 from score_sde import (classifier_free_score, classifier_guided_score, colorize, inpaint,
-                       interpolate, sample_pc, slerp)
+                       interpolate, sample_pc)
+from score_sde.controllable import slerp
 from tests.problems import KERNELS, GaussianMixture, exact_score_fn, ring_mixture
 from tests.test_sde import OrnsteinUhlenbeck
 

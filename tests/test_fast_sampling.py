@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import score_sde
-from score_sde import (DPM_METHODS, DPM_PREDICTIONS, DPM_SOLVER_TYPES, TIME_GRIDS, sample_ddim,
-                       sample_dpm_solver, sample_heun, sample_ode, sample_pc)
+from score_sde import fast_sampling
+from score_sde import sample_ddim, sample_dpm_solver, sample_heun, sample_ode, sample_pc
+from score_sde.fast_sampling import DPM_METHODS, DPM_PREDICTIONS, DPM_SOLVER_TYPES, TIME_GRIDS
 from score_sde.metrics import frechet_distance
 from tests.problems import KERNELS, random_mixture
 from tests.test_sampling import Counter, fast_score_fn, gen
@@ -821,6 +822,12 @@ def test_non_finite_score_raises(sampler):
 
 
 def test_exports():
-    for name in ("sample_ddim", "sample_dpm_solver", "sample_heun", "TIME_GRIDS",
-                 "DPM_METHODS", "DPM_PREDICTIONS"):
+    # The samplers at the top level; their choice tables in score_sde.fast_sampling, and
+    # still reachable from the top level with a warning that names the module.
+    for name in ("sample_ddim", "sample_dpm_solver", "sample_heun"):
         assert name in score_sde.__all__ and hasattr(score_sde, name)
+    for name in ("TIME_GRIDS", "DPM_METHODS", "DPM_PREDICTIONS", "DPM_SOLVER_TYPES",
+                 "DPM_DEFAULT_SOLVER_TYPES"):
+        assert name in fast_sampling.__all__ and name not in score_sde.__all__
+        with pytest.warns(DeprecationWarning, match=f"score_sde.fast_sampling.{name}"):
+            assert getattr(score_sde, name) is getattr(fast_sampling, name)

@@ -19,7 +19,8 @@ import torch
 from scipy import stats
 
 import score_sde
-from score_sde import CORRECTORS, PREDICTORS, Corrector, Predictor, sample_ode, sample_pc
+from score_sde import Corrector, Predictor, sample_ode, sample_pc
+from score_sde.sampling import CORRECTORS, PREDICTORS
 from tests.problems import KERNELS, exact_score_fn, random_mixture, ring_mixture
 from tests.test_sde import OrnsteinUhlenbeck, cosine_chain
 
