@@ -13,6 +13,7 @@ line around it is `score_sde.train`.
 """
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -642,7 +643,14 @@ def train(cfg: Config, workdir: str, *, dist: Optional[DistInfo] = None, quiet: 
         torch.distributed.init_process_group(process_group_backend(device), rank=dist.rank,
                                              world_size=dist.world_size,
                                              timeout=PROCESS_GROUP_TIMEOUT)
+        trainer = None
         try:
-            return Trainer(cfg, workdir, dist=dist, stop=stop, **options).run()
+            trainer = Trainer(cfg, workdir, dist=dist, stop=stop, **options)
+            return trainer.run()
         finally:
+            # DistributedDataParallel's reducer keeps gloo work (and tensors) alive through
+            # reference cycles; collected during interpreter shutdown, it aborted the process
+            # (SIGABRT after "done"). Free it while the interpreter is whole.
+            trainer = None
+            gc.collect()
             torch.distributed.destroy_process_group()
