@@ -6,7 +6,10 @@ The default `fashion_mnist.py` (6.3M parameters, batch 128) trains at about 20-3
 one residual block per resolution and no dropout (about 120 images/s there), and trains 3000
 steps of batch 64 with a larger learning rate (1e-3 after a 200-step warm-up, cosine decay to
 zero) and an EMA of rate 0.999 with warm-up, because a short run cannot average over 0.9999's
-horizon. Sample grids use the fast sampler (about 20 evaluations).
+horizon. Sample grids use Euler-Maruyama with 100 steps: after so short a run the
+probability-flow ODE (DPM-Solver, at 20 or 50 evaluations, or dopri5) turned about 12 of 64
+prior draws into noise-like textures where the stochastic sampler gave none (BENCHMARKS.md,
+"CPU quick start"); a grid costs about 20 s on two cores.
 """
 from score_sde.config import Config, DataConfig, ModelConfig, SDEConfig, TrainingConfig
 
@@ -22,5 +25,6 @@ def get_config() -> Config:
         training=TrainingConfig(n_iters=3000, batch_size=64, lr=1e-3, warmup=200,
                                 lr_decay="cosine", grad_clip=1.0, ema_rate=0.999,
                                 log_every=50, eval_every=500, sample_every=1000,
+                                sampler="pc", sample_steps=100,
                                 num_samples=64, checkpoint_every=250, snapshot_every=1000),
     )
