@@ -115,6 +115,7 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     to_score = PREDICTIONS[prediction]
     to_time = time_input_fn(sde, time_input)
 
+    needs_coeffs = input_scaling or prediction != "score"
     divides = prediction != "score" or time_input in ("std", "noise_level")
     why = (f" for prediction={prediction!r}, time_input={time_input!r}: sigma(0) = 0 would be "
            f"divided by (samplers stop at eps > 0)")
@@ -127,8 +128,9 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         if t_in.is_floating_point():
             t_in = t_in.to(x.dtype)
         x_in = x
-        if input_scaling:
+        if needs_coeffs:  # once per call: input scaling and the output conversion share them
             alpha, sigma = sde.marginal_coeffs(t64)
+        if input_scaling:
             x_in = x * append_dims(torch.rsqrt(alpha ** 2 + sigma ** 2).to(x.dtype), x.ndim)
         out = model(x_in, t_in)
         if out.shape != x.shape:
@@ -136,7 +138,6 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
                              f"shape {tuple(x.shape)}")
         if prediction == "score":
             return out
-        alpha, sigma = sde.marginal_coeffs(t64)
         return to_score(out, x, append_dims(alpha.to(x.dtype), x.ndim),
                         append_dims(sigma.to(x.dtype), x.ndim))
 
