@@ -1,0 +1,72 @@
+"""benchmarks/likelihood_accuracy.py and benchmarks/likelihood_error_sources.py on the smallest
+of their mixtures (2-d), on the CPU.
+
+What is checked is that the measurements respond to what they measure: errors against the
+tight float64 solve shrink when the tolerance does, and one-step errors taken from the exact
+path are tiny at a tight tolerance and visible at a loose one (so the stage states really are
+the solver's, not the exact path's)."""
+import json
+
+import pytest
+
+from tests.scripts import load_script
+
+TWO_D = 4  # index of the 2-d mixture in likelihood_accuracy.CASES
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return load_script("benchmarks/likelihood_accuracy.py")
+
+
+@pytest.fixture(scope="module")
+def sources():
+    return load_script("benchmarks/likelihood_error_sources.py")
+
+
+def test_the_two_d_case_is_the_two_d_mixture(accuracy):
+    assert list(accuracy.CASES.values())[TWO_D][0] == 2
+
+
+def test_accuracy_rows_shrink_with_the_tolerance(accuracy, tmp_path):
+    rows = {}
+    for tol in (1e-3, 1e-6):
+        out = tmp_path / f"acc{tol:g}.json"
+        assert accuracy.main(["--cases", str(TWO_D), "--tol", str(tol),
+                              "--output", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["meta"]["tol"] == tol
+        rows[tol] = {(r["dtype"], r["run"]): r for r in result["rows"]}
+    runs = [f"{norm}, {control}" for norm, control in accuracy.RUNS]
+    runs.append("SciPy RK45 (paper code)")
+    assert set(rows[1e-3]) == {(d, r) for d in ("float32", "float64") for r in runs}
+    for key, loose in rows[1e-3].items():
+        tight = rows[1e-6][key]
+        assert tight["nfe"] > loose["nfe"] > 0, key
+        assert tight["max_abs_dbpd"] < loose["max_abs_dbpd"], key
+
+
+def test_error_sources_follow_the_tolerance(sources):
+    for tol, bound in ((1e-7, 1e-6), (1e-3, None)):
+        rows, total = sources.analyse(TWO_D, "max", tol)
+        assert rows and all(0 <= r["sample"] < 64 and r["h"] > 0 for r in rows)
+        # The accepted steps tile [eps, T].
+        assert rows[0]["t"] == pytest.approx(sources.EPS)
+        ends = [r["t"] + r["h"] for r in rows]
+        assert ends[-1] == pytest.approx(1.0)
+        assert [r["t"] for r in rows[1:]] == pytest.approx(ends[:-1])
+        worst = max(abs(r["dopri5"]) for r in rows)
+        if bound is None:
+            assert worst > 1e-4 and float(total.max()) > 1e-4
+        else:
+            assert worst < bound and max(abs(r["quadrature"]) for r in rows) < bound
+            assert float(total.max()) < bound
+
+
+def test_error_sources_command_line(sources, capsys):
+    assert sources.main(["--case", str(TWO_D), "--tol", "1e-3", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "accepted steps" in lines[0] and len(lines) == 4
+    with pytest.raises(SystemExit) as exc:
+        sources.main(["--case", "99"])
+    assert exc.value.code == 2
