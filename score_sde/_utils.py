@@ -3,7 +3,9 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 import sys
+import warnings
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -18,6 +20,19 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
     if v.ndim > ndim:
         raise ValueError(f"cannot broadcast a tensor of rank {v.ndim} to data of rank {ndim}")
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_caller(message: str, category=UserWarning) -> None:
+    """Issues a warning attributed to the first caller outside this package, so it names the
+    user's line whatever the depth of library calls (and decorators) in between."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: warn_caller's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR + os.sep):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
 
 
 def check_batch_time(x: torch.Tensor, t: torch.Tensor, name: str = "t") -> None:

@@ -30,12 +30,11 @@ values on the host. Host-side argument checks inside `fn` run when it is recorde
 replays. Replays launch the same kernels as eager calls, so results equal eager calls wherever
 those kernels are deterministic.
 """
-import warnings
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
-from ._utils import host_checked_times
+from ._utils import host_checked_times, warn_caller
 
 __all__ = ["CudaGraphed", "CudaGraphWarning"]
 
@@ -179,7 +178,7 @@ class CudaGraphed:
         if self.strict:
             raise RuntimeError(message)
         if len(self.failures) == 1:
-            warnings.warn(message, CudaGraphWarning, stacklevel=4)
+            warn_caller(message, CudaGraphWarning)
         return _FAILED
 
 

@@ -6,13 +6,13 @@ are chosen by name from `PREDICTORS` / `CORRECTORS`, or passed as user subclasse
 `Predictor` / `Corrector`.
 """
 import abc
-import warnings
 from typing import Callable, Optional, Tuple, Type, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from ._utils import append_dims, batch_norm2, check_choice, checks_times_on_host
+from ._utils import (append_dims, batch_norm2, check_choice, checks_times_on_host,
+                     warn_caller)
 from .checks import check_pc_inputs, sample_device
 from .score import CountingScore
 from .sde import SDE, ScoreFn
@@ -281,10 +281,10 @@ def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int, num_s
             raise ValueError(f"{' and '.join(chain_users)} use the SDE's discrete chain, which "
                              f"cannot have num_steps={num_steps}: {err}") from None
     if chain_users and sde.indexes_chain and num_steps > 1 and eps * (num_steps - 1) >= sde.T:
-        warnings.warn(f"eps={eps!r} >= T / (num_steps - 1) = {sde.T / (num_steps - 1):g}: the "
-                      f"step times linspace(T, eps, {num_steps}) skip some steps of the SDE's "
-                      f"discrete chain and use others twice ({' and '.join(chain_users)}); "
-                      f"lower eps or num_steps", stacklevel=3)
+        warn_caller(f"eps={eps!r} >= T / (num_steps - 1) = {sde.T / (num_steps - 1):g}: the "
+                    f"step times linspace(T, eps, {num_steps}) skip some steps of the SDE's "
+                    f"discrete chain and use others twice ({' and '.join(chain_users)}); "
+                    f"lower eps or num_steps")
     return sde, predictor_cls, corrector_cls
 
 

@@ -912,9 +912,11 @@ def test_eps_too_large_for_the_chain_warns():
     # With eps (N - 1) >= T the grid starts above the chain's step 1, and floor(t (N - 1) / T)
     # cannot give each step once: sample_pc says so. Time-stepping samplers are unaffected.
     counter = Counter(gaussian_score("vp"))
-    with pytest.warns(UserWarning, match=r"eps=0.01 >= T / \(num_steps - 1\)"):
+    with pytest.warns(UserWarning, match=r"eps=0.01 >= T / \(num_steps - 1\)") as caught:
         sample_pc(make_sde("vp"), counter, (2, 3), predictor="reverse_diffusion",
                   corrector="none", num_steps=101, eps=1e-2, generator=gen(0))
+    # The warning names the caller's line, not a line inside the package.
+    assert [w.filename for w in caught] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample_pc(make_sde("vp"), counter, (2, 3), predictor="euler_maruyama",
