@@ -57,6 +57,10 @@ class SDE(abc.ABC):
     # True when `discretize` or `langevin_scale` look up the chain's step of t (`step_index`)
     # rather than stepping by dt.
     indexes_chain = False
+    # The time at which samplers conventionally stop: 1e-3 for the VP family, 1e-5 for VE
+    # (the sampling eps of the paper's public code). The tools and the trainer's sample
+    # grids use it when no eps is given.
+    sampling_eps = 1e-3
 
     def __init__(self, num_steps: int = 1000):
         check_int("num_steps", num_steps, minimum=1)
@@ -387,6 +391,7 @@ class VESDE(SDE):
     """
 
     indexes_chain = True
+    sampling_eps = 1e-5
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, num_steps: int = 1000):
         super().__init__(num_steps)

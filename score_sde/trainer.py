@@ -571,7 +571,7 @@ class Trainer:
         tc = self.cfg.training
         gen = torch.Generator(device=self.device).manual_seed(
             step_seed(tc.seed, 0, STREAM_SAMPLES))
-        eps = 1e-5 if self.cfg.sde.name == "ve" else 1e-3
+        eps = self.sde.sampling_eps
         labels = None
         if self.num_classes is not None:
             labels = torch.arange(tc.num_samples, device=self.device) % self.num_classes

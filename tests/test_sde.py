@@ -613,6 +613,14 @@ def test_user_defined_sde():
     assert_close(rev_diffusion, torch.full((3,), math.sqrt(2.0), dtype=F64), rtol=1e-12)
 
 
+def test_sampling_eps_follows_the_paper_code_per_sde():
+    # Samplers conventionally stop at 1e-3 for the VP family and 1e-5 for VE; a user's SDE
+    # inherits 1e-3 and may override it.
+    assert [make_sde(name).sampling_eps for name in ("vp", "subvp", "cosine", "ve")] == \
+        [1e-3, 1e-3, 1e-3, 1e-5]
+    assert OrnsteinUhlenbeck().sampling_eps == 1e-3
+
+
 def test_subclass_with_marginal_reports_it():
     class ConstantOU(OrnsteinUhlenbeck):
         def marginal_coeffs(self, t):

@@ -227,8 +227,7 @@ def run(fv) -> Dict[str, object]:
     run_ = load_trained(checkpoint, device=device, use_ema=fv.use_ema)
     _check_flags(fv, run_)
     sde, info = run_.sde, run_.info
-    eps = fv.eps if fv.eps is not None else (1e-5 if sde.__class__.__name__ == "VESDE"
-                                             else 1e-3)
+    eps = fv.eps if fv.eps is not None else sde.sampling_eps
     classifier = None
     if fv.guidance == "classifier":
         from score_sde.classifier import classifier_log_prob_fn, load_classifier
