@@ -106,6 +106,14 @@ def test_summary_line_of_an_image_result():
 
 # --- 2. numbers against closed forms ----------------------------------------------------------
 
+# dopri5 takes about 6 evaluations per accepted step (FSAL) and holds each step's local error
+# in -log p to rtol |log p| + atol; summed over the steps, those local tolerances estimate the
+# global error (an estimate, not a guarantee: BENCHMARKS.md shows estimates missing the error
+# at mode switches at 1e-5; at 1e-7 the steps resolve them).
+TIGHT_TOL = 1e-7
+DOPRI5_EVALS_PER_STEP = 6
+
+
 @pytest.mark.parametrize("name", ["vp", "ve"])
 def test_core_matches_exact_mixture_nll(name):
     # Exact score and exact divergence: each reported NLL is the exact -log p_eps(x) once the
@@ -147,18 +155,26 @@ def test_core_matches_the_closed_form_flow_of_a_gaussian(name):
                                torch.tensor([s], dtype=torch.float64))
     kernel = KERNELS[name]
     x, _ = gaussian.sample(12, torch.Generator().manual_seed(0), dtype=torch.float32)
-    records = tool.evaluate(sde, exact_score_fn(gaussian, kernel), x,
+    records = tool.evaluate(sde, exact_score_fn(gaussian, kernel), x.double(),
                             prepare=tool._prepare_continuous, batch_size=5, num_repeats=1,
-                            divergence="exact", eps=EPS)
+                            divergence="exact", eps=EPS, rtol=TIGHT_TOL, atol=TIGHT_TOL)
     nll = torch.tensor([v for r in records for v in r["nll"]], dtype=torch.float64)
     (a_eps, v_eps), (a_T, v_T) = (kernel(torch.tensor(t, dtype=torch.float64))
                                   for t in (EPS, sde.T))
     std_eps, std_T = (torch.sqrt(a ** 2 * s ** 2 + v) for a, v in ((a_eps, v_eps), (a_T, v_T)))
     z = a_T * mu + std_T / std_eps * (x.double() - a_eps * mu)
-    prior = torch.distributions.Normal(0.0, PRIOR_STDS[name]).log_prob(z).sum(1)
-    exact = -(exact_log_prob_t(gaussian, kernel, x.double(), EPS)
-              - exact_log_prob_t(gaussian, kernel, z, sde.T) + prior)
-    assert ((nll - exact).abs() / (2 * math.log(2))).max() < BPD_TOL
+
+    def expected_nll(z):
+        prior = torch.distributions.Normal(0.0, PRIOR_STDS[name]).log_prob(z).sum(1)
+        return -(exact_log_prob_t(gaussian, kernel, x.double(), EPS)
+                 - exact_log_prob_t(gaussian, kernel, z, sde.T) + prior)
+
+    exact = expected_nll(z)
+    steps = max(r["nfe"] for r in records) / DOPRI5_EVALS_PER_STEP
+    bound = steps * (TIGHT_TOL * exact.abs().max().item() + TIGHT_TOL)
+    assert (nll - exact).abs().max().item() < bound
+    # The check sees the latents: latents 1% off would fail it.
+    assert (expected_nll(1.01 * z) - exact).abs().max().item() > 10 * bound
 
 
 def test_summary_statistics_hand_computed():
@@ -376,31 +392,44 @@ def test_torchrun_two_processes_match_one(toy_run, tmp_path):
         "rank0", "rank1"]
 
 
-def test_per_sample_step_control(toy_run, tmp_path):
-    args = ["--workdir", toy_run, "--num_samples", 16, "--batch_size", 8, "--divergence",
-            "exact"]
-    assert _main(*args, "--output", tmp_path / "batch.json", "--partial_dir",
-                 tmp_path / "p1") == 0
-    assert _main(*args, "--step_control", "per_sample", "--output", tmp_path / "ps.json",
-                 "--partial_dir", tmp_path / "p2") == 0
-    batch = json.loads((tmp_path / "batch.json").read_text())
-    per_sample = json.loads((tmp_path / "ps.json").read_text())
-    assert per_sample["step_control"] == "per_sample" and batch["step_control"] == "batch"
-    # Same model and data, both solves at rtol = atol = 1e-5: the same NLL up to the tolerance.
-    assert abs(per_sample["nll_nats"] - batch["nll_nats"]) < 1e-3
+
+@pytest.mark.parametrize("step_control", ["batch", "per_sample"])
+@pytest.mark.parametrize("error_norm", ["max", "rms"])
+def test_every_step_control_and_norm_meets_the_exact_nll(step_control, error_norm):
+    # Exact score and divergence of a 2-D mixture: each sample's NLL against its closed form
+    # (prior term swapped for the diffused mixture's exact density at T), within the summed
+    # local tolerances of its batch's solve, far below the spread of the NLLs.
+    sde = score_sde.VPSDE()
+    mixture, kernel = random_mixture(2, seed=11), KERNELS["vp"]
+    score_fn = exact_score_fn(mixture, kernel)
+    x, _ = mixture.sample(12, torch.Generator().manual_seed(0), dtype=torch.float64)
+    records = tool.evaluate(sde, score_fn, x, prepare=tool._prepare_continuous, batch_size=6,
+                            num_repeats=1, divergence="exact", eps=EPS, rtol=TIGHT_TOL,
+                            atol=TIGHT_TOL, step_control=step_control, error_norm=error_norm)
+    nll = torch.tensor([v for r in records for v in r["nll"]], dtype=torch.float64)
+    z, _ = score_sde.data_to_latent(sde, score_fn, x, eps=EPS, rtol=TIGHT_TOL, atol=TIGHT_TOL)
+    swap = exact_log_prob_t(mixture, kernel, z, sde.T) - sde.prior_logp(z)
+    exact = -(exact_log_prob_t(mixture, kernel, x, EPS) - swap)
+    steps = max(r["nfe"] for r in records) / DOPRI5_EVALS_PER_STEP
+    bound = steps * (TIGHT_TOL * exact.abs().max().item() + TIGHT_TOL)
+    assert (exact.max() - exact.min()).item() > 100 * bound
+    assert (nll - exact).abs().max().item() < bound
 
 
-def test_rms_error_norm(toy_run, tmp_path):
-    args = ["--workdir", toy_run, "--num_samples", 16, "--batch_size", 8, "--divergence",
-            "exact"]
-    assert _main(*args, "--output", tmp_path / "max.json", "--partial_dir", tmp_path / "p1") == 0
-    assert _main(*args, "--error_norm", "rms", "--output", tmp_path / "rms.json",
-                 "--partial_dir", tmp_path / "p2") == 0
-    strict = json.loads((tmp_path / "max.json").read_text())
-    rms = json.loads((tmp_path / "rms.json").read_text())
-    assert rms["error_norm"] == "rms" and strict["error_norm"] == "max"
-    assert abs(rms["nll_nats"] - strict["nll_nats"]) < 1e-3
-    assert rms["nfe_total"] <= strict["nfe_total"]
+def test_step_control_and_error_norm_flags(toy_run, tmp_path):
+    args = ["--workdir", toy_run, "--num_samples", 8, "--batch_size", 8]
+    for flags, name in (([], "default"), (["--step_control", "per_sample"], "ps"),
+                        (["--error_norm", "rms"], "rms")):
+        assert _main(*args, *flags, "--output", tmp_path / f"{name}.json", "--partial_dir",
+                     tmp_path / name) == 0
+    default, ps, rms = (json.loads((tmp_path / f"{n}.json").read_text())
+                        for n in ("default", "ps", "rms"))
+    assert (default["step_control"], default["error_norm"]) == ("batch", "max")
+    assert (ps["step_control"], ps["error_norm"]) == ("per_sample", "max")
+    assert (rms["step_control"], rms["error_norm"]) == ("batch", "rms")
+    # A sample's rms over its elements never exceeds their max: from the same state and step,
+    # rms accepts whatever max accepts, and over the solve it takes no more evaluations.
+    assert rms["nfe_total"] <= default["nfe_total"]
 
 
 def test_cuda_graph_flag_on_the_cpu_changes_nothing(toy_run, tmp_path):
