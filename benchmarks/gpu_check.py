@@ -19,7 +19,9 @@ the device, versions and commands), plus each part's own files. Parts:
 - samplers: seconds per DPM-Solver (20 evaluations) and PC sampling call of DDPM++ cont. at
   two batch sizes, eager and with the network replayed from a CUDA graph.
 - train: training images/s, ms/step, peak memory and warm-up of DDPM++ cont. at batch 128 in
-  TF32 and in bf16 + channels-last + torch.compile (benchmarks/train_speed.py).
+  TF32 and in bf16 + channels-last + torch.compile, then a profile of 5 more steps of each:
+  kernel time per step by category and the costliest kernels, with Chrome traces
+  (benchmarks/train_speed.py --profile_steps).
 
 The tests and graphs parts run side by side (neither is timed); the timed parts run alone
 after them. The whole command stays within --budget seconds (default 480).
@@ -335,8 +337,10 @@ def part_train(args, out: Path) -> Dict:
     model = "ddpmpp_tiny" if args.quick else "ddpmpp"
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--models", model,
            "--modes", modes, "--device", args.device, "--output", str(out / "train.json")]
-    cmd += (["--batch_size", "8", "--warmup", "1", "--steps", "2"] if args.quick
-            else ["--batch_size", "128", "--warmup", "8", "--steps", "30"])
+    # The profiles (a few seconds each, Chrome traces beside train.json) follow the timed steps.
+    cmd += (["--batch_size", "8", "--warmup", "1", "--steps", "2", "--profile_steps", "1"]
+            if args.quick else ["--batch_size", "128", "--warmup", "8", "--steps", "30",
+                                "--profile_steps", "5"])
     code, error = _run_logged(cmd, out / "train.log", args.part_limit)
     if code != 0:
         lines = (out / "train.log").read_text().strip().splitlines() or ["no output"]
@@ -497,12 +501,39 @@ def render(summary: Dict) -> str:
                           f"{r['ms_per_step']:.1f}",
                           "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}",
                           f"{r['warmup_s']:.0f}"] for r in tr["rows"]])
+        profiled = [r for r in tr["rows"] if "profile" in r]
+        if profiled:
+            lines += _profile_tables(profiled)
     return "\n".join(lines) + "\n"
+
+
+def _profile_tables(rows: List[Dict]) -> List[str]:
+    """Markdown of train_speed profiles: time by category per mode, then the costliest
+    kernels of each."""
+    categories = list(rows[0]["profile"]["categories"])
+    cells = []
+    for r in rows:
+        p = r["profile"]
+        cells.append([r["model"], r["mode"], f"{p['wall_ms_per_step']:.1f}",
+                      f"{p['device_ms_per_step']:.1f}", f"{p['launches_per_step']:.0f}"]
+                     + [f"{p['categories'][c]['ms_per_step']:.1f} "
+                        f"({p['categories'][c]['percent']:.0f}%)" for c in categories])
+    lines = _table(f"Training step profiles: {rows[0]['profile']['device_time']}, ms/step "
+                   f"(% of it) by category", ["model", "mode", "wall ms", "device ms",
+                                              "launches"] + categories, cells)
+    for r in rows:
+        lines += _table(f"Costliest kernels: {r['model']}, {r['mode']}",
+                        ["kernel", "category", "ms/step", "launches/step"],
+                        [[k["name"][:90].replace("|", "/"), k["category"],
+                          f"{k['ms_per_step']:.2f}", f"{k['launches_per_step']:.0f}"]
+                         for k in r["profile"]["top"]])
+    return lines
 
 
 def _table(title: str, header: List[str], rows: List[List]) -> List[str]:
     """A Markdown section: a heading and a table (text columns left, the rest right)."""
-    align = ["---" if i == 0 or header[i] in ("mode", "control, rtol", "sampler", "replayed")
+    align = ["---" if i == 0 or header[i] in ("mode", "control, rtol", "sampler", "replayed",
+                                               "category")
              else "---:" for i in range(len(header))]
     return (["", f"## {title}", "", "| " + " | ".join(header) + " |",
              "| " + " | ".join(align) + " |"]

@@ -8,23 +8,35 @@ runs `Trainer.train_step` for warm-up steps and timed steps and prints images/s 
         --steps 50 --output train_speed.json
 
 Modes: fp32 (TF32 off), tf32, bf16 (autocast), bf16_cl (+ channels-last), bf16_cl_compile
-(+ torch.compile), bf16_cl_compile_ro (torch.compile mode "reduce-overhead": CUDA graphs; its
-row records `cuda_graph_skips`, and the run stops with an error if torch.compile ran any
-compiled graph of it without CUDA graphs).
+(+ torch.compile), bf16_cl_compile_blocks (torch.compile of each repeated U-Net block instead
+of the whole network: a shorter warm-up), bf16_cl_compile_ro (torch.compile mode
+"reduce-overhead": CUDA graphs; its row records `cuda_graph_skips`, and the run stops with an
+error if torch.compile ran any compiled graph of it without CUDA graphs).
 Throughput needs CUDA to mean anything; on the CPU use tiny --steps.
 
 --parity_steps N also trains N steps in fp32 and in each mode from the same initialisation,
 batches and noise, and compares window means of the loss curves (relative difference and its
 z-score against the spread of the per-step differences): a faster mode should track fp32
 within noise.
+
+--profile_steps N runs N more steps of each model and mode under torch.profiler and adds to
+its row a `profile`: wall ms per step (synchronised), device time per step (the CUDA kernels'
+time; on the CPU the summed self CPU time of the ops instead), kernels (ops) launched per step,
+that time by category (`KERNEL_CATEGORIES`) and the 15 costliest kernels; a Chrome trace of
+the profiled steps goes to --trace_dir (default: the folder of --output):
+
+    python benchmarks/train_speed.py --models ddpmpp --modes tf32,bf16_cl_compile \
+        --warmup 8 --steps 30 --profile_steps 5 --output profile/train_speed.json
 """
 import argparse
 import json
 import pickle
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,9 +59,120 @@ MODES = {
     "bf16": dict(bf16=True, channels_last=False, compile=False, tf32=True),
     "bf16_cl": dict(bf16=True, channels_last=True, compile=False, tf32=True),
     "bf16_cl_compile": dict(bf16=True, channels_last=True, compile=True, tf32=True),
+    "bf16_cl_compile_blocks": dict(bf16=True, channels_last=True, compile=True,
+                                   compile_scope="blocks", tf32=True),
     "bf16_cl_compile_ro": dict(bf16=True, channels_last=True, compile=True,
                                compile_mode="reduce-overhead", tf32=True),
 }
+
+
+# Where a step's device time goes: a regular expression of kernel (on the CPU: op) names per
+# category, searched case-insensitively in this order; the first that matches wins, and a name
+# matching none is "other". The order settles overlaps: cuDNN's format conversions are layout,
+# not convolution; group norm's elementwise and reduction kernels are normalisation; Inductor
+# names a fused kernel after every op it absorbed (triton_poi_fused_add_convolution_0 is the
+# bias add after a convolution), so its prefix (poi: pointwise, red / per: reduction) decides
+# before the op names do; cuDNN's implicit-GEMM convolutions are convolutions, not matmuls.
+KERNEL_CATEGORIES = {
+    "layout": r"nchwtonhwc|nhwctonchw|copy_|to_copy|direct_copy|contiguous|clone|permute"
+              r"|transpose",
+    "memcpy": r"memcpy|memset",
+    "optimizer": r"adam|_foreach|multi_tensor_apply",
+    "normalisation": r"group_?norm|rowwisemoments|fusedparams|internalgradients|gammabeta",
+    "elementwise": r"^triton_poi|elementwise|silu|sigmoid|dropout|bernoulli"
+                   r"|^aten::(add|mul|sub|div|exp|sqrt|rsqrt|neg|fill|zero|where|lerp|pow)_?$",
+    "reduction": r"^triton_(red|per)|\breduce_kernel"
+                 r"|^aten::(sum|mean|amax|norm|linalg_vector_norm)",
+    "convolution": r"convol|conv2d|cudnn_conv|mkldnn_conv|fprop|dgrad|wgrad|implicit_gemm"
+                   r"|winograd",
+    "matmul_attention": r"gemm|gemv|splitkreduce|matmul|^aten::(mm|bmm|addmm|baddbmm|linear)$"
+                        r"|cutlass|attention|flash|fmha|softmax",
+}
+PROFILE_TOP = 15  # kernels listed per profile
+
+
+def kernel_category(name: str) -> str:
+    """The `KERNEL_CATEGORIES` key of a kernel (or op) name, or "other"."""
+    for category, pattern in KERNEL_CATEGORIES.items():
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return category
+    return "other"
+
+
+def profile_summary(kernels: dict, *, steps: int, wall_ms: float, device_type: str) -> dict:
+    """A profile's numbers per step from {kernel name: (total microseconds, launches)} over
+    `steps` steps that took `wall_ms` per step."""
+    total_us = sum(us for us, _ in kernels.values())
+    by_category = {c: 0.0 for c in list(KERNEL_CATEGORIES) + ["other"]}
+    for name, (us, _) in kernels.items():
+        by_category[kernel_category(name)] += us
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:PROFILE_TOP]
+    return dict(
+        steps=steps, wall_ms_per_step=wall_ms,
+        device_time=("CUDA kernel time" if device_type == "cuda"
+                     else "self CPU time of the ops (no device kernels)"),
+        device_ms_per_step=total_us / 1e3 / steps,
+        launches_per_step=sum(n for _, n in kernels.values()) / steps,
+        categories={c: dict(ms_per_step=us / 1e3 / steps,
+                            percent=100 * us / total_us if total_us else 0.0)
+                    for c, us in by_category.items()},
+        top=[dict(name=name, category=kernel_category(name), ms_per_step=us / 1e3 / steps,
+                  launches_per_step=n / steps) for name, (us, n) in top])
+
+
+def profile_steps(trainer: Trainer, steps: int, *, trace: Optional[Path] = None) -> dict:
+    """`steps` more `Trainer.train_step` calls under torch.profiler (`profile_summary`); CUDA
+    kernels are timed when the trainer runs on CUDA, else the CPU ops. Writes a Chrome trace
+    to `trace` (gzipped when its name ends in .gz) if given."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    dev = trainer.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    _sync(dev)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(_Quiet())
+        _sync(dev)
+        seconds = time.perf_counter() - start
+    kernels = {}
+    for event in prof.events():
+        if dev.type == "cuda":
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us = event.time_range.elapsed_us()
+        else:
+            if event.device_type != DeviceType.CPU or event.is_async:
+                continue
+            us = event.self_cpu_time_total
+        total, count = kernels.get(event.name, (0.0, 0))
+        kernels[event.name] = (total + us, count + 1)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    result = profile_summary(kernels, steps=steps, wall_ms=1e3 * seconds / steps,
+                             device_type=dev.type)
+    result["trace"] = str(trace) if trace is not None else None
+    return result
+
+
+def format_profile(model: str, mode: str, p: dict) -> str:
+    """A profile as a printable table: the categories, then the costliest kernels."""
+    lines = [f"\n{model} {mode}: {p['wall_ms_per_step']:.1f} ms/step wall, "
+             f"{p['device_ms_per_step']:.1f} ms/step {p['device_time']}, "
+             f"{p['launches_per_step']:.0f} launches/step ({p['steps']} steps profiled)",
+             f"  {'category':<18}{'ms/step':>10}{'%':>7}"]
+    lines += [f"  {c:<18}{v['ms_per_step']:>10.2f}{v['percent']:>7.1f}"
+              for c, v in p["categories"].items()]
+    lines.append(f"  {'top kernels':<60}{'category':>18}{'ms/step':>10}{'calls':>7}")
+    lines += [f"  {k['name'][:58]:<60}{k['category']:>18}{k['ms_per_step']:>10.3f}"
+              f"{k['launches_per_step']:>7.0f}" for k in p["top"]]
+    return "\n".join(lines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Quiet:
@@ -89,12 +212,14 @@ def _cudagraph_skips() -> int:
 
 
 def measure(model: str, mode: str, *, data_dir: str, batch_size: int, warmup: int, steps: int,
-            device: str) -> dict:
+            device: str, profile: int = 0, trace: Optional[Path] = None) -> dict:
+    """Times `steps` training steps after `warmup` ones; with `profile` > 0, then profiles
+    that many more (`profile_steps`, its Chrome trace written to `trace`)."""
     claims_graphs = MODES[mode].get("compile_mode") == "reduce-overhead"
     skips_before = _cudagraph_skips()
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(model, mode, workdir, data_dir=data_dir, batch_size=batch_size,
-                               n_iters=warmup + steps, device=device)
+                               n_iters=warmup + steps + profile, device=device)
         dev = trainer.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -102,23 +227,24 @@ def measure(model: str, mode: str, *, data_dir: str, batch_size: int, warmup: in
         t_compile = time.perf_counter()
         for _ in range(warmup):
             losses.append(float(trainer.train_step(_Quiet())[0]))
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        _sync(dev)
         warm_s = time.perf_counter() - t_compile
         start = time.perf_counter()
         for _ in range(steps):
             loss = trainer.train_step(_Quiet())[0]
         losses.append(float(loss))  # synchronizes
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        _sync(dev)
         seconds = time.perf_counter() - start
         params = sum(p.numel() for p in trainer.model.parameters())
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+        profiled = profile_steps(trainer, profile, trace=trace) if profile > 0 else None
     row = dict(model=model, mode=mode, batch_size=batch_size, steps=steps,
                params_m=round(params / 1e6, 2), images_per_s=steps * batch_size / seconds,
                ms_per_step=1e3 * seconds / steps, peak_gib=peak, warmup_s=warm_s,
                final_loss=losses[-1], device=str(dev),
                gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
+    if profiled is not None:
+        row["profile"] = profiled
     if claims_graphs:
         skips = _cudagraph_skips() - skips_before
         row.update(cuda_graph_skips=skips, replayed=dev.type == "cuda" and skips == 0)
@@ -174,8 +300,20 @@ def main(argv=None) -> int:
                    help="also train this many steps per mode and compare the loss curves with "
                         "fp32 (0: off)")
     p.add_argument("--parity_window", type=int, default=100)
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="after the timed steps, profile this many more per model and mode "
+                        "(0: off)")
+    p.add_argument("--trace_dir", default=None,
+                   help="folder for the profiles' Chrome traces (default: that of --output; "
+                        "none without either)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    if args.profile_steps < 0:
+        p.error(f"--profile_steps must be >= 0, got {args.profile_steps}")
+    if args.trace_dir is not None and args.profile_steps == 0:
+        p.error("--trace_dir needs --profile_steps")
+    trace_dir = (Path(args.trace_dir) if args.trace_dir is not None
+                 else Path(args.output).parent if args.output else None)
     models, modes = args.models.split(","), args.modes.split(",")
     for name, known in (("model", CONFIGS), ("mode", MODES)):
         bad = [v for v in (models if name == "model" else modes) if v not in known]
@@ -188,15 +326,21 @@ def main(argv=None) -> int:
         write_synthetic_cifar(Path(data_dir), n_train=max(5 * args.batch_size, 1280))
         for model in models:
             for mode in modes:
+                trace = (trace_dir / f"trace_{model}_{mode}.json.gz"
+                         if trace_dir is not None and args.profile_steps else None)
                 row = measure(model, mode, data_dir=data_dir, batch_size=args.batch_size,
-                              warmup=args.warmup, steps=args.steps, device=args.device)
+                              warmup=args.warmup, steps=args.steps, device=args.device,
+                              profile=args.profile_steps, trace=trace)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{'model':<12}{'mode':<18}{'params':>8}{'img/s':>10}{'ms/step':>10}{'peak GiB':>10}")
+    print(f"\n{'model':<12}{'mode':<24}{'params':>8}{'img/s':>10}{'ms/step':>10}{'peak GiB':>10}")
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['model']:<12}{r['mode']:<18}{r['params_m']:>7.1f}M{r['images_per_s']:>10.0f}"
+        print(f"{r['model']:<12}{r['mode']:<24}{r['params_m']:>7.1f}M{r['images_per_s']:>10.0f}"
               f"{r['ms_per_step']:>10.1f}{peak:>10}")
+    for r in rows:
+        if "profile" in r:
+            print(format_profile(r["model"], r["mode"], r["profile"]))
     if args.parity_steps > 0:
         with tempfile.TemporaryDirectory() as data_dir:
             write_synthetic_cifar(Path(data_dir), n_train=max(5 * args.batch_size, 1280))
@@ -208,7 +352,7 @@ def main(argv=None) -> int:
                 for row in parity(curves, "fp32", min(args.parity_window, args.parity_steps)):
                     row["model"] = model
                     rows.append(row)
-                    print(f"{model:<12}{row['mode']:<18} loss vs fp32 over {args.parity_steps} "
+                    print(f"{model:<12}{row['mode']:<24} loss vs fp32 over {args.parity_steps} "
                           f"steps: max |rel diff| {row['max_abs_rel_diff']:.4f}, max |z| "
                           f"{row['max_abs_z']:.2f} (windows of {row['window']})")
     if args.output:

@@ -10,8 +10,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import datasets as data_lib
-from .config import Config
-from .models import MODELS
+from ._utils import check_choice
+from .config import COMPILE_SCOPES, Config
+from .models import MODELS, REPEATED_BLOCKS
 from .score import make_score_fn
 from .sde import SDE, CosineVPSDE, SubVPSDE, VESDE, VPSDE, ScoreFn
 
@@ -71,6 +72,46 @@ def build_model(cfg: Config, info: "data_lib.DataInfo") -> torch.nn.Module:
     except TypeError as err:
         raise ValueError(f"model.kwargs do not fit model {cfg.model.name!r}: {err}") from None
     return cls(**kwargs)
+
+
+def compile_model(net: torch.nn.Module, *, mode: str, scope: str) -> torch.nn.Module:
+    """`net` under torch.compile: the whole of it, or each of its repeated blocks.
+
+    Args:
+        net: the network (possibly wrapped, e.g. in DistributedDataParallel).
+        mode: torch.compile mode (`config.COMPILE_MODES`).
+        scope: "model" wraps the whole network in one compiled module; "blocks" compiles every
+            submodule of a class in `models.REPEATED_BLOCKS` in place and leaves the glue
+            between them eager. Blocks of one class share their compiled code wherever their
+            shapes agree, so each distinct block is compiled once, not each block. It raises
+            torch._dynamo's process-wide `recompile_limit` to two graphs per block.
+
+    Returns:
+        The module to call: a compiled wrapper of `net` ("model") or `net` itself ("blocks";
+        its parameter names and state dict are unchanged).
+
+    Raises:
+        ValueError: unknown scope, or scope "blocks" and `net` holds no repeated block.
+    """
+    check_choice("compile_scope", scope, COMPILE_SCOPES)
+    if scope == "model":
+        return torch.compile(net, mode=mode)
+    blocks = [m for m in net.modules() if isinstance(m, REPEATED_BLOCKS)]
+    if not blocks:
+        names = ", ".join(c.__name__ for c in REPEATED_BLOCKS)
+        raise ValueError(f"compile_scope 'blocks' needs a network with repeated blocks ({names}); "
+                         f"{type(net).__name__} has none, use compile_scope 'model'")
+    # All blocks of a class run one forward function, and torch.compile keeps at most
+    # `recompile_limit` (default 8) graphs per function before it falls back to eager: allow
+    # one graph per block, in training and in eval mode. Shapes stay static, one graph per
+    # block shape: with the dynamic shapes torch.compile switches to after a recompilation,
+    # inductor (torch 2.13, CPU) fails on these blocks ("cannot determine truth value of
+    # Relational").
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 2 * len(blocks))
+    for block in blocks:
+        block.compile(mode=mode, dynamic=False)
+    return net
 
 
 class Splits(NamedTuple):

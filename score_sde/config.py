@@ -82,6 +82,9 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the model
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", ...
     compile_mode: str = "default"
+    # what torch.compile compiles: "model" (the whole network) or "blocks" (each repeated U-Net
+    # block on its own, the glue eager: identical blocks share compiled code, a shorter warm-up)
+    compile_scope: str = "model"
     label_dropout: float = 0.1  # class-conditional: P(label -> null label), for CFG sampling
     skip_nonfinite: bool = False  # skip steps with a non-finite loss / gradient, don't stop
     max_nonfinite: int = 10  # with skip_nonfinite: stop after more skipped steps in a row
@@ -123,6 +126,8 @@ LR_DECAYS = ("none", "cosine")
 GRID_SAMPLERS = ("dpm_solver", "pc")
 # torch.compile's modes; "reduce-overhead" replays CUDA graphs, cutting per-kernel launch cost.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# What torch.compile compiles (`build.compile_model`).
+COMPILE_SCOPES = ("model", "blocks")
 
 
 def config_dir() -> Path:
@@ -238,6 +243,9 @@ def check_config(cfg: Config) -> None:
     check_choice("compile_mode", tc.compile_mode, COMPILE_MODES)
     if tc.compile_mode != "default" and not tc.compile:
         raise ValueError(f"--compile_mode {tc.compile_mode} needs --compile")
+    check_choice("compile_scope", tc.compile_scope, COMPILE_SCOPES)
+    if tc.compile_scope != "model" and not tc.compile:
+        raise ValueError(f"--compile_scope {tc.compile_scope} needs --compile")
     if not 0 <= tc.lr_final <= 1:
         raise ValueError(f"lr_final must lie in [0, 1] (a fraction of lr), got {tc.lr_final}")
     if not 0 <= tc.label_dropout <= 1:

@@ -57,8 +57,8 @@ from typing import Optional
 from . import datasets as data_lib
 from ._utils import stderr_line
 from .cli import EXIT_BAD_INPUT, EXIT_NUMERICAL
-from .config import (COMPILE_MODES, GRID_SAMPLERS, LR_DECAYS, apply_overrides, check_config,
-                     find_config, load_config_file, to_dict)
+from .config import (COMPILE_MODES, COMPILE_SCOPES, GRID_SAMPLERS, LR_DECAYS, apply_overrides,
+                     check_config, find_config, load_config_file, to_dict)
 from .distributed import DistInfo, dist_from_env
 from .models import MODELS
 from .optim import EMA_RATES
@@ -107,6 +107,9 @@ def _define_flags():
     flags.DEFINE_boolean("compile", None, "torch.compile the model.")
     flags.DEFINE_enum("compile_mode", None, list(COMPILE_MODES), "torch.compile mode; "
                       "reduce-overhead replays CUDA graphs.")
+    flags.DEFINE_enum("compile_scope", None, list(COMPILE_SCOPES), "What --compile compiles: "
+                      "model (the whole network) or blocks (each repeated U-Net block on its "
+                      "own; a shorter warm-up).")
     flags.DEFINE_integer("log_every", None, "Steps between log lines.", lower_bound=1)
     flags.DEFINE_integer("eval_every", None, "Steps between held-out losses.", lower_bound=1)
     flags.DEFINE_integer("sample_every", None, "Steps between sample grids (0: never).",
@@ -141,7 +144,7 @@ FLAG_FIELDS = {
     "device": "training.device", "likelihood_weighting": "training.likelihood_weighting",
     "importance_sampling": "training.importance_sampling", "bf16": "training.bf16",
     "channels_last": "training.channels_last", "compile": "training.compile",
-    "compile_mode": "training.compile_mode",
+    "compile_mode": "training.compile_mode", "compile_scope": "training.compile_scope",
     "log_every": "training.log_every", "eval_every": "training.eval_every",
     "sample_every": "training.sample_every", "sampler": "training.sampler",
     "sample_steps": "training.sample_steps", "checkpoint_every": "training.checkpoint_every",

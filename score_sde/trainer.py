@@ -26,7 +26,8 @@ import torch
 
 from . import datasets as data_lib
 from ._utils import stderr_line
-from .build import build_model, build_sde, load_splits, model_score_fn, with_labels
+from .build import (build_model, build_sde, compile_model, load_splits, model_score_fn,
+                    with_labels)
 from .checkpoint import (load_checkpoint, prune_snapshots, remove_stale_temporaries,
                          save_checkpoint)
 from .config import Config, TrainingConfig, check_config, from_dict, to_dict
@@ -155,7 +156,8 @@ class Trainer:
             # The EMA stays unwrapped: it is updated locally from identical weights.
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.forward = torch.compile(net, mode=tc.compile_mode) if tc.compile else net
+        self.forward = (compile_model(net, mode=tc.compile_mode, scope=tc.compile_scope)
+                        if tc.compile else net)
         self.score_fn(self.model)  # checks prediction / time_input before anything is written
         # Collectives that agree on stopping: gloo on CPU tensors, so that polling every step
         # never waits for a GPU (NCCL runs get a gloo group of their own).

@@ -152,6 +152,98 @@ def test_train_speed_parity_run(tmp_path):
     assert parity["mode"] == "tf32" and parity["max_abs_rel_diff"] == 0
 
 
+# Kernel names from CUDA traces of these models' training steps, and CPU op names.
+KERNEL_NAMES = [
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, "
+     "false, true, (cudnnKernelDataType_t)0>", "layout"),
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native"
+     "::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>", "layout"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warp"
+     "group2x1x1_execute_segment_k_off_kernel__5x_cudnn", "convolution"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("void cudnn::detail::wgrad_alg0_engine<float, 128, 6, 7, 3, 3, 5, false, 512>",
+     "convolution"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>",
+     "normalisation"),
+    ("void at::native::(anonymous namespace)::ComputeFusedParamsCUDAKernel<float>",
+     "normalisation"),
+    ("triton_red_fused_native_group_norm_3", "normalisation"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous "
+     "namespace)::TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMath"
+     "Functor<float, 4, (at::native::ADAM_MODE)0, false>, float*, double>", "optimizer"),
+    ("aten::_foreach_lerp_", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel(at::Tensor"
+     "IteratorBase&)::{lambda()#1}>", "elementwise"),
+    ("triton_poi_fused_add_convolution_silu_7", "elementwise"),
+    ("aten::add_", "elementwise"),
+    ("triton_red_fused_convolution_backward_2", "reduction"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "reduction"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>",
+     "matmul_attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>",
+     "matmul_attention"),
+    ("aten::addmm", "matmul_attention"),
+    ("Memcpy HtoD (Pinned -> Device)", "memcpy"),
+    ("Memset (Device)", "memcpy"),
+    ("cudaLaunchKernel", "other"),
+]
+
+
+@pytest.mark.parametrize("name, category", KERNEL_NAMES)
+def test_kernel_categories(name, category):
+    assert _train_speed_module().kernel_category(name) == category
+
+
+def test_profile_summary_per_step_and_by_category():
+    train_speed = _train_speed_module()
+    kernels = {name: (100.0 * (i + 1), 2 * (i + 1)) for i, (name, _) in enumerate(KERNEL_NAMES)}
+    p = train_speed.profile_summary(kernels, steps=2, wall_ms=5.0, device_type="cuda")
+    total_us = sum(us for us, _ in kernels.values())
+    assert p["device_ms_per_step"] == pytest.approx(total_us / 1e3 / 2)
+    assert p["launches_per_step"] == sum(n for _, n in kernels.values()) / 2
+    assert set(p["categories"]) == set(train_speed.KERNEL_CATEGORIES) | {"other"}
+    for category, v in p["categories"].items():
+        mine = sum(us for (name, c), (us, _) in zip(KERNEL_NAMES, kernels.values())
+                   if c == category)
+        assert v["ms_per_step"] == pytest.approx(mine / 1e3 / 2), category
+    assert sum(v["percent"] for v in p["categories"].values()) == pytest.approx(100)
+    assert len(p["top"]) == train_speed.PROFILE_TOP
+    assert p["top"][0]["name"] == KERNEL_NAMES[-1][0] and p["top"][0]["category"] == "other"
+    assert p["device_time"] == "CUDA kernel time" and p["wall_ms_per_step"] == 5.0
+
+
+def test_train_speed_profile_run(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"),
+                          "--models", "ddpmpp_tiny", "--modes", "fp32", "--batch_size", "4",
+                          "--warmup", "1", "--steps", "1", "--device", "cpu", "--profile_steps",
+                          "2", "--output", str(tmp_path / "t.json")],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "t.json").read_text())
+    p = row["profile"]
+    assert p["steps"] == 2 and p["wall_ms_per_step"] > 0 and p["launches_per_step"] > 100
+    assert p["device_time"].startswith("self CPU time of the ops")
+    # Every op falls in exactly one category: their times add up to the total.
+    assert sum(v["ms_per_step"] for v in p["categories"].values()) == pytest.approx(
+        p["device_ms_per_step"], rel=1e-9)
+    assert sum(v["percent"] for v in p["categories"].values()) == pytest.approx(100)
+    assert p["categories"]["convolution"]["ms_per_step"] > 0
+    assert len(p["top"]) == 15 and all(k["ms_per_step"] > 0 for k in p["top"])
+    assert p["trace"] == str(tmp_path / "trace_ddpmpp_tiny_fp32.json.gz")
+    assert (tmp_path / "trace_ddpmpp_tiny_fp32.json.gz").stat().st_size > 1000
+    assert "ddpmpp_tiny fp32:" in out.stdout and "convolution" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile_steps", "-1"], "--profile_steps must be >= 0, got -1"),
+    (["--trace_dir", "x"], "--trace_dir needs --profile_steps"),
+])
+def test_train_speed_bad_profile_arguments(args, message):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), *args],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
 def test_likelihood_solves_of_a_checkpoint(toy_run, tmp_path):
     out = bench("--device", "cpu", "--sections", "likelihood", "--checkpoint",
                 toy_run / "checkpoint.pt", "--lik_images", 6, "--lik_batch", 6, "--cost_evals",

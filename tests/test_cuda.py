@@ -95,11 +95,13 @@ def test_bf16_channels_last_forward_matches_fp32(model_fn):
     assert _relerr(bf.float(), ref) < 3e-2  # bf16 operands
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16_channels_last", "compile",
+@pytest.mark.parametrize("mode", ["fp32", "bf16_channels_last", "compile", "compile_blocks",
                                   "compile_reduce_overhead"])
 def test_training_on_cuda_runs_and_learns(mode, tmp_path):
     extra = {"fp32": {}, "bf16_channels_last": dict(bf16=True, channels_last=True),
              "compile": dict(compile=True, bf16=True, channels_last=True),
+             "compile_blocks": dict(compile=True, compile_scope="blocks", bf16=True,
+                                    channels_last=True),
              "compile_reduce_overhead": dict(compile=True, compile_mode="reduce-overhead",
                                              bf16=True, channels_last=True)}[mode]
     cfg = _fashion_cfg(tmp_path, n_iters=60, **extra)

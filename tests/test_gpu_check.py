@@ -43,11 +43,14 @@ def test_smoke_run_writes_both_reports(tmp_path):
         assert r["cuda_graph"]["replays"] == 0 and r["replayed"] is False
     lik = summary["parts"]["likelihood"]["rows"]
     assert not any("CUDA graph" in r["run"] for r in lik)  # no graph rows without CUDA
-    assert {r["mode"] for r in summary["parts"]["train"]["rows"]} == {"fp32"}
+    (train,) = summary["parts"]["train"]["rows"]
+    assert train["mode"] == "fp32" and train["profile"]["steps"] == 1
+    assert (out / "trace_ddpmpp_tiny_fp32.json.gz").exists()
     text = (out / "summary.md").read_text()
     assert text.strip() == proc.stdout.strip()
     for heading in ("# GPU check", "Likelihood solves, CUDA graph against eager",
-                    "Likelihood evaluation cost", "Sampling calls", "Training, batch 8"):
+                    "Likelihood evaluation cost", "Sampling calls", "Training, batch 8",
+                    "Training step profiles: self CPU time", "Costliest kernels: ddpmpp_tiny"):
         assert heading in text
 
 

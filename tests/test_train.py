@@ -225,6 +225,8 @@ def test_dry_run_prints_resolved_config(tmp_path):
     (["--bf16", "--device", "cpu"], "--bf16 autocast is for CUDA"),
     (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
     (["--compile", "--compile_mode", "fast"], "compile_mode"),
+    (["--compile_scope", "blocks"], "--compile_scope blocks needs --compile"),
+    (["--compile", "--compile_scope", "layers"], "compile_scope"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message, tmp_path):
     out = _cli("--workdir", str(tmp_path / "w"), "--dataset", "toy_moons", *args)
@@ -292,6 +294,19 @@ def test_class_conditional_model_gets_labels(tmp_path, monkeypatch):
     assert all(torch.equal(lab, torch.arange(12) % NUM_CLASSES) for lab in ema[1:])
     state = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["model"]["label_embed.table.weight"].shape[0] == NUM_CLASSES + 1
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compile_scope_reaches_the_trainer(scope, tmp_path):
+    # torch.compile compiles on the first call: building the trainer compiles nothing.
+    from score_sde.models import REPEATED_BLOCKS
+    trainer = Trainer(_fashion_cfg(tmp_path, compile=True, compile_scope=scope),
+                      str(tmp_path / "run"))
+    blocks = [m for m in trainer.model.modules() if isinstance(m, REPEATED_BLOCKS)]
+    assert blocks and all((m._compiled_call_impl is not None) == (scope == "blocks")
+                          for m in blocks)
+    assert (trainer.forward is trainer.model) == (scope == "blocks")
+    assert not any(m._compiled_call_impl is not None for m in trainer.ema.modules())
 
 
 def test_label_dropout_rate_and_shards(tmp_path):
