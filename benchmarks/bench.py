@@ -71,6 +71,7 @@ from score_sde.cuda_graphs import CudaGraphed  # noqa: E402
 from score_sde.fast_sampling import (DPM_DEFAULT_SOLVER_TYPES, DPM_METHODS,  # noqa: E402
                                      DPM_PREDICTIONS, DPM_SOLVER_TYPES)
 from score_sde.likelihood import augmented_rhs  # noqa: E402
+from score_sde.ode import odeint_interval  # noqa: E402
 from score_sde.datasets import DataInfo, load_dataset, to_model_range  # noqa: E402
 from score_sde.metrics import frechet_distance  # noqa: E402
 from score_sde.runs import load_trained  # noqa: E402
@@ -185,7 +186,42 @@ def evaluation_cost(args, device: torch.device) -> Dict:
     base = next(r for r in rows if r["run"].startswith("paper"))["image_evals_per_s"]
     for r in rows:
         r["speedup_vs_paper_code"] = r["image_evals_per_s"] / base
-    return dict(model=f"{args.lik_model}, random weights", shape=list(shape), rows=rows)
+    solver = [r for batch in sorted({REFERENCE_BATCH, args.lik_batch})
+              for r in solver_arithmetic(shape, batch, device, args.seed, args.cost_evals)]
+    return dict(model=f"{args.lik_model}, random weights", shape=list(shape), rows=rows,
+                solver_rows=solver)
+
+
+def solver_arithmetic(shape: Sequence[int], batch: int, device: torch.device, seed: int,
+                      repeats: int) -> List[Dict]:
+    """ms per evaluation that `log_likelihood`'s dopri5 solve spends outside the network: the
+    Runge-Kutta combinations and the error norm on the (images, log-density) state, with a
+    float64 state (what the library integrates, whatever the data's dtype) and a float32 one.
+    The right-hand side is a cheap linear ODE of the same shapes, so nearly all the time is the
+    solver's; both states take the same steps, so the two rows compare like with like."""
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        x = noise_images(batch, shape, seed).to(device=device, dtype=dtype)
+        state = (x, torch.zeros(batch, dtype=dtype, device=device))
+        calls = 0
+
+        def rhs(t, y):
+            nonlocal calls
+            calls += 1
+            return -0.5 * y[0], torch.ones_like(y[1])
+
+        def solve():
+            return odeint_interval(rhs, state, 1e-5, 1.0, batch=batch, rtol=1e-5, atol=1e-5,
+                                   method="dopri5")
+
+        solve()
+        calls = 0
+        seconds = _timed(solve, device, repeats)
+        nfe = calls / (repeats + 2)  # _timed's two warm-up calls count too
+        rows.append(dict(state=str(dtype).replace("torch.", ""), batch=batch, nfe=nfe,
+                         ms_per_eval=1e3 * seconds / nfe))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def _graph_fields(stats: Dict) -> Dict:
@@ -609,6 +645,11 @@ def print_tables(result: Dict) -> None:
         for r in cost["rows"]:
             print(f"{r['run']:<56}{r['batch']:>6}{r['ms_per_eval']:>9.1f}"
                   f"{r['image_evals_per_s']:>13.0f}{r['speedup_vs_paper_code']:>9.2f}")
+        print("\ndopri5 arithmetic outside the network, ms per evaluation (cheap linear "
+              "right-hand side of the same shapes)")
+        print(f"{'state':<10}{'batch':>6}{'NFE':>7}{'ms/eval':>10}")
+        for r in cost["solver_rows"]:
+            print(f"{r['state']:<10}{r['batch']:>6}{r['nfe']:>7.0f}{r['ms_per_eval']:>10.3f}")
     lik = result.get("likelihood", {}).get("solves")
     if lik:
         print(f"\nlikelihood solves: {lik['source']}; rtol = atol = {lik['rtol']:g}; "

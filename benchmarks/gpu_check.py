@@ -484,6 +484,12 @@ def render(summary: Dict) -> str:
                           r.get("replayed", "-"),
                           f"{r['max_rel_diff_vs_eager']:.1e}" if "max_rel_diff_vs_eager" in r
                           else "-"] for r in lk["rows"]])
+        if lk.get("solver_rows"):
+            lines += _table("dopri5 arithmetic outside the network per evaluation (the state "
+                            "the likelihood integrates is float64)",
+                            ["state", "batch", "NFE", "ms/eval"],
+                            [[r["state"], r["batch"], f"{r['nfe']:.0f}",
+                              f"{r['ms_per_eval']:.3f}"] for r in lk["solver_rows"]])
     sm = parts.get("samplers")
     if sm and "rows" in sm:
         lines += _table(f"Sampling calls: {sm['model']}",

@@ -100,6 +100,15 @@ def test_evaluation_cost_rows(result):
         assert r["ms_per_eval"] > 0
         assert r["speedup_vs_paper_code"] == pytest.approx(
             r["image_evals_per_s"] / paper[0]["image_evals_per_s"])
+    # The solver's own arithmetic, float64 and float32 states at each batch: the same linear
+    # ODE and tolerance, so the same steps; dopri5 takes 6 evaluations per step plus 2 to start.
+    solver = cost["solver_rows"]
+    assert sorted((r["state"], r["batch"]) for r in solver) == [
+        ("float32", 4), ("float32", 64), ("float64", 4), ("float64", 64)]
+    for r in solver:
+        assert r["ms_per_eval"] > 0 and (r["nfe"] - 2) % 6 == 0 and r["nfe"] > 8
+    for batch in (4, 64):
+        assert len({r["nfe"] for r in solver if r["batch"] == batch}) == 1
 
 
 def test_train_rows(result):
