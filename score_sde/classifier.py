@@ -310,7 +310,8 @@ def noisy_classifier_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Te
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     x_t = mean + append_dims(std, x.ndim) * z
     log_probs = classifier_log_prob_fn(model, sde, time_input=time_input)(x_t, t)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= log_probs.shape[1]):
+    # One host read per call (the range check), and the details only when it fails.
+    if bool(((labels < 0) | (labels >= log_probs.shape[1])).any()):
         raise ValueError(f"labels must lie in [0, {log_probs.shape[1] - 1}], got "
                          f"[{labels.min().item()}, {labels.max().item()}]")
     return F.nll_loss(log_probs, labels.long()), log_probs

@@ -11,7 +11,9 @@ import torch
 from score_sde.build import compile_model
 from score_sde.models import REPEATED_BLOCKS, MLPScoreNet, NCSNpp, paper_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # torch.compile itself calls the deprecated torch.jit.script_method.
+              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
 
 # Toy sizes with both resolutions' blocks, attention, and up / down blocks.
 TINY = dict(image_size=8, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
