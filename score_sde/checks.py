@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 
 from ._utils import check_choice, check_int, check_positive, check_shape
-from .sde import SDE, ScoreFn
+from .sde import SDE, ScoreFn, check_sde
 
 # What a family of samplers says when the SDE has no closed-form marginals ({name}: its class).
 MARGINALS_NEEDED_BY = {
@@ -27,8 +27,7 @@ def check_sde_and_score(sde: SDE, score_fn: ScoreFn, *, marginals_for: Optional[
                         ) -> None:
     """An `SDE` instance (with closed-form marginals where `marginals_for`, a key of
     `MARGINALS_NEEDED_BY`, says a sampler family needs them) and a callable score function."""
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
+    check_sde(sde)
     if marginals_for is not None and not sde.has_marginal:
         raise ValueError(MARGINALS_NEEDED_BY[marginals_for].format(name=type(sde).__name__))
     if not callable(score_fn):

@@ -22,7 +22,7 @@ import torch
 
 from ._utils import (append_dims, cached_on, check_choice, check_int, check_positive,
                      checks_times_on_host, flat_sum, float64_like)
-from .checks import check_eps, sample_device
+from .checks import check_eps, check_sde, sample_device
 from .score import _time_in_interval
 from .sde import SDE, ScoreFn
 
@@ -55,11 +55,6 @@ WEIGHTINGS = {"sigma2": _sigma2_factor, "likelihood": _likelihood_factor}
 
 # Points of the float64 table that inverts the importance-sampling CDF.
 _TABLE_POINTS = 10_000
-
-
-def _check_sde(sde) -> None:
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
 
 
 def _check_fn(name: str, fn) -> None:
@@ -98,7 +93,7 @@ def _check_output(name: str, out, x: torch.Tensor) -> None:
 
 
 def _discrete_attr(sde, attr: str, loss: str, sdes: str) -> torch.Tensor:
-    _check_sde(sde)
+    check_sde(sde)
     values = getattr(sde, attr, None)
     if not isinstance(values, torch.Tensor):
         raise ValueError(f"{loss} needs an SDE with a discrete chain ({sdes}: `{attr}`), got "
@@ -160,7 +155,7 @@ class ScoreMatchingLoss:
 
     def __init__(self, sde: SDE, *, weighting: str = "sigma2", reduction: str = "mean",
                  eps: float = 1e-5, importance_sampling: bool = False):
-        _check_sde(sde)
+        check_sde(sde)
         check_choice("weighting", weighting, WEIGHTINGS)
         check_choice("reduction", reduction, REDUCTIONS)
         check_eps(eps, sde)

@@ -440,6 +440,13 @@ class VESDE(SDE):
         return torch.zeros_like(x), torch.sqrt(sigma ** 2 - prev ** 2).to(x.dtype)
 
 
+def check_sde(sde) -> None:
+    """Raises ValueError unless `sde` is an `SDE` instance (`score_sde.checks` re-exports it
+    beside the other argument checks; it lives here so that `ReverseSDE` can use it)."""
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
+
+
 class ReverseSDE:
     """The reverse-time SDE of `sde` (Eq. 6) or its probability-flow ODE (Eq. 13).
 
@@ -453,8 +460,7 @@ class ReverseSDE:
     """
 
     def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False):
-        if not isinstance(sde, SDE):
-            raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
+        check_sde(sde)
         if not callable(score_fn):
             raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
         self.forward_sde = sde
