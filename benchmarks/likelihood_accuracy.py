@@ -40,6 +40,28 @@ CASES = {
 RUNS = [(norm, control) for norm in ("max", "rms") for control in ("batch", "per_sample")]
 
 
+def case_problem(index: int):
+    """(name, dimension, VP SDE, closed-form score, exact samples [n, D] float64 (rounded
+    through float32), one Rademacher probe per sample [1, n, D]) of `CASES`' entry `index`;
+    the other likelihood benchmarks use the same problems."""
+    name = list(CASES)[index]
+    dim, stds, scale, seed, n = CASES[name]
+    mixture = Mixture(dim, 4, seed=seed, scale=scale, std_range=stds)
+    sde = VPSDE()
+    x = mixture.sample(n, torch.Generator().manual_seed(0)).float().double()
+    g = torch.Generator().manual_seed(1)
+    probes = torch.randint(0, 2, (1,) + tuple(x.shape), generator=g).double() * 2 - 1
+    return name, dim, sde, mixture.score_fn(sde), x, probes
+
+
+def write_output(path, script: str, argv, tol: float, rows) -> None:
+    """Writes the rows with the date, torch version, command and tolerance as JSON."""
+    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                command=" ".join([script] + list(argv if argv is not None else sys.argv[1:])),
+                tol=tol)
+    Path(path).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tol", type=float, default=1e-5)
@@ -47,15 +69,9 @@ def main(argv=None) -> int:
                    help="indices into CASES")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
-    names = list(CASES)
     rows = []
     for i in map(int, args.cases.split(",")):
-        dim, stds, scale, seed, n = CASES[names[i]]
-        mixture = Mixture(dim, 4, seed=seed, scale=scale, std_range=stds)
-        sde, score = VPSDE(), mixture.score_fn(VPSDE())
-        x = mixture.sample(n, torch.Generator().manual_seed(0)).float().double()
-        g = torch.Generator().manual_seed(1)
-        probes = torch.randint(0, 2, (1,) + tuple(x.shape), generator=g).double() * 2 - 1
+        name, dim, sde, score, x, probes = case_problem(i)
         t0 = time.perf_counter()
         truth, _, truth_nfe = log_likelihood(sde, score, x, probes=probes, rtol=1e-10,
                                              atol=1e-10, eps=1e-5)
@@ -69,25 +85,22 @@ def main(argv=None) -> int:
                 logp, _, nfe = log_likelihood(sde, score, x.to(dtype), probes=probes.to(dtype),
                                               rtol=args.tol, atol=args.tol, eps=1e-5,
                                               error_norm=norm, step_control=control)
-                rows.append(dict(case=names[i], dtype=str(dtype)[6:], run=f"{norm}, {control}",
+                rows.append(dict(case=name, dtype=str(dtype)[6:], run=f"{norm}, {control}",
                                  nfe=nfe, max_abs_dbpd=error(logp)))
                 print(json.dumps(rows[-1]), flush=True)
             logp, nfe = paper_code_loglik(sde, score, x.to(dtype), probes.to(dtype),
                                           rtol=args.tol, atol=args.tol, eps=1e-5)
-            rows.append(dict(case=names[i], dtype=str(dtype)[6:], run="SciPy RK45 (paper code)",
+            rows.append(dict(case=name, dtype=str(dtype)[6:], run="SciPy RK45 (paper code)",
                              nfe=nfe, max_abs_dbpd=error(logp)))
             print(json.dumps(rows[-1]), flush=True)
-        print(json.dumps(dict(case=names[i], truth_nfe=truth_nfe, truth_seconds=truth_s)),
+        print(json.dumps(dict(case=name, truth_nfe=truth_nfe, truth_seconds=truth_s)),
               flush=True)
     print(f"\n{'case':<36}{'data':>8}  {'run':<26}{'NFE':>6}{'max|dbpd|':>11}")
     for r in rows:
         print(f"{r['case']:<36}{r['dtype']:>8}  {r['run']:<26}{r['nfe']:>6}"
               f"{r['max_abs_dbpd']:>11.1e}")
     if args.output:
-        meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                    command=" ".join(["likelihood_accuracy.py"] + list(argv or sys.argv[1:])),
-                    tol=args.tol)
-        Path(args.output).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+        write_output(args.output, "likelihood_accuracy.py", argv, args.tol, rows)
     return 0
 
 

@@ -31,9 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench import Mixture  # noqa: E402
-from likelihood_accuracy import CASES  # noqa: E402
-from score_sde import VPSDE  # noqa: E402
+from likelihood_accuracy import CASES, case_problem  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.ode import _NORMS, ERROR_NORMS  # noqa: E402
 from score_sde.per_sample_ode import _A, _C, _E  # noqa: E402
@@ -59,14 +57,8 @@ class _Recorded:
 def analyse(case: int, error_norm: str, tol: float) -> Tuple[List[Dict], torch.Tensor]:
     """(one row per accepted step of the library's solve, |delta error| [B] of the whole solve
     in bits/dim) for `CASES`' entry `case`; see the module docstring."""
-    dim, stds, scale, seed, n = CASES[list(CASES)[case]]
-    mixture = Mixture(dim, 4, seed=seed, scale=scale, std_range=stds)
-    sde = VPSDE()
-    x = mixture.sample(n, torch.Generator().manual_seed(0)).float().double()
-    g = torch.Generator().manual_seed(1)
-    probes = torch.randint(0, 2, (1,) + tuple(x.shape), generator=g).double() * 2 - 1
-    rhs = augmented_rhs(ReverseSDE(sde, mixture.score_fn(sde), probability_flow=True),
-                        torch.float64, probes)
+    _, dim, sde, score, x, probes = case_problem(case)
+    rhs = augmented_rhs(ReverseSDE(sde, score, probability_flow=True), torch.float64, probes)
     batch, bits = x.shape[0], dim * math.log(2)
     y0 = (x, torch.zeros(batch, dtype=torch.float64))
 

@@ -1,5 +1,5 @@
-"""benchmarks/likelihood_accuracy.py and benchmarks/likelihood_error_sources.py on the smallest
-of their mixtures (2-d), on the CPU.
+"""benchmarks/likelihood_accuracy.py, likelihood_error_sources.py and likelihood_step_checks.py
+on the smallest of their mixtures (2-d), on the CPU.
 
 What is checked is that the measurements respond to what they measure: errors against the
 tight float64 solve shrink when the tolerance does, and one-step errors taken from the exact
@@ -22,6 +22,11 @@ def accuracy():
 @pytest.fixture(scope="module")
 def sources():
     return load_script("benchmarks/likelihood_error_sources.py")
+
+
+@pytest.fixture(scope="module")
+def checks():
+    return load_script("benchmarks/likelihood_step_checks.py")
 
 
 def test_the_two_d_case_is_the_two_d_mixture(accuracy):
@@ -69,4 +74,22 @@ def test_error_sources_command_line(sources, capsys):
     assert "accepted steps" in lines[0] and len(lines) == 4
     with pytest.raises(SystemExit) as exc:
         sources.main(["--case", "99"])
+    assert exc.value.code == 2
+
+
+def test_step_checks_converge_and_count_their_evaluations(checks, tmp_path):
+    # At a tight tolerance every variant is a convergent dopri5 solve of the same ODE (within
+    # 1e-6 bits/dim of the 1e-10 truth); each attempted step costs 6 evaluations plus the
+    # check's own (Simpson 1, Lobatto 2), after the 2 of the first step.
+    out = tmp_path / "checks.json"
+    assert checks.main(["--cases", str(TWO_D), "--tol", "1e-8", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["norm"], r["check"]) for r in rows} == {
+        (n, c) for n in ("rms", "max") for c in checks.CHECKS}
+    per_step = {"none": 6, "stages": 6, "simpson": 7, "lobatto": 8}
+    for r in rows:
+        assert r["max_abs_dbpd"] < 1e-6, r
+        assert (r["nfe"] - 2) % per_step[r["check"]] == 0 and r["nfe"] > 2, r
+    with pytest.raises(SystemExit) as exc:
+        checks.main(["--checks", "gauss"])
     assert exc.value.code == 2
