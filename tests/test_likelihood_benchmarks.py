@@ -51,6 +51,19 @@ def test_accuracy_rows_shrink_with_the_tolerance(accuracy, tmp_path):
         assert tight["max_abs_dbpd"] < loose["max_abs_dbpd"], key
 
 
+def test_scipy_one_sample_at_a_time(accuracy, tmp_path):
+    # SciPy's RK45 on one sample holds it to that sample's own rms over its elements (the norm
+    # of error_norm="rms" with per-sample control); the row reports the largest sample's
+    # evaluations and their mean, on float64 data only.
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--cases", str(TWO_D), "--tol", "1e-4", "--scipy_per_sample",
+                          "--output", str(out)]) == 0
+    rows = {(r["dtype"], r["run"]): r for r in json.loads(out.read_text())["rows"]}
+    alone = rows[("float64", "SciPy RK45, each sample alone")]
+    assert alone["nfe"] >= alone["nfe_mean"] > 0
+    assert ("float32", "SciPy RK45, each sample alone") not in rows
+
+
 def test_error_sources_follow_the_tolerance(sources):
     for tol, bound in ((1e-7, 1e-6), (1e-3, None)):
         rows, total = sources.analyse(TWO_D, "max", tol)
