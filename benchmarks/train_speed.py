@@ -356,6 +356,7 @@ def main(argv=None) -> int:
                           f"steps: max |rel diff| {row['max_abs_rel_diff']:.4f}, max |z| "
                           f"{row['max_abs_z']:.2f} (windows of {row['window']})")
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(rows, indent=1))
     return 0
 
