@@ -54,12 +54,21 @@ def case_problem(index: int):
     return name, dim, sde, mixture.score_fn(sde), x, probes
 
 
-def write_output(path, script: str, argv, tol: float, rows) -> None:
-    """Writes the rows with the date, torch version, command and tolerance as JSON."""
-    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                command=" ".join([script] + list(argv if argv is not None else sys.argv[1:])),
-                tol=tol)
-    Path(path).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+def report(rows, columns, *, output, script: str, argv, tol: float) -> None:
+    """Prints the rows as a table (the `columns` [(key, width)] of text, then NFE and the
+    largest |bits/dim error|) and, with `output`, writes them as JSON with the date, torch
+    version, command and tolerance."""
+    print("\n" + "".join(f"{key:<{width}}" for key, width in columns)
+          + f"{'NFE':>6}{'max|dbpd|':>11}")
+    for r in rows:
+        print("".join(f"{r[key]:<{width}}" for key, width in columns)
+              + f"{r['nfe']:>6}{r['max_abs_dbpd']:>11.1e}")
+    if output:
+        meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                    command=" ".join([script] + list(argv if argv is not None
+                                                     else sys.argv[1:])),
+                    tol=tol)
+        Path(output).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -109,12 +118,8 @@ def main(argv=None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
         print(json.dumps(dict(case=name, truth_nfe=truth_nfe, truth_seconds=truth_s)),
               flush=True)
-    print(f"\n{'case':<36}{'data':>8}  {'run':<30}{'NFE':>6}{'max|dbpd|':>11}")
-    for r in rows:
-        print(f"{r['case']:<36}{r['dtype']:>8}  {r['run']:<30}{r['nfe']:>6}"
-              f"{r['max_abs_dbpd']:>11.1e}")
-    if args.output:
-        write_output(args.output, "likelihood_accuracy.py", argv, args.tol, rows)
+    report(rows, [("case", 38), ("dtype", 9), ("run", 31)], output=args.output,
+           script="likelihood_accuracy.py", argv=argv, tol=args.tol)
     return 0
 
 

@@ -33,24 +33,22 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from likelihood_accuracy import CASES, case_problem  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
-from score_sde.ode import _NORMS, ERROR_NORMS  # noqa: E402
+from score_sde.ode import _NORMS, ERROR_NORMS, _ODEFunc  # noqa: E402
 from score_sde.per_sample_ode import _A, _C, _E  # noqa: E402
 from score_sde.sde import ReverseSDE  # noqa: E402
 
 EPS = 1e-5
 
 
-class _Recorded:
-    """torchdiffeq right-hand side that records the accepted steps (t0, dt)."""
+class _Recorded(_ODEFunc):
+    """The library's torchdiffeq right-hand side, also recording the accepted steps (t0, dt)."""
 
     def __init__(self, rhs, batch):
-        self.rhs, self.batch, self.accepted = rhs, batch, []
-
-    def __call__(self, t, y):
-        t = t.clamp(EPS, 1.0)
-        return self.rhs(t.reshape(1).expand(self.batch), y)
+        super().__init__(rhs, batch, EPS, 1.0)
+        self.accepted = []
 
     def callback_accept_step(self, t0, y0, dt):
+        super().callback_accept_step(t0, y0, dt)
         self.accepted.append((float(t0), float(dt)))
 
 

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from likelihood_accuracy import CASES, case_problem, write_output  # noqa: E402
+from likelihood_accuracy import CASES, case_problem, report  # noqa: E402
 from score_sde import log_likelihood  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.per_sample_ode import _A, _C, _E  # noqa: E402
@@ -140,12 +140,8 @@ def main(argv=None) -> int:
                                  max_abs_dbpd=float(((logp - truth) / (dim * math.log(2)))
                                                     .abs().max())))
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'case':<36}{'norm':>5}  {'check':<9}{'NFE':>6}{'max|dbpd|':>11}")
-    for r in rows:
-        print(f"{r['case']:<36}{r['norm']:>5}  {r['check']:<9}{r['nfe']:>6}"
-              f"{r['max_abs_dbpd']:>11.1e}")
-    if args.output:
-        write_output(args.output, "likelihood_step_checks.py", argv, args.tol, rows)
+    report(rows, [("case", 38), ("norm", 6), ("check", 9)], output=args.output,
+           script="likelihood_step_checks.py", argv=argv, tol=args.tol)
     return 0
 
 
