@@ -161,7 +161,7 @@ class CudaGraphed:
                 # A failed recording can leave the recording stream current (torch.cuda.graph
                 # raises before restoring it) and the random number generator marked.
                 torch.cuda.set_stream(caller_stream)
-                del graph
+                graph = None  # drops the half-recorded graph before the synchronisation
                 torch.cuda.synchronize(device)
                 _restore_generator(device)
                 return self._failed(f"recording failed ({_first_line(err)})")
