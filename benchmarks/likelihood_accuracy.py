@@ -38,6 +38,7 @@ CASES = {
     "3072-d, stds 0.1-0.3": (3072, (0.1, 0.3), 0.3, 1, 16),
 }
 RUNS = [(norm, control) for norm in ("max", "rms") for control in ("batch", "per_sample")]
+SCIPY_RUN = "SciPy RK45 (paper code)"
 
 
 def case_problem(index: int):
@@ -54,10 +55,40 @@ def case_problem(index: int):
     return name, dim, sde, mixture.score_fn(sde), x, probes
 
 
-def report(rows, columns, *, output, script: str, argv, tol: float) -> None:
+def tight_truth(sde, score, x, probes):
+    """(log p [B] float64, NFE): the estimate with these probes solved in float64 at rtol =
+    atol = 1e-10 with the max norm, the reference every likelihood benchmark compares with."""
+    truth, _, nfe = log_likelihood(sde, score, x.double(), probes=probes.double(), rtol=1e-10,
+                                   atol=1e-10, eps=1e-5)
+    return truth, nfe
+
+
+def max_abs_dbpd(logp: torch.Tensor, truth: torch.Tensor, dim: int) -> float:
+    """The largest |bits/dim - truth| over the samples (continuous data: -log p / (D ln 2))."""
+    return float(((logp.double() - truth) / (dim * math.log(2))).abs().max())
+
+
+def solve_runs(sde, score, x, probes, truth, dim: int, dtype: torch.dtype, tol: float):
+    """One row (dtype, run, nfe, max_abs_dbpd) per run of `RUNS` and one for SciPy's RK45 (the
+    paper code's solve), every solve at rtol = atol = tol on the data cast to dtype."""
+    rows = []
+    for norm, control in RUNS:
+        logp, _, nfe = log_likelihood(sde, score, x.to(dtype), probes=probes.to(dtype),
+                                      rtol=tol, atol=tol, eps=1e-5, error_norm=norm,
+                                      step_control=control)
+        rows.append(dict(dtype=str(dtype)[6:], run=f"{norm}, {control}", nfe=nfe,
+                         max_abs_dbpd=max_abs_dbpd(logp, truth, dim)))
+    logp, nfe = paper_code_loglik(sde, score, x.to(dtype), probes.to(dtype), rtol=tol, atol=tol,
+                                  eps=1e-5)
+    rows.append(dict(dtype=str(dtype)[6:], run=SCIPY_RUN, nfe=nfe,
+                     max_abs_dbpd=max_abs_dbpd(logp, truth, dim)))
+    return rows
+
+
+def report(rows, columns, *, output, script: str, argv, tol, extra=None) -> None:
     """Prints the rows as a table (the `columns` [(key, width)] of text, then NFE and the
     largest |bits/dim error|) and, with `output`, writes them as JSON with the date, torch
-    version, command and tolerance."""
+    version, command and tolerance(s), plus the entries of `extra` beside the rows."""
     print("\n" + "".join(f"{key:<{width}}" for key, width in columns)
           + f"{'NFE':>6}{'max|dbpd|':>11}")
     for r in rows:
@@ -68,7 +99,8 @@ def report(rows, columns, *, output, script: str, argv, tol: float) -> None:
                     command=" ".join([script] + list(argv if argv is not None
                                                      else sys.argv[1:])),
                     tol=tol)
-        Path(output).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+        result = dict(meta=meta, rows=rows, **(extra or {}))
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -85,26 +117,13 @@ def main(argv=None) -> int:
     for i in map(int, args.cases.split(",")):
         name, dim, sde, score, x, probes = case_problem(i)
         t0 = time.perf_counter()
-        truth, _, truth_nfe = log_likelihood(sde, score, x, probes=probes, rtol=1e-10,
-                                             atol=1e-10, eps=1e-5)
+        truth, truth_nfe = tight_truth(sde, score, x, probes)
         truth_s = time.perf_counter() - t0
 
-        def error(logp):
-            return float(((logp.double() - truth) / (dim * math.log(2))).abs().max())
-
         for dtype in (torch.float32, torch.float64):
-            for norm, control in RUNS:
-                logp, _, nfe = log_likelihood(sde, score, x.to(dtype), probes=probes.to(dtype),
-                                              rtol=args.tol, atol=args.tol, eps=1e-5,
-                                              error_norm=norm, step_control=control)
-                rows.append(dict(case=name, dtype=str(dtype)[6:], run=f"{norm}, {control}",
-                                 nfe=nfe, max_abs_dbpd=error(logp)))
+            for row in solve_runs(sde, score, x, probes, truth, dim, dtype, args.tol):
+                rows.append(dict(case=name, **row))
                 print(json.dumps(rows[-1]), flush=True)
-            logp, nfe = paper_code_loglik(sde, score, x.to(dtype), probes.to(dtype),
-                                          rtol=args.tol, atol=args.tol, eps=1e-5)
-            rows.append(dict(case=name, dtype=str(dtype)[6:], run="SciPy RK45 (paper code)",
-                             nfe=nfe, max_abs_dbpd=error(logp)))
-            print(json.dumps(rows[-1]), flush=True)
             if args.scipy_per_sample and dtype == torch.float64:
                 # The same solve for one sample at a time: its norm is then that sample's own
                 # rms, as with error_norm="rms" and per-sample step control.
@@ -114,7 +133,8 @@ def main(argv=None) -> int:
                 nfes = [n for _, n in solves]
                 rows.append(dict(case=name, dtype="float64", run="SciPy RK45, each sample alone",
                                  nfe=max(nfes), nfe_mean=sum(nfes) / len(nfes),
-                                 max_abs_dbpd=error(torch.cat([lp for lp, _ in solves]))))
+                                 max_abs_dbpd=max_abs_dbpd(torch.cat([lp for lp, _ in solves]),
+                                                           truth, dim)))
                 print(json.dumps(rows[-1]), flush=True)
         print(json.dumps(dict(case=name, truth_nfe=truth_nfe, truth_seconds=truth_s)),
               flush=True)

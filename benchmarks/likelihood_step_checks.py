@@ -8,19 +8,22 @@ the embedded estimate says. This script measures ways of catching those steps. I
 batch Dormand–Prince 5(4) with one shared step (the tableau of `score_sde.per_sample_ode`,
 step factor 0.9 err^(-1/5) in [0.2, 10], Hairer's first step) on the augmented state (x,
 delta), with the library's per-sample norms ("max", or "rms" over each sample's elements; the
-largest over the batch), and, besides the embedded estimate, one of these checks of the
-delta increment (scaled by atol + rtol |delta|):
+largest over the batch) or, with --norms batch_rms, SciPy RK45's rms over the whole batch's
+state (one value for all samples: the paper code's norm), and, besides the embedded estimate,
+one of these checks of each sample's delta increment (scaled by atol + rtol |delta|):
 
 - none: the embedded estimate alone (what `log_likelihood` does, up to torchdiffeq's details);
 - stages: h |div(Y_6) - div(y_new)|, the stage-6 and next-first-stage divergences at t + h,
   which differ only by the stage state's error (free, but only 4th order in h);
+- stage6: the same difference weighted by stage 6's weight in the increment, b_6 = 11/84, i.e.
+  the error stage 6's state alone puts into the increment (free, 4th order);
 - simpson: the increment against Simpson's rule on the divergence at t, at the dense output's
   midpoint and at t + h, all on accurate states (one more evaluation per step);
 - lobatto: against the 4-point Lobatto rule (6th order) at the dense output's Lobatto nodes
   (two more evaluations per step).
 
 Each row: evaluations (the extra ones included) and the largest |bits/dim - truth| over the
-samples, the truth being `log_likelihood` at rtol = atol = 1e-10 with the same probes.
+samples, the truth being `likelihood_accuracy.tight_truth` (the same probes).
 """
 import argparse
 import json
@@ -36,14 +39,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from likelihood_accuracy import CASES, case_problem, report  # noqa: E402
-from score_sde import log_likelihood  # noqa: E402
+from likelihood_accuracy import CASES, case_problem, report, tight_truth  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.per_sample_ode import _A, _C, _E  # noqa: E402
 from score_sde.sde import ReverseSDE  # noqa: E402
 
 EPS, T = 1e-5, 1.0
-CHECKS = ("none", "stages", "simpson", "lobatto")
+CHECKS = ("none", "stages", "stage6", "simpson", "lobatto")
+NORMS = ("rms", "max", "batch_rms")
 _G = 1 / math.sqrt(5)
 LOBATTO = ((0.0, 1 / 12), ((1 - _G) / 2, 5 / 12), ((1 + _G) / 2, 5 / 12), (1.0, 1 / 12))
 
@@ -62,6 +65,8 @@ def solve(rhs, x, *, norm: str, check: str, tol: float):
         s = [vi.reshape(batch, -1) / (tol + tol * torch.maximum(ai.abs(), bi.abs()))
              .reshape(batch, -1) for vi, ai, bi in zip(v, a, b)]
         s = torch.cat(s, 1)
+        if norm == "batch_rms":  # one value for the whole batch, shared by every sample
+            return s.pow(2).mean().sqrt().expand(batch)
         return s.pow(2).mean(1).sqrt() if norm == "rms" else s.abs().amax(1)
 
     t, y = EPS, (x.clone(), torch.zeros(batch, dtype=torch.float64))
@@ -85,6 +90,8 @@ def solve(rhs, x, *, norm: str, check: str, tol: float):
         if check != "none":
             if check == "stages":
                 ref = y_new[1] + h * (ks[5][1] - ks[6][1])
+            elif check == "stage6":
+                ref = y_new[1] + h * _A[6][5] * (ks[5][1] - ks[6][1])
             else:
                 kx = torch.stack([k[0] for k in ks], -1)
                 mid = y[0] + (kx * (h * DPS_C_MID)).sum(-1)
@@ -119,20 +126,24 @@ def main(argv=None) -> int:
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))))
     p.add_argument("--checks", default=",".join(CHECKS))
+    p.add_argument("--norms", default="rms,max", help=f"comma-separated, of {', '.join(NORMS)}")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     checks = args.checks.split(",")
     bad = [c for c in checks if c not in CHECKS]
     if bad:
         p.error(f"unknown check(s) {bad}; accepted: {', '.join(CHECKS)}")
+    norms = args.norms.split(",")
+    bad = [n for n in norms if n not in NORMS]
+    if bad:
+        p.error(f"unknown norm(s) {bad}; accepted: {', '.join(NORMS)}")
     rows = []
     for i in map(int, args.cases.split(",")):
         name, dim, sde, score, x, probes = case_problem(i)
-        truth, _, _ = log_likelihood(sde, score, x, probes=probes, rtol=1e-10, atol=1e-10,
-                                     eps=EPS)
+        truth, _ = tight_truth(sde, score, x, probes)
         rhs = augmented_rhs(ReverseSDE(sde, score, probability_flow=True), torch.float64,
                             probes)
-        for norm in ("rms", "max"):
+        for norm in norms:
             for check in checks:
                 delta, z, evals = solve(rhs, x, norm=norm, check=check, tol=args.tol)
                 logp = sde.prior_logp(z) + delta
@@ -140,7 +151,7 @@ def main(argv=None) -> int:
                                  max_abs_dbpd=float(((logp - truth) / (dim * math.log(2)))
                                                     .abs().max())))
                 print(json.dumps(rows[-1]), flush=True)
-    report(rows, [("case", 38), ("norm", 6), ("check", 9)], output=args.output,
+    report(rows, [("case", 38), ("norm", 10), ("check", 9)], output=args.output,
            script="likelihood_step_checks.py", argv=argv, tol=args.tol)
     return 0
 

@@ -1,5 +1,5 @@
-"""benchmarks/likelihood_accuracy.py, likelihood_error_sources.py and likelihood_step_checks.py
-on the smallest of their mixtures (2-d), on the CPU.
+"""benchmarks/likelihood_accuracy.py, likelihood_work_precision.py, likelihood_error_sources.py
+and likelihood_step_checks.py on the smallest of their mixtures (2-d), on the CPU.
 
 What is checked is that the measurements respond to what they measure: errors against the
 tight float64 solve shrink when the tolerance does, and one-step errors taken from the exact
@@ -17,6 +17,11 @@ TWO_D = 4  # index of the 2-d mixture in likelihood_accuracy.CASES
 @pytest.fixture(scope="module")
 def accuracy():
     return load_script("benchmarks/likelihood_accuracy.py")
+
+
+@pytest.fixture(scope="module")
+def work_precision():
+    return load_script("benchmarks/likelihood_work_precision.py")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,52 @@ def test_scipy_one_sample_at_a_time(accuracy, tmp_path):
     assert ("float32", "SciPy RK45, each sample alone") not in rows
 
 
+def test_cost_of_target_needs_every_tighter_tolerance(work_precision):
+    # The error of an adaptive solve need not fall monotonically with the tolerance: a
+    # tolerance counts only if every tighter one on the grid meets the target too.
+    def rows(errors):
+        return [dict(tol=t, nfe=n, max_abs_dbpd=e)
+                for t, n, e in zip((1e-5, 3e-6, 1e-6, 3e-7), (100, 120, 140, 160), errors)]
+
+    cost = work_precision.cost_of_target
+    assert cost(rows([5e-5, 2e-5, 1e-5, 1e-6]), 1e-4)["tol"] == 1e-5
+    assert cost(rows([2e-4, 5e-5, 1e-5, 1e-6]), 1e-4)["nfe"] == 120
+    assert cost(rows([5e-5, 3e-5, 2e-4, 1e-6]), 1e-4)["tol"] == 3e-7
+    assert cost(rows([5e-5, 3e-5, 1e-5, 2e-4]), 1e-4) is None
+
+
+def test_work_precision_summary_matches_its_rows(work_precision, tmp_path):
+    out = tmp_path / "wp.json"
+    assert work_precision.main(["--cases", str(TWO_D), "--tols", "1e-6,1e-3,1e-4",
+                                "--target", "3e-4", "--dtypes", "float64",
+                                "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["tol"] == [1e-3, 1e-4, 1e-6] and result["target"] == 3e-4
+    rows, summary = result["rows"], result["summary"]
+    runs = {r["run"] for r in rows}
+    assert len(runs) == 5 and {r["dtype"] for r in rows} == {"float64"}
+    assert {s["run"] for s in summary} == runs and len(summary) == 5
+    for s in summary:
+        mine = sorted((r for r in rows if r["run"] == s["run"]), key=lambda r: -r["tol"])
+        assert [r["tol"] for r in mine] == [1e-3, 1e-4, 1e-6]
+        # More work at tighter tolerances, and the tightest solve meets the target.
+        assert mine[0]["nfe"] < mine[1]["nfe"] < mine[2]["nfe"]
+        assert mine[-1]["max_abs_dbpd"] < 3e-4
+        passing = [r["tol"] for r in mine if r["tol"] <= s["tol"]]
+        assert all(r["max_abs_dbpd"] <= 3e-4 for r in mine if r["tol"] in passing)
+        looser = [r for r in mine if r["tol"] > s["tol"]]
+        assert not looser or looser[-1]["max_abs_dbpd"] > 3e-4
+        assert s["nfe"] == next(r["nfe"] for r in mine if r["tol"] == s["tol"])
+
+
+@pytest.mark.parametrize("argv", [["--tols", "1e-5,x"], ["--tols", "0"],
+                                  ["--dtypes", "float16"]])
+def test_work_precision_rejects_bad_arguments(work_precision, argv):
+    with pytest.raises(SystemExit) as exc:
+        work_precision.main(argv)
+    assert exc.value.code == 2
+
+
 def test_error_sources_follow_the_tolerance(sources):
     for tol, bound in ((1e-7, 1e-6), (1e-3, None)):
         rows, total = sources.analyse(TWO_D, "max", tol)
@@ -99,7 +150,7 @@ def test_step_checks_converge_and_count_their_evaluations(checks, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["norm"], r["check"]) for r in rows} == {
         (n, c) for n in ("rms", "max") for c in checks.CHECKS}
-    per_step = {"none": 6, "stages": 6, "simpson": 7, "lobatto": 8}
+    per_step = {"none": 6, "stages": 6, "stage6": 6, "simpson": 7, "lobatto": 8}
     for r in rows:
         assert r["max_abs_dbpd"] < 1e-6, r
         assert (r["nfe"] - 2) % per_step[r["check"]] == 0 and r["nfe"] > 2, r
