@@ -18,6 +18,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import torch
 
@@ -53,6 +54,19 @@ def case_problem(index: int):
     g = torch.Generator().manual_seed(1)
     probes = torch.randint(0, 2, (1,) + tuple(x.shape), generator=g).double() * 2 - 1
     return name, dim, sde, mixture.score_fn(sde), x, probes
+
+
+def case_indices(parser: argparse.ArgumentParser, text: str) -> List[int]:
+    """The indices of --cases ("0,3"), or the parser's one-line error (exit 2)."""
+    try:
+        indices = [int(i) for i in text.split(",")]
+    except ValueError:
+        indices = []
+    if not indices or not all(0 <= i < len(CASES) for i in indices):
+        parser.error(f"--cases must be comma-separated indices in 0..{len(CASES) - 1} "
+                     f"({', '.join(f'{i}: {name}' for i, name in enumerate(CASES))}), "
+                     f"got {text!r}")
+    return indices
 
 
 def tight_truth(sde, score, x, probes):
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     rows = []
-    for i in map(int, args.cases.split(",")):
+    for i in case_indices(p, args.cases):
         name, dim, sde, score, x, probes = case_problem(i)
         t0 = time.perf_counter()
         truth, truth_nfe = tight_truth(sde, score, x, probes)

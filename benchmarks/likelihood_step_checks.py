@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from likelihood_accuracy import CASES, case_problem, report, tight_truth  # noqa: E402
+from likelihood_accuracy import CASES, case_indices, case_problem, report, tight_truth  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.per_sample_ode import _A, _C, _E  # noqa: E402
 from score_sde.sde import ReverseSDE  # noqa: E402
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown norm(s) {bad}; accepted: {', '.join(NORMS)}")
     rows = []
-    for i in map(int, args.cases.split(",")):
+    for i in case_indices(p, args.cases):
         name, dim, sde, score, x, probes = case_problem(i)
         truth, _ = tight_truth(sde, score, x, probes)
         rhs = augmented_rhs(ReverseSDE(sde, score, probability_flow=True), torch.float64,

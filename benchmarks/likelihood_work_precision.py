@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from likelihood_accuracy import CASES, case_problem, report, solve_runs, tight_truth  # noqa: E402
+from likelihood_accuracy import (CASES, case_indices, case_problem, report,  # noqa: E402
+                                 solve_runs, tight_truth)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     if not set(dtypes) <= set(DTYPES):
         p.error(f"unknown dtype(s) in --dtypes {args.dtypes!r}; accepted: {', '.join(DTYPES)}")
     rows = []
-    for i in map(int, args.cases.split(",")):
+    for i in case_indices(p, args.cases):
         name, dim, sde, score, x, probes = case_problem(i)
         truth, _ = tight_truth(sde, score, x, probes)
         for dtype in dtypes:

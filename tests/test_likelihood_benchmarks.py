@@ -108,10 +108,18 @@ def test_work_precision_summary_matches_its_rows(work_precision, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--tols", "1e-5,x"], ["--tols", "0"],
-                                  ["--dtypes", "float16"]])
+                                  ["--dtypes", "float16"], ["--cases", "6"],
+                                  ["--cases", "0,x"]])
 def test_work_precision_rejects_bad_arguments(work_precision, argv):
     with pytest.raises(SystemExit) as exc:
         work_precision.main(argv)
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("script", ["likelihood_accuracy", "likelihood_step_checks"])
+def test_unknown_cases_exit_2(script):
+    with pytest.raises(SystemExit) as exc:
+        load_script(f"benchmarks/{script}.py").main(["--cases", "-1"])
     assert exc.value.code == 2
 
 
