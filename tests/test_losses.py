@@ -31,8 +31,9 @@ import pytest
 import torch
 from scipy import integrate, stats
 
+from score_sde.discrete_losses import _discretized_gaussian_log_prob, _gaussian_kl
 from score_sde.losses import (REDUCTIONS, WEIGHTINGS, DDPMLoss, HybridLoss, ScoreMatchingLoss,
-                              SMLDLoss, _discretized_gaussian_log_prob, _gaussian_kl)
+                              SMLDLoss)
 from score_sde.sde import SDE, CosineVPSDE, SubVPSDE, VESDE, VPSDE
 from tests.problems import KERNELS, GaussianMixture, exact_score_fn, random_mixture
 
