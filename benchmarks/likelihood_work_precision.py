@@ -56,7 +56,7 @@ def summarize(rows: List[Dict], target: float) -> List[Dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tols", default="1e-5,3e-6,1e-6,3e-7",
+    p.add_argument("--tols", default="1e-5,6e-6,3e-6,2e-6,1e-6,6e-7,3e-7",
                    help="comma-separated rtol = atol values")
     p.add_argument("--target", type=float, default=1e-4,
                    help="the largest |bits/dim error| allowed on any sample")
