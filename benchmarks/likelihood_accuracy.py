@@ -85,16 +85,15 @@ def max_abs_dbpd(logp: torch.Tensor, truth: torch.Tensor, dim: int) -> float:
 def solve_runs(sde, score, x, probes, truth, dim: int, dtype: torch.dtype, tol: float):
     """One row (dtype, run, nfe, max_abs_dbpd) per run of `RUNS` and one for SciPy's RK45 (the
     paper code's solve), every solve at rtol = atol = tol on the data cast to dtype."""
+    x, probes, dtype_name = x.to(dtype), probes.to(dtype), str(dtype).replace("torch.", "")
     rows = []
     for norm, control in RUNS:
-        logp, _, nfe = log_likelihood(sde, score, x.to(dtype), probes=probes.to(dtype),
-                                      rtol=tol, atol=tol, eps=1e-5, error_norm=norm,
-                                      step_control=control)
-        rows.append(dict(dtype=str(dtype)[6:], run=f"{norm}, {control}", nfe=nfe,
+        logp, _, nfe = log_likelihood(sde, score, x, probes=probes, rtol=tol, atol=tol,
+                                      eps=1e-5, error_norm=norm, step_control=control)
+        rows.append(dict(dtype=dtype_name, run=f"{norm}, {control}", nfe=nfe,
                          max_abs_dbpd=max_abs_dbpd(logp, truth, dim)))
-    logp, nfe = paper_code_loglik(sde, score, x.to(dtype), probes.to(dtype), rtol=tol, atol=tol,
-                                  eps=1e-5)
-    rows.append(dict(dtype=str(dtype)[6:], run=SCIPY_RUN, nfe=nfe,
+    logp, nfe = paper_code_loglik(sde, score, x, probes, rtol=tol, atol=tol, eps=1e-5)
+    rows.append(dict(dtype=dtype_name, run=SCIPY_RUN, nfe=nfe,
                      max_abs_dbpd=max_abs_dbpd(logp, truth, dim)))
     return rows
 
