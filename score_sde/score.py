@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ._utils import append_dims, check_choice, check_time_range
+from ._utils import append_dims, check_batch_time, check_choice, check_time_range
 from .sde import SDE, ScoreFn
 
 __all__ = ["make_score_fn", "time_input_fn", "PREDICTIONS", "TIME_INPUTS"]
@@ -97,7 +97,8 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
             of unit variance. Needs closed-form marginals.
 
     Returns:
-        score_fn(x, t) -> score shaped like x, in x's dtype.
+        score_fn(x, t) -> score shaped like x, in x's dtype; it raises ValueError unless t is
+        a floating tensor [B] of times in [0, T] (or (0, T] where sigma(t) divides).
 
     Raises:
         ValueError: for unknown `prediction` or `time_input`, an SDE without closed-form
@@ -121,8 +122,8 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
            f"divided by (samplers stop at eps > 0)")
 
     def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            check_time_range(t, 0.0, sde.T, open_lo=divides, why=why if divides else "")
+        check_batch_time(x, t)  # integer step indices would pass as times otherwise
+        check_time_range(t, 0.0, sde.T, open_lo=divides, why=why if divides else "")
         t64 = t.double() if t.device.type != "mps" else t
         t_in = to_time(t64)
         if t_in.is_floating_point():

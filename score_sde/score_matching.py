@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._utils import (append_dims, cached_on, check_choice, check_int, checks_times_on_host,
-                     flat_sum, float64_like)
+from ._utils import (append_dims, cached_on, check_choice, check_int, check_time_range,
+                     checks_times_on_host, flat_sum, float64_like)
 from .checks import check_eps, check_sde, sample_device
 from .score import _time_in_interval
 from .sde import SDE, ScoreFn
@@ -51,10 +51,12 @@ def _check_fn(name: str, fn) -> None:
 
 
 def _check_x(x) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
+    if (not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point()
+            or x.shape[0] == 0):
         got = (f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
                else type(x).__name__)
-        raise ValueError(f"x must be a floating tensor of shape [B, ...] with rank >= 2, got {got}")
+        raise ValueError(f"x must be a floating tensor of shape [B, ...] with rank >= 2 and "
+                         f"B >= 1, got {got}")
 
 
 def _check_noise(noise, x: torch.Tensor) -> None:
@@ -204,6 +206,8 @@ class ScoreMatchingLoss:
                 or t.shape != (x.shape[0],):
             got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"t must be a floating tensor of shape [B]=({x.shape[0]},), got {got}")
+        # sigma(0) = 0: the target z / sigma(t) and the likelihood weight divide by it.
+        check_time_range(t, 0.0, self.sde.T, open_lo=True)
         _check_noise(noise, x)
         return self._per_sample(score_fn, x, t, noise)
 
@@ -230,7 +234,11 @@ class ScoreMatchingLoss:
         """
         _check_fn("score_fn", score_fn)
         _check_x(x)
-        rank, world = (0, 1) if shard is None else shard
+        rank = world = None  # stays so for a malformed shard
+        if shard is None:
+            rank, world = 0, 1
+        elif isinstance(shard, (tuple, list)) and len(shard) == 2:
+            rank, world = shard
         if not (isinstance(world, int) and world >= 1 and isinstance(rank, int)
                 and 0 <= rank < world):
             raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, "

@@ -28,18 +28,24 @@ __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE"]
 
 
 def _t64(t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """t checked for shape, dtype and range [0, T] (see `check_time_range`), in float64."""
+    """t checked for shape, dtype and range [0, T] (see `check_time_range`), in float64 and
+    clamped to [0, T]: the check allows round-off just outside, where sqrt(1 - alpha^2) and
+    similar forms would give NaN."""
     check_time(t)
     check_time_range(t, 0.0, T)
-    return t.to(float64_like(t))
+    return t.to(float64_like(t)).clamp(0.0, T)
 
 
 def _gaussian_logp(z: torch.Tensor, std: float) -> torch.Tensor:
-    """log N(z; 0, std^2 I) per sample, accumulated in float64."""
+    """log N(z; 0, std^2 I) per sample, accumulated in float64; returned in z's dtype, or
+    float32 for half-precision z (whose range ends at 65504, below a large image's value)."""
+    if not isinstance(z, torch.Tensor) or z.ndim < 1 or z.shape[0] == 0:
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z must be a tensor [B, ...] with B >= 1 samples, got {got}")
     z64 = z.to(float64_like(z))
     d = z[0].numel()
     logp = -0.5 * d * math.log(2 * math.pi * std ** 2) - flat_sum(z64 ** 2) / (2 * std ** 2)
-    return logp.to(z.dtype)
+    return logp.to(torch.promote_types(z.dtype, torch.float32))
 
 
 class SDE(abc.ABC):
@@ -100,7 +106,8 @@ class SDE(abc.ABC):
 
     @abc.abstractmethod
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
-        """Log-density of the prior at z [B, ...], in nats, shape [B]."""
+        """Log-density of the prior at z [B, ...], in nats, shape [B] (z's dtype, at least
+        float32)."""
 
     @property
     def has_marginal(self) -> bool:
@@ -177,11 +184,13 @@ class SDE(abc.ABC):
         """
         check_batch_time(x, t)
         alpha, sigma = self.marginal_coeffs(_t64(t, self.T))
+        alpha = alpha.to(x.dtype)  # the division runs in x's dtype: test alpha there
         if value_checks_wanted(alpha) and bool((alpha <= 0).any()):
-            raise ValueError(f"denoise needs alpha(t) > 0; alpha underflows to 0 at t = "
-                             f"{float(t[alpha <= 0][0]):g} for this {type(self).__name__}")
+            raise ValueError(f"denoise needs alpha(t) > 0; alpha underflows to 0 in {x.dtype} "
+                             f"at t = {float(t[alpha <= 0][0]):g} for this "
+                             f"{type(self).__name__}")
         alpha, sigma = append_dims(alpha, x.ndim), append_dims(sigma, x.ndim)
-        return ((x + (sigma ** 2).to(x.dtype) * score) / alpha.to(x.dtype))
+        return ((x + (sigma ** 2).to(x.dtype) * score) / alpha)
 
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
         """The reverse-time SDE (Eq. 6) or, with `probability_flow`, the probability-flow ODE."""

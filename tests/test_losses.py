@@ -438,6 +438,11 @@ def test_bad_calls_raise():
             loss(good, torch.zeros(4, 3, dtype=torch.long))
         with pytest.raises(ValueError, match="must be callable"):
             loss(None, x)
+        with pytest.raises(ValueError, match=r"B >= 1, got dtype torch.float32 and shape \(0, 3\)"):
+            loss(good, torch.zeros(0, 3))
+    for shard in (2, (0, 1, 2), [0], (1, 1), (0, 0)):
+        with pytest.raises(ValueError, match=r"shard must be \(rank, world_size\)"):
+            sm(good, x, shard=shard)
     for loss in (sm, ddpm, smld):
         with pytest.raises(ValueError, match="shaped like x"):
             loss(lambda y, s: y[:, :2], x)
@@ -453,6 +458,10 @@ def test_bad_calls_raise():
         sm.per_sample(good, x, i, z)
     with pytest.raises(ValueError, match="noise must be"):
         sm.per_sample(good, x, t, z[:, :2])
+    # sigma(0) = 0: the target z / sigma and the likelihood weight g^2 / sigma^2 divide by it.
+    for weighting in WEIGHTINGS:
+        with pytest.raises(ValueError, match=r"t must lie in \(0, 1\], got 0"):
+            ScoreMatchingLoss(VPSDE(), weighting=weighting).per_sample(good, x, 0 * t, z)
     with pytest.raises(ValueError, match="i must be a long"):
         ddpm.per_sample(good, x, t, z)
     with pytest.raises(ValueError, match=r"i must lie in \[0, 999\]"):

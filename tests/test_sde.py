@@ -195,6 +195,19 @@ def test_marginal_coeffs_dtype_and_endpoints(name, dtype):
     assert torch.isfinite(alpha).all() and torch.isfinite(sigma).all()
 
 
+@pytest.mark.parametrize("name", SDE_NAMES)
+def test_round_off_outside_the_interval_reads_as_its_end(name):
+    """Times within the allowed round-off below 0 or above T give the coefficients at 0 and T,
+    not the NaN of sqrt(1 - alpha^2) or the negative std of sub-VP's 1 - alpha^2."""
+    sde = make_sde(name)
+    t = torch.tensor([-5e-7, 0.0, 1.0, 1.0 + 5e-7], dtype=F64)
+    alpha, sigma = sde.marginal_coeffs(t)
+    assert alpha[0] == alpha[1] == 1 and sigma[0] == sigma[1] == 0
+    assert alpha[3] == alpha[2] and sigma[3] == sigma[2]
+    _, g = sde.sde(torch.ones(4, 2, dtype=F64), t)
+    assert torch.isfinite(g).all() and g[0] == g[1] and g[3] == g[2]
+
+
 def test_cosine_alpha_matches_nichol_dhariwal_below_the_cap():
     sde = make_sde("cosine")
     t = torch.linspace(0.0, sde.t_cap, 101, dtype=F64)
@@ -333,6 +346,24 @@ def test_denoise_is_tweedie_for_gaussian_data(name, rank):
 
 def prior_std(name):
     return SIGMA_MAX if name == "ve" else 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prior_logp_of_half_precision_latents_is_returned_in_float32(dtype):
+    """A 3x64x64 VE latent's log-density (about -6.6e4 nats) lies beyond float16's range."""
+    z = (SIGMA_MAX * randn((2, 3, 64, 64))).to(dtype)
+    d, z64 = 3 * 64 * 64, z.double()
+    expected = (-0.5 * d * math.log(2 * math.pi * SIGMA_MAX ** 2)
+                - (z64 ** 2).flatten(1).sum(1) / (2 * SIGMA_MAX ** 2))
+    logp = make_sde("ve").prior_logp(z)
+    assert logp.dtype == torch.float32
+    assert_close(logp, expected, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", SDE_NAMES)
+def test_prior_logp_of_an_empty_batch_raises(name):
+    with pytest.raises(ValueError, match=r"B >= 1 samples, got \(0, 3\)"):
+        make_sde(name).prior_logp(torch.zeros(0, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -802,9 +833,32 @@ def test_score_from_noise_prediction_rejects_t_zero():
     assert torch.equal(f(x, t0), torch.ones_like(x))
 
 
+@pytest.mark.parametrize("t, match", [
+    (torch.zeros(3, dtype=torch.long), "floating-point tensor, got dtype torch.int64"),
+    (0.5, "tensor of shape"),
+    (torch.full((2,), 0.5), r"shape \[B\]=\(3,\)"),
+])
+def test_score_fn_rejects_times_that_are_not_a_float_tensor_per_sample(t, match):
+    """Integer step indices would otherwise pass as times (and t = 0 as sigma = 0)."""
+    f = make_score_fn(lambda x, t: torch.ones_like(x), VPSDE(), prediction="noise")
+    with pytest.raises(ValueError, match=match):
+        f(torch.ones(3, 2), t)
+
+
 def test_denoise_rejects_vanishing_alpha():
     sde = VPSDE(beta_max=1e5, num_steps=10 ** 6)  # alpha(1) = exp(-25000) underflows to 0
     one = torch.ones(1, dtype=torch.float64)
     with pytest.raises(ValueError, match="alpha"):
         sde.denoise(torch.ones(1, 2, dtype=torch.float64), one, torch.zeros(1, 2,
                                                                              dtype=torch.float64))
+
+
+def test_denoise_rejects_alpha_that_vanishes_only_in_the_data_dtype():
+    """alpha(1) = exp(-110.025) is about 1.6e-48: positive in float64, 0 in float32."""
+    sde = VPSDE(beta_max=440.0, num_steps=1000)
+    one = torch.ones(1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="alpha underflows to 0 in torch.float32"):
+        sde.denoise(torch.ones(1, 2), one, torch.zeros(1, 2))
+    x0 = sde.denoise(torch.ones(1, 2, dtype=F64), one.double(), torch.zeros(1, 2, dtype=F64))
+    assert_close(x0, torch.full((1, 2), math.exp(0.25 * (440.0 - 0.1) + 0.05), dtype=F64),
+                 rtol=1e-12)
