@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ._utils import float64_like
-from .checks import sample_device
+from .checks import sample_device, sample_dtype
 from .score import CountingScore
 from .sde import SDE
 
@@ -133,7 +133,7 @@ def _prior(sde: SDE, start: _Point, shape, device, dtype, generator) -> torch.Te
     """The draw at the grid's first point: the SDE's prior at T, else N(0, sigma^2 I) at that
     time (EDM's prior N(0, sigma_max^2 I) of x / alpha, when `sample_heun` starts below T)."""
     device = sample_device(device, generator)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
+    dtype = sample_dtype(dtype)
     if start.t < sde.T:
         return start.sigma * torch.randn(shape, generator=generator, device=device, dtype=dtype)
     return sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)

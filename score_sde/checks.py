@@ -47,15 +47,46 @@ def check_data(x: torch.Tensor, name: str) -> None:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating tensor of shape [B, ...] with rank >= 2, "
                          f"got {got}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must hold at least one sample of at least one element, got "
+                         f"shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains non-finite values")
 
 
 def sample_device(device, generator: Optional[torch.Generator]) -> torch.device:
-    """The device to sample on: `device`, else the generator's, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return generator.device if generator is not None else torch.device("cpu")
+    """The device to sample on: `device`, else the generator's, else the CPU.
+
+    Raises:
+        ValueError: a device torch cannot parse, a generator that is not a torch.Generator,
+            or one on another kind of device than the samples."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got "
+                         f"{type(generator).__name__}")
+    if device is None:
+        return generator.device if generator is not None else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', "
+                         f"got {device!r}") from None
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device}, the samples on {device}: create "
+                         f"it with torch.Generator(device={str(device)!r})")
+    return device
+
+
+def sample_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The floating dtype to sample in: `dtype`, else torch's default.
+
+    Raises:
+        ValueError: anything but a floating torch.dtype or None."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, "
+                         f"got {dtype!r}")
+    return dtype
 
 
 def check_pc_inputs(sde: SDE, score_fn: ScoreFn, shape=None, *, snr: float,

@@ -33,6 +33,8 @@ IMAG_RTOL = 1e-3
 
 def _as_float64(name: str, a: Array) -> np.ndarray:
     if isinstance(a, torch.Tensor):
+        if a.is_complex() or a.dtype == torch.bool:  # the cast below would accept both
+            raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
         a = a.detach().cpu().to(torch.float64).numpy()
     a = np.asarray(a)
     if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):

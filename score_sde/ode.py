@@ -20,7 +20,7 @@ import torch
 import torchdiffeq
 
 from ._utils import check_shape, checks_times_on_host, float64_like
-from .checks import check_data, check_solve_inputs, sample_device
+from .checks import check_data, check_solve_inputs, sample_device, sample_dtype
 from .score import CountingScore
 from .sde import SDE, ReverseSDE, ScoreFn
 
@@ -231,7 +231,7 @@ def sample_ode(sde: SDE, score_fn: ScoreFn, shape, *, rtol: float = 1e-5, atol: 
         raise ValueError(f"denoise=True needs the marginal of {type(sde).__name__}, which has "
                          f"none; pass denoise=False")
     device = sample_device(device, generator)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
+    dtype = sample_dtype(dtype)
     with torch.no_grad():
         z = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
     x, nfe = pf_ode_solve(sde, score_fn, z, sde.T, eps, rtol=rtol, atol=atol, method=method,

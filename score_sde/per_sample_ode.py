@@ -88,6 +88,22 @@ def _first_step(rhs: RHS, t0: torch.Tensor, y0: Tensors, f0: Tensors, idx: torch
     return torch.minimum(torch.minimum(100 * h0, h1), span.abs())
 
 
+def _rows_finite(values: Tensors) -> torch.Tensor:
+    """[B] whether every element of each sample's rows is finite."""
+    finite = torch.ones(values[0].shape[0], dtype=torch.bool, device=values[0].device)
+    for v in values:
+        finite &= torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
+    return finite
+
+
+def _check_start(finite: torch.Tensor, t: torch.Tensor) -> None:
+    """Raises RuntimeError naming the first sample whose start is not finite (one host read)."""
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        raise RuntimeError(f"sample {bad}'s derivative is non-finite at t={float(t[bad]):.6g}; "
+                           f"check that score_fn is finite there")
+
+
 def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rtol: float,
                       atol: float, max_steps: int = 100_000, error_norm: str = "max"
                       ) -> Tuple[Tensors, torch.Tensor, int]:
@@ -123,8 +139,10 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
     idx_all = torch.arange(batch, device=device)
     k1 = rhs(t, y, idx_all)
     calls += 1
+    _check_start(_rows_finite(k1), t)  # else the first step and the next time become NaN
     h = _first_step(rhs, t, y, k1, idx_all, end - t, rtol, atol, rms)
     calls += 1
+    _check_start(torch.isfinite(h), t)
     # Two host reads per step: which samples are still integrating (the indices), and
     # whether any state turned non-finite or ran out of steps.
     idx = ((end - t).abs() > 0).nonzero().squeeze(1)
@@ -142,9 +160,7 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
         y_new = _combine(ya, step, ks, _A[6])
         err = _scaled_norm(_combine(tuple(torch.zeros_like(v) for v in ya), step, ks, _E), ya,
                            y_new, rtol, atol, rms)
-        finite = torch.isfinite(err)
-        for v in y_new:
-            finite &= torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
+        finite = torch.isfinite(err) & _rows_finite(y_new)
         accept = (err <= 1.0) & finite
         factor = torch.where(err > 0, SAFETY * err.clamp(min=1e-30) ** (-1 / 5),
                              torch.full_like(err, MAX_FACTOR)).clamp(MIN_FACTOR, MAX_FACTOR)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ._utils import (append_dims, batch_norm2, check_choice, checks_times_on_host,
                      warn_caller)
-from .checks import check_pc_inputs, sample_device
+from .checks import check_pc_inputs, sample_device, sample_dtype
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -419,7 +419,7 @@ def sample_pc(sde: SDE, score_fn: ScoreFn, shape, *,
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
     device = sample_device(device, generator)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
+    dtype = sample_dtype(dtype)
 
     x, nfe = run_pc(sde, score_fn, shape, predictor_cls=predictor_cls,
                     corrector_cls=corrector_cls, snr=snr, corrector_steps=corrector_steps,

@@ -769,7 +769,14 @@ BAD_COMMON = [
     (dict(shape=(0, 2)), "shape"), (dict(shape=(2,)), "shape"),
     (dict(score_fn=None), "score_fn"), (dict(sde="vp"), "sde"),
     (dict(sde=OrnsteinUhlenbeck(beta=20.0)), "closed-form marginals"),
-]
+] + [(kwargs, match) for kwargs, match in (
+    (dict(dtype=torch.long), r"dtype must be a floating torch.dtype .*got torch.int64"),
+    (dict(dtype="float32"), "dtype must be a floating torch.dtype"),
+    (dict(generator=3), "generator must be a torch.Generator or None, got int"),
+    (dict(device="gpu0"), r"device must be a torch.device or a name .*got 'gpu0'"),
+    (dict(device="cuda", generator=torch.Generator()), r"generator is on cpu, the samples on "
+                                                       r"cuda: create it with"),
+)]
 BAD = {
     "ddim": BAD_COMMON + [
         (dict(sde=IncreasingLambdaSDE()), "strictly decreasing"),

@@ -237,6 +237,11 @@ def test_bad_data_raise():
         log_likelihood(sde, score_fn, torch.tensor([[0.0, float("nan")]]))
     with pytest.raises(ValueError, match="x must be"):
         log_likelihood(sde, score_fn, torch.zeros(2, 2, dtype=torch.long))
+    for empty in ((0, 2), (2, 0)):  # no samples, or samples of no elements
+        for control in ("batch", "per_sample"):
+            with pytest.raises(ValueError,
+                               match=r"x must hold at least one sample .*shape \(%d, %d\)" % empty):
+                log_likelihood(sde, score_fn, torch.zeros(empty), step_control=control)
 
 
 def test_detached_score_raises():

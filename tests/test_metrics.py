@@ -179,5 +179,9 @@ def test_other_input_errors():
         feature_statistics(np.zeros(5))
     with pytest.raises(ValueError, match="non-finite"):
         feature_statistics(torch.tensor([[0.0], [float("nan")]]))
+    # Tensors that a cast to float64 would accept: imaginary parts lost, booleans as 0/1.
+    for tensor in (torch.ones(3, 2, dtype=torch.complex64), torch.ones(3, 2, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=f"real numbers, got dtype {tensor.dtype}"):
+            feature_statistics(tensor)
     with pytest.raises(ValueError, match="same width"):
         frechet_distance_from_features(np.zeros((3, 2)), np.zeros((3, 4)))

@@ -174,6 +174,10 @@ def test_bad_latent_inputs_raise():
         data_to_latent(sde, score_fn, torch.zeros(3))
     with pytest.raises(ValueError, match="z contains non-finite"):
         latent_to_data(sde, score_fn, torch.full((2, 2), float("inf")))
+    with pytest.raises(ValueError, match=r"x must hold at least one sample .*got shape \(0, 2\)"):
+        data_to_latent(sde, score_fn, torch.zeros(0, 2))
+    with pytest.raises(ValueError, match=r"z must hold at least one sample .*got shape \(2, 0\)"):
+        latent_to_data(sde, score_fn, torch.zeros(2, 0))
     with pytest.raises(ValueError, match="sde must be"):
         data_to_latent("vp", score_fn, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="score_fn must be callable"):

@@ -53,14 +53,22 @@ def test_each_sample_gets_the_result_it_would_get_alone():
 
 
 def test_non_finite_state_and_step_limit_raise():
-    def blows_up(t, y, idx):
-        out = y[0].clone()
-        out[idx == 1] = float("nan")
-        return (out,)
+    def blows_up_after(start):
+        def rhs(t, y, idx):
+            out = y[0].clone()
+            out[(idx == 1) & (t >= start)] = float("nan")
+            return (out,)
+        return rhs
 
-    with pytest.raises(RuntimeError, match="sample 1's state became non-finite"):
-        odeint_per_sample(blows_up, (torch.ones(3, 2, dtype=F64),), 0.0, 1.0, rtol=1e-5,
-                          atol=1e-5)
+    y0 = (torch.ones(3, 2, dtype=F64),)
+    with pytest.raises(RuntimeError, match=r"sample 1's state became non-finite after t=0\.\d+;"):
+        odeint_per_sample(blows_up_after(0.25), y0, 0.0, 1.0, rtol=1e-5, atol=1e-5)
+    # Non-finite from the start: named as such, not as a NaN time or first step.
+    with pytest.raises(RuntimeError, match="sample 1's derivative is non-finite at t=0;"):
+        odeint_per_sample(blows_up_after(0.0), y0, 0.0, 1.0, rtol=1e-5, atol=1e-5)
+    # ... or just after it, at the first step's probe evaluation.
+    with pytest.raises(RuntimeError, match="sample 1's derivative is non-finite at t=0;"):
+        odeint_per_sample(blows_up_after(1e-12), y0, 0.0, 1.0, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="took 3 steps"):
         odeint_per_sample(_decay(torch.tensor([1e4], dtype=F64)), (torch.ones(1, 1, dtype=F64),),
                           0.0, 1.0, rtol=1e-8, atol=1e-12, max_steps=3)

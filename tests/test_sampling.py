@@ -727,6 +727,10 @@ def test_pc_bad_arguments_raise(kwargs, match):
     (dict(score_fn=torch.zeros(2, 2)), "score_fn"),
     (dict(sde="vp"), "sde"),
     (dict(sde=score_sde.ReverseSDE(score_sde.VPSDE(), lambda x, t: -x)), "sde"),
+    (dict(dtype=torch.int32), r"dtype must be a floating torch.dtype .*got torch.int32"),
+    (dict(generator=3), "generator must be a torch.Generator or None, got int"),
+    (dict(device="gpu0"), r"device must be a torch.device or a name .*got 'gpu0'"),
+    (dict(device="cuda", generator=torch.Generator()), "generator is on cpu, the samples on cuda"),
 ])
 def test_bad_arguments_raise(sampler, kwargs, match):
     with pytest.raises(ValueError, match=match):
