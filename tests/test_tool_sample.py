@@ -104,11 +104,11 @@ def test_generate_on_toy_checkpoint(sampler, toy_run, tmp_path):
     assert (out / "samples.png").exists()
 
 
-@pytest.mark.parametrize("sampler, extra, nfe", [
-    ("ddim", ["--num_steps", 10, "--eta", 0.5], 10),
-    ("dpm_solver", ["--num_steps", 12, "--order", 3], 12),
-    ("dpm_solver", ["--num_steps", 12, "--dpm_method", "singlestep"], 12),
-    ("dpm_solver", ["--num_steps", 12, "--order", 3, "--dpm_solver_type", "taylor"], 12),
+@pytest.mark.parametrize("sampler, extra, nfe", [  # DDIM and DPM-Solver: one more to denoise
+    ("ddim", ["--num_steps", 10, "--eta", 0.5], 11),
+    ("dpm_solver", ["--num_steps", 12, "--order", 3], 13),
+    ("dpm_solver", ["--num_steps", 12, "--dpm_method", "singlestep"], 13),
+    ("dpm_solver", ["--num_steps", 12, "--order", 3, "--dpm_solver_type", "taylor"], 13),
     ("heun", ["--num_steps", 6], 11),
 ])
 def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
@@ -118,6 +118,7 @@ def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
     summary, arrays = _result(out)
     assert arrays["samples"].shape == (8, 2) and np.isfinite(arrays["samples"]).all()
     assert summary["nfe"] == [nfe] and summary["sampler"] == sampler
+    assert summary["eps"] == 1e-3  # the VP default, where every sampler's last step ends
     if "--dpm_solver_type" in extra:
         assert summary["dpm_solver_type"] == "taylor"
 
@@ -131,7 +132,7 @@ def test_cuda_graph_flag_on_the_cpu_gives_the_same_samples(toy_run, tmp_path):
     plain, a = _result(tmp_path / "plain")
     graph, b = _result(tmp_path / "graph")
     assert np.array_equal(a["samples"], b["samples"]) and plain["cuda_graph"] is None
-    assert graph["cuda_graph"] == {"graphs": 0, "replays": 0, "eager_calls": 10, "failures": []}
+    assert graph["cuda_graph"] == {"graphs": 0, "replays": 0, "eager_calls": 11, "failures": []}
 
 
 def test_same_seed_same_samples(toy_run, tmp_path):

@@ -17,9 +17,10 @@ repository root.
 Samplers. pc: predictor-corrector (Song et al. 2021, Algorithm 1; --predictor, --corrector,
 --snr, --num_steps, --corrector_steps); ode: the probability-flow ODE with an adaptive solver
 (--rtol, --atol); ald: annealed Langevin dynamics (corrector "ald" alone, Song & Ermon 2019);
-few-step samplers (generate only): ddim (--num_steps, default 50, --eta), dpm_solver
-(--num_steps evaluations, default 20, --order, --dpm_method, --dpm_solver_type) and heun
-(EDM, --num_steps, default 18, 2 num_steps - 1 evaluations).
+few-step samplers (generate only): ddim (--num_steps, default 50, --eta) and dpm_solver
+(--num_steps, default 20, --order, --dpm_method, --dpm_solver_type), each num_steps + 1
+evaluations with the final denoising, and heun (EDM, --num_steps, default 18, 2 num_steps - 1
+evaluations).
 The last step is taken at --eps (default 1e-3 for VP / sub-VP, 1e-5 for VE) and denoises: pc
 steps on to t = 0 without noise, ald ends with Tweedie's formula, ode and the few-step samplers
 with the denoiser.
@@ -279,15 +280,16 @@ def run(fv) -> Dict[str, object]:
                                     eps=eps, device=device, generator=gen)
             elif fv.sampler == "ddim":
                 x, nfe = sample_ddim(sde, score_fn, shape, num_steps=fv.num_steps or 50,
-                                     eta=fv.eta, eps=eps, device=device, generator=gen)
+                                     eta=fv.eta, eps=eps, denoise=True, device=device,
+                                     generator=gen)
             elif fv.sampler == "dpm_solver":
                 x, nfe = sample_dpm_solver(sde, score_fn, shape, num_steps=fv.num_steps or 20,
                                            order=fv.order, method=fv.dpm_method,
                                            solver_type=fv.dpm_solver_type, eps=eps,
-                                           device=device, generator=gen)
+                                           denoise=True, device=device, generator=gen)
             elif fv.sampler == "heun":
                 x, nfe = sample_heun(sde, score_fn, shape, num_steps=fv.num_steps or 18,
-                                     eps=fv.eps, device=device, generator=gen)
+                                     eps=eps, device=device, generator=gen)
             else:
                 x, nfe = sample_pc(sde, score_fn, (b, *info.shape), device=device, **pc)
         elif fv.task == "inpaint":
