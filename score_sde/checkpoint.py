@@ -120,15 +120,25 @@ def load_checkpoint(latest: Path, snapshot_dir: Path, *,
                     warn: Callable[[str], None] = _warn_stderr) -> Optional[Dict[str, Any]]:
     """The newest good state: `latest`, else the newest verifiable snapshot, else None.
 
-    Every unusable file is reported by one line passed to `warn` (default: printed on stderr)
-    and skipped. Temporary files of interrupted writes are never read.
+    Every damaged file (truncated, corrupted, foreign) is reported by one line passed to
+    `warn` (default: printed on stderr) and skipped. Temporary files of interrupted writes
+    are never read.
+
+    Raises:
+        OSError: a file could not be read at all (no permission, an I/O error): it may well
+            be intact, and skipping it would let the next save overwrite it.
     """
     candidates = ([Path(latest)] if Path(latest).exists() else []) + snapshots(snapshot_dir)
     best = None
     for path in candidates:
         try:
             state = read_checkpoint(path)
-        except (CheckpointError, OSError, RuntimeError, EOFError) as err:
+        except FileNotFoundError:  # removed since it was listed
+            continue
+        except OSError as err:
+            raise OSError(f"cannot read {path} ({err.strerror or err}); it is left as it is: "
+                          f"fix its permissions or the file system, then rerun") from None
+        except (CheckpointError, RuntimeError, EOFError) as err:
             problem = str(err).splitlines()[0] if str(err) else type(err).__name__
             warn(f"warning: skipping unusable checkpoint {path}: {problem}")
             continue

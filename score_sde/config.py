@@ -8,6 +8,8 @@ are in the trailing comments.
 """
 import dataclasses
 import importlib.util
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -200,13 +202,45 @@ def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
     return Config(**sections)
 
 
+def _type_error(section: str, f: dataclasses.Field, value) -> Optional[str]:
+    """Why `value` does not fit the field's annotation (int, float, bool, str, dict, each
+    possibly Optional), or None. Floats must be finite; bools are not numbers here."""
+    hint = typing.get_type_hints(type(getattr(Config(), section)))[f.name]
+    optional = type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kind = typing.get_origin(hint) or hint
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            return f"a finite number, got {value!r}"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return None
+    want = {float: "a number", int: "an integer", bool: "True or False", str: "a string",
+            dict: "a dict"}.get(kind, kind.__name__)
+    return f"{want}{' or None' if optional else ''}, got {type(value).__name__} {value!r}"
+
+
 def check_config(cfg: Config) -> None:
-    """Range checks of single settings and cross-field checks whose failure names both.
+    """Type checks of every setting, range checks of single settings and cross-field checks
+    whose failure names both.
 
     Raises:
-        ValueError: a setting outside its range (the message names it and the range) or two
-            settings that conflict.
+        ValueError: a setting of the wrong type or outside its range (the message names it
+            and what it accepts) or two settings that conflict.
     """
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            problem = _type_error(section.name, f, getattr(values, f.name))
+            if problem:
+                raise ValueError(f"{section.name}.{f.name} must be {problem}")
     tc = cfg.training
     if tc.importance_sampling and not tc.likelihood_weighting:
         raise ValueError("--importance_sampling needs --likelihood_weighting (it samples t for "

@@ -64,14 +64,16 @@ def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
     current GPU (cuda:N, always with an index); under torchrun it means cuda:LOCAL_RANK.
 
     Raises:
-        ValueError: CUDA requested but unavailable; under torchrun, a fixed "cuda:N" (every
-            process would share one GPU), too few GPUs, or a device other than CPU / CUDA.
+        ValueError: a device other than CPU / CUDA, CUDA requested but unavailable; under
+            torchrun, a fixed "cuda:N" (every process would share one GPU) or too few GPUs.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if dist.world_size == 1:
         if device.type == "cuda" and device.index is None:  # pin "cuda" to a concrete GPU
             device = torch.device("cuda", torch.cuda.current_device())
@@ -84,8 +86,6 @@ def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
             raise ValueError(f"LOCAL_RANK={dist.local_rank} needs cuda:{dist.local_rank}, but "
                              f"only {torch.cuda.device_count()} GPUs are visible")
         return torch.device("cuda", dist.local_rank)
-    if device.type != "cpu":
-        raise ValueError(f"torchrun training runs on --device cuda or cpu, got {name!r}")
     return device
 
 

@@ -28,7 +28,6 @@ def learning_rate(step: int, cfg: Config) -> float:
     return tc.lr * (tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@torch.no_grad()
 def ema_decay(step: int, rate: float, warmup: bool) -> float:
     """The EMA decay of update number `step` (0-based): `rate`, or with `warmup`
     min(rate, (1 + step) / (10 + step)), so the average forgets the initial weights in a short
@@ -36,6 +35,7 @@ def ema_decay(step: int, rate: float, warmup: bool) -> float:
     return min(rate, (1 + step) / (10 + step)) if warmup else rate
 
 
+@torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float,
                apply: Optional[torch.Tensor] = None) -> None:
     """ema <- rate * ema + (1 - rate) * model for the parameters; buffers are copied.

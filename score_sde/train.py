@@ -91,7 +91,8 @@ def _define_flags():
     flags.DEFINE_enum("dataset", "fashion_mnist", list(data_lib.DATASETS), "Training data.")
     flags.DEFINE_string("data_dir", None, "Folder of the image dataset files.")
     flags.DEFINE_string("data_path", None, ".npy/.npz float array [N, ...] for --dataset array.")
-    flags.DEFINE_enum("model", None, list(MODELS), "Network; default: the config's.")
+    flags.DEFINE_enum("model", None, list(MODELS), "Network; default: the config's (another "
+                      "network gets its default sizes, not the config's model kwargs).")
     flags.DEFINE_string("workdir", None, "Run folder; default runs/<sde>_<dataset>.")
     flags.DEFINE_integer("n_iters", None, "Training steps.", lower_bound=1)
     flags.DEFINE_integer("batch_size", None, "Global batch size.", lower_bound=1)
@@ -162,6 +163,9 @@ def resolve(flag_values) -> tuple:
     overrides = {field: getattr(flag_values, name) for name, field in FLAG_FIELDS.items()
                  if flag_values[name].present or (name in ("sde", "dataset")
                                                   and not flag_values.config)}
+    if "model.name" in overrides and overrides["model.name"] != cfg.model.name:
+        # The config's constructor arguments belong to its own model, not to this one.
+        overrides["model.kwargs"] = {}
     cfg = apply_overrides(cfg, overrides)
     check_config(cfg)
     if flag_values["label_dropout"].present and not cfg.model.class_conditional:
@@ -171,6 +175,12 @@ def resolve(flag_values) -> tuple:
     workdir = flag_values.workdir or os.path.join("runs", f"{cfg.sde.name}_{cfg.data.dataset}")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} exists and is not a folder")
+    for parent in Path(workdir).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--workdir {workdir} lies under {parent}, which is a file, "
+                                 f"not a folder")
+            break
     return cfg, workdir
 
 

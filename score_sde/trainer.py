@@ -132,6 +132,9 @@ class Trainer:
         check_config(cfg)
         check_world_size(cfg, dist)
         self.device = resolve_device(tc.device, dist)
+        if tc.bf16 and self.device.type != "cuda":
+            raise ValueError(f"--bf16 autocast is for CUDA; --device {tc.device} runs on "
+                             f"{self.device} here: drop --bf16")
         self.sde = build_sde(cfg)
         data = load_splits(cfg.data, seed=tc.seed)
         self.train_x, self.train_y, self.eval_x, self.eval_y, self.info = data
@@ -381,6 +384,10 @@ class Trainer:
                                 warn=warn)
         if state is not None:
             self.restore(state)
+            if self.step > tc.n_iters:
+                raise TrainingError(f"the checkpoint in {self.workdir} is at step {self.step}, "
+                                    f"past --n_iters {tc.n_iters}; pass --n_iters "
+                                    f"{self.step} or more to train on, or use a new --workdir")
         if main:
             (self.workdir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         report = Reporter(self.workdir, enabled=main, total=tc.n_iters, initial=self.step,

@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, corruption detection, fallbacks and pruning."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,29 @@ def test_falls_back_to_newest_good_snapshot(tmp_path, capsys):
     assert state["step"] == 20
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and "snapshot_00000030.pt" in err
+
+
+def test_unreadable_file_stops_the_load_instead_of_being_skipped(tmp_path, monkeypatch):
+    """A file that cannot be read (no permission, an I/O error) may be intact: skipping it
+    would let the resumed run start over and overwrite it at its next save."""
+    snaps, latest = tmp_path / "snapshots", tmp_path / "checkpoint.pt"
+    save_checkpoint(_state(10), snaps / "snapshot_00000010.pt")
+    save_checkpoint(_state(20), latest)
+    before = latest.read_bytes()
+    real = Path.read_bytes
+
+    def denied(self):
+        if self.name == "checkpoint.pt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(OSError, match=r"cannot read .*checkpoint.pt \(Permission denied\); it "
+                                      r"is left as it is"):
+        load_checkpoint(latest, snaps)
+    monkeypatch.undo()
+    assert latest.read_bytes() == before
+    assert load_checkpoint(latest, snaps)["step"] == 20
 
 
 def test_latest_preferred_when_newer_and_none_when_empty(tmp_path):

@@ -200,6 +200,58 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
         train(other, str(tmp_path))
 
 
+def test_resume_past_n_iters_is_refused_and_leaves_the_run_as_it_was(tmp_path):
+    train(_toy_cfg(n_iters=10), str(tmp_path))
+    config, weights = (tmp_path / "config.json").read_text(), read_checkpoint(
+        tmp_path / "checkpoint.pt")
+    with pytest.raises(TrainingError, match=r"at step 10, past --n_iters 5; pass --n_iters 10 "
+                                            r"or more"):
+        train(_toy_cfg(n_iters=5), str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == config
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == weights["step"] == 10
+    assert train(_toy_cfg(n_iters=10), str(tmp_path)) == {}  # already done: nothing to run
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("training.n_iters", 20.5, r"training.n_iters must be an integer, got float 20.5"),
+    ("training.n_iters", True, r"training.n_iters must be an integer, got bool True"),
+    ("training.batch_size", "32", r"training.batch_size must be an integer, got str '32'"),
+    ("training.lr", math.inf, r"training.lr must be a finite number, got inf"),
+    ("training.grad_clip", math.nan, r"training.grad_clip must be a finite number, got nan"),
+    ("training.ema_rate", "0.999", r"training.ema_rate must be a number or None, got str"),
+    ("training.bf16", 1, r"training.bf16 must be True or False, got int 1"),
+    ("sde.beta_max", None, r"sde.beta_max must be a number, got NoneType None"),
+    ("model.kwargs", [("hidden", 8)], r"model.kwargs must be a dict, got list"),
+    ("data.num_samples", 2.0, r"data.num_samples must be an integer or None, got float 2.0"),
+])
+def test_config_values_of_the_wrong_type_are_refused(field, value, message):
+    """Config files are Python: nothing but check_config stands between a float n_iters (no
+    step ever equals it: no final checkpoint) and the loop."""
+    check_config(_toy_cfg())
+    with pytest.raises(ValueError, match=message):
+        check_config(apply_overrides(_toy_cfg(), {field: value}))
+
+
+def test_model_flag_drops_the_config_s_model_kwargs(tmp_path):
+    """toy.py's kwargs (hidden, num_layers) belong to its MLP; another model gets its own
+    defaults."""
+    out = _cli("--config", "toy", "--model", "small_unet", "--dry_run")
+    assert out.returncode == 0, out.stderr
+    resolved = json.loads(out.stdout)
+    assert resolved["model"] == dict(resolved["model"], name="small_unet", kwargs={})
+    same = json.loads(_cli("--config", "toy", "--model", "mlp", "--dry_run").stdout)
+    toy = load_config_file(str(REPO / "configs" / "toy.py"))
+    assert same["model"]["kwargs"] == toy.model.kwargs != {}
+
+
+def test_workdir_under_a_file_exits_2(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = _cli("--dataset", "toy_moons", "--n_iters", "2", "--workdir",
+               str(tmp_path / "file" / "w"))
+    assert out.returncode == 2, out.stderr
+    assert "lies under" in out.stderr and "which is a file, not a folder" in out.stderr
+
+
 def test_dry_run_prints_resolved_config(tmp_path):
     out = _cli("--dataset", "toy_moons", "--sde", "ve", "--n_iters", "7", "--dry_run")
     assert out.returncode == 0, out.stderr
@@ -223,6 +275,10 @@ def test_dry_run_prints_resolved_config(tmp_path):
     (["--class_conditional", "--label_dropout", "1.5"], "label_dropout"),
     (["--max_nonfinite", "3"], "--max_nonfinite needs --skip_nonfinite"),
     (["--bf16", "--device", "cpu"], "--bf16 autocast is for CUDA"),
+    (["--bf16"], "--bf16 autocast is for CUDA; --device auto runs on cpu here"),  # ENV: no GPU
+    (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    (["--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    (["--lr", "inf"], "training.lr must be a finite number, got inf"),
     (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
     (["--compile", "--compile_mode", "fast"], "compile_mode"),
     (["--compile_scope", "blocks"], "--compile_scope blocks needs --compile"),
@@ -506,3 +562,22 @@ def test_ema_warmup_closed_form():
     assert keep == pytest.approx(math.factorial(9) * math.factorial(3999) /
                                  math.factorial(4008), rel=1e-9)
     assert keep < 1e-25 < 0.999 ** 4000
+
+
+def test_ema_update_of_a_copy_that_still_requires_grad():
+    """ema <- rate ema + (1 - rate) model, in place, on a plain deep copy of the model (whose
+    parameters still require gradients)."""
+    import copy
+
+    from score_sde.optim import ema_update
+
+    model = torch.nn.Linear(3, 2)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for e, b, m in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * m.detach(), rtol=1e-6, atol=1e-7)
+        assert e.requires_grad

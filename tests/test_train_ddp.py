@@ -176,7 +176,7 @@ def test_devices_and_backends():
     assert resolve_device("cpu", two) == torch.device("cpu")
     assert process_group_backend(torch.device("cpu")) == "gloo"
     assert process_group_backend(torch.device("cuda", 1)) == "nccl"
-    with pytest.raises(ValueError, match="cuda or cpu"):
+    with pytest.raises(ValueError, match="must be auto, cpu, cuda or cuda:N"):
         resolve_device("meta", two)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="every torchrun process on one GPU"):
