@@ -136,14 +136,23 @@ def load_trained(checkpoint: Union[str, Path], *, device: Union[str, torch.devic
 
 
 
+def _buffer_keys(cfg: Config, state: Dict[str, Any]) -> set:
+    """Names of the network's buffers (state-dict keys that are not parameters), from a copy
+    built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = build_model(cfg, data_info_of(state, cfg))
+    return {name for name, _ in model.named_buffers()}
+
+
 def export_weights(checkpoint: Union[str, Path], output: Union[str, Path], *,
                    half: bool = False) -> Dict[str, Any]:
     """Writes a training checkpoint's EMA weights alone, with the config, step and data
     description that rebuild the network, to `output` (atomic and checksummed, like a
     checkpoint): a file a fraction of the checkpoint's size (no raw weights, no optimizer
     state) that `load_trained`, `tools/likelihood.py --checkpoint` and `tools/sample.py
-    --checkpoint` read. With `half`, floating-point weights are stored in float16 (half again
-    the size; they are loaded back into float32).
+    --checkpoint` read. With `half`, floating-point parameters are stored in float16 (half
+    again the size; they are loaded back into float32); buffers, such as fixed Fourier
+    frequencies, stay float32.
 
     Returns:
         {"output", "bytes", "step", "dtype", "parameters"}.
@@ -155,10 +164,13 @@ def export_weights(checkpoint: Union[str, Path], output: Union[str, Path], *,
     state, path = _read_trained(checkpoint)
     cfg = from_dict(state["config"])
     dtype = torch.float16 if half else torch.float32
+    # Buffers stay float32: NCSN++'s Fourier frequencies (std 16) enter as a phase
+    # 2 pi w log(sigma), which float16's rounding of w would shift by up to 0.4 rad.
+    buffers = _buffer_keys(cfg, state)
     ema = {}
     for key, value in state["ema"].items():
         if value.is_floating_point():
-            value = value.detach().to("cpu", dtype)
+            value = value.detach().to("cpu", torch.float32 if key in buffers else dtype)
             if half and not torch.isfinite(value).all():
                 raise ValueError(f"EMA weight {key} does not fit in float16 (largest magnitude "
                                  f"{float(state['ema'][key].abs().max()):g}); export without "

@@ -85,6 +85,9 @@ def test_command_line_and_its_errors(toy_run, tmp_path, capsys):
     assert line["dtype"] == "float16" and Path(line["output"]) == out.resolve()
     cases = [
         (["--workdir", str(toy_run), "--output", str(out)], "exists; pass --overwrite"),
+        (["--workdir", str(toy_run), "--output", str(tmp_path), "--overwrite"],
+         "is a folder; give a file name"),
+        (["--workdir", str(toy_run), "--output", str(out / "x.pt")], "which is a file"),
         (["--output", str(tmp_path / "x.pt")], "pass --workdir RUN"),
         (["--workdir", str(tmp_path), "--output", str(tmp_path / "x.pt")], "does not exist"),
         (["--checkpoint", str(out), "--output", str(tmp_path / "y.pt")], None),
@@ -111,3 +114,38 @@ def test_weights_beyond_float16_are_refused(toy_run, tmp_path):
     with pytest.raises(ValueError, match=f"EMA weight {key} does not fit in float16"):
         export_weights(tmp_path / "big.pt", tmp_path / "w.pt", half=True)
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_half_precision_keeps_buffers_such_as_fourier_frequencies_in_float32(tmp_path):
+    """NCSN++'s Fourier frequencies (std 16) enter the time embedding as a phase
+    2 pi w log(sigma): rounding them to float16 shifted it by up to 0.4 rad."""
+    from score_sde.convert import ReferenceConfig, convert_checkpoint, to_reference, write_run
+    from score_sde.models.ncsnpp import NCSNpp
+
+    torch.manual_seed(0)
+    net = dict(image_size=8, in_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+               attn_resolutions=(4,), dropout=0.0, resblock_type="biggan", fir=True,
+               fir_kernel=(1, 3, 3, 1), skip_rescale=True, init_scale=1.0,
+               embedding_type="fourier", fourier_scale=16.0, conditional=True, centered=False,
+               scale_by_sigma=True)
+    model = NCSNpp(**net)
+    weights, shadow = to_reference(model.state_dict(), model)
+    write_run(convert_checkpoint({"model": weights, "ema": {"shadow_params": shadow}, "step": 5},
+                                 ReferenceConfig(sde="ve", dataset="CIFAR10", network=net,
+                                                 ema_rate=0.999)), tmp_path / "run")
+    source = tmp_path / "run" / "checkpoint.pt"
+    export_weights(source, tmp_path / "w16.pt", half=True)
+    state, exported = read_checkpoint(source), read_checkpoint(tmp_path / "w16.pt")
+    buffers = {name for name, _ in model.named_buffers()}
+    assert "time_embed.freqs" in buffers
+    for key, value in exported["ema"].items():
+        if value.is_floating_point():
+            assert value.dtype == (torch.float32 if key in buffers else torch.float16), key
+    assert torch.equal(exported["ema"]["time_embed.freqs"], state["ema"]["time_embed.freqs"])
+    full, light = load_trained(source), load_trained(tmp_path / "w16.pt")
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.01, 1.0, 20.0, 50.0])  # the network's time input: the noise scale
+    with torch.no_grad():
+        a, b = full.model(x, sigma), light.model(x, sigma)
+    err = (a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
+    assert float(err.max()) < 5e-3  # parameters rounded to float16 alone (about 1e-3)

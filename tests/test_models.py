@@ -279,6 +279,9 @@ def test_class_conditioning_with_null_label():
         model(x, sigma, torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="class_labels"):
         model(x, sigma, torch.tensor([0, 1]))
+    for bad in (4, -1):  # 3 is the null label
+        with pytest.raises(ValueError, match=rf"class_labels must lie in \[0, 3\] .*got {bad}"):
+            model(x, sigma, torch.tensor([0, bad, 2]))
     with pytest.raises(ValueError, match="without num_classes"):
         tiny()(x, sigma, null)
     with pytest.raises(ValueError, match="conditional"):
@@ -343,6 +346,14 @@ def test_invalid_arguments_raise():
         tiny(ch_mult=())
     with pytest.raises(ValueError, match="dropout"):
         tiny(dropout=1.0)
+    with pytest.raises(ValueError, match="dropout must be a number"):
+        tiny(dropout="0.1")
+    with pytest.raises(ValueError, match=r"attn_resolutions must be a sequence of ints .*got 16"):
+        tiny(attn_resolutions=16)  # (16,) was meant
+    with pytest.raises(ValueError, match="init_scale must be a number >= 0, got -1"):
+        tiny(init_scale=-1.0)
+    with pytest.raises(ValueError, match="fourier_scale must be a number > 0"):
+        tiny(embedding_type="fourier", fourier_scale=0.0)
     model = tiny()
     x, sigma = inputs()
     with pytest.raises(ValueError, match="x must have shape"):

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from score_sde.cli import InputError, run_tool
+from score_sde.cli import InputError, check_path, run_tool
 from score_sde.runs import export_weights
 
 
@@ -50,7 +50,7 @@ def run(fv) -> Dict[str, object]:
     if fv.checkpoint is None and fv.workdir is None:
         raise InputError("pass --workdir RUN (its checkpoint.pt) or --checkpoint FILE")
     checkpoint = Path(fv.checkpoint) if fv.checkpoint else Path(fv.workdir) / "checkpoint.pt"
-    output = Path(fv.output)
+    output = check_path("output", Path(fv.output))
     if output.exists() and not fv.overwrite:
         raise InputError(f"--output {output} exists; pass --overwrite to replace it")
     if output.resolve() == checkpoint.resolve():

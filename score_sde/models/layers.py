@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._utils import check_choice
+from .._utils import check_choice, value_checks_wanted
 from . import fir as fir_ops
 
 __all__ = ["default_init_", "conv3x3", "conv1x1", "linear", "group_norm", "TimeEmbedding",
@@ -172,6 +172,13 @@ class LabelEmbedding(nn.Module):
                    if isinstance(labels, torch.Tensor) else type(labels).__name__)
             raise ValueError(f"class_labels must be an integer tensor of shape [B]=({batch},) "
                              f"with values in [0, {self.num_classes}], got {got}")
+        elif (not torch.compiler.is_compiling() and value_checks_wanted(labels)
+              and bool(((labels < 0) | (labels > self.num_classes)).any())):
+            # Out of range, the lookup fails without naming the labels (on CUDA, as a device
+            # assert that ends the process's use of the GPU).
+            bad = labels[(labels < 0) | (labels > self.num_classes)][0]
+            raise ValueError(f"class_labels must lie in [0, {self.num_classes}] (num_classes "
+                             f"is the null label), got {int(bad)}")
         return self.table(labels)
 
 

@@ -117,8 +117,16 @@ class NCSNpp(nn.Module):
         if not ch_mult or not all(isinstance(m, int) and m >= 1 for m in ch_mult):
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, "
                              f"got {ch_mult!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if (isinstance(attn_resolutions, (str, bytes)) or not hasattr(attn_resolutions, "__iter__")
+                or not all(isinstance(r, int) for r in attn_resolutions)):
+            raise ValueError(f"attn_resolutions must be a sequence of ints (image sides), e.g. "
+                             f"(16,), got {attn_resolutions!r}")
+        if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
+            raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
+        if not (isinstance(fourier_scale, (int, float)) and fourier_scale > 0):
+            raise ValueError(f"fourier_scale must be a number > 0, got {fourier_scale!r}")
         check_choice("resblock_type", resblock_type, RESBLOCKS)
         check_choice("progressive", progressive, PROGRESSIVE)
         check_choice("progressive_input", progressive_input, PROGRESSIVE_INPUT)
