@@ -18,13 +18,37 @@ class InputError(ValueError):
     """Bad user input: exit status 2."""
 
 
+def check_path(flag: str, path: Path, *, folder: bool = False) -> Path:
+    """`path` as given to `--flag`, checked before any work: it is not an existing entry of
+    the wrong kind (a folder where a file is written, or the reverse), and no existing
+    ancestor is a file (so the folders can be created).
+
+    Raises:
+        InputError: naming the flag and the path."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind, want = ("a file", "a folder") if folder else ("a folder", "a file name")
+        raise InputError(f"--{flag} {path} is {kind}; give {want}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"--{flag} {path} lies under {parent}, which is a file, not a "
+                                 f"folder")
+            break
+    return path
+
+
 def write_json(path: Path, obj: Dict[str, Any]) -> None:
     """Writes `obj` as indented JSON atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path: Path) -> str:

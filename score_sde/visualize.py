@@ -11,12 +11,16 @@ _LEFT, _BOTTOM, _TOP, _RIGHT = 56, 36, 30, 16
 _DOT, _AXES, _TEXT = (31, 83, 160), (90, 90, 90), (0, 0, 0)
 
 
-def image_grid(x: torch.Tensor, *, padding: int = 2) -> Image.Image:
-    """Tiles images x [N, C, H, W] with values in [-1, 1] (C = 1 or 3) into one picture."""
+def image_grid(x: torch.Tensor, *, padding: int = 2, cols: Optional[int] = None
+               ) -> Image.Image:
+    """Tiles images x [N, C, H, W] with values in [-1, 1] (C = 1 or 3) into one picture, row
+    by row, `cols` to a row (default: a near-square grid)."""
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(x.shape)}")
     n, c, h, w = x.shape
-    cols = math.ceil(math.sqrt(n))
+    if cols is not None and not (isinstance(cols, int) and cols >= 1):
+        raise ValueError(f"cols must be an integer >= 1 or None, got {cols!r}")
+    cols = math.ceil(math.sqrt(n)) if cols is None else cols
     rows = math.ceil(n / cols)
     pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     canvas = torch.zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding,
@@ -88,21 +92,23 @@ def scatter_plot(points: torch.Tensor, *, size: int = 512, extent: Optional[floa
     return img
 
 
-def samples_picture(x: torch.Tensor, *, title: Optional[str] = None) -> Optional[Image.Image]:
-    """A grid of images [N, C, H, W] (values in [-1, 1]) or a scatter plot of 2-D points
-    [N, 2] titled `title`; None for other shapes, which have no picture."""
+def samples_picture(x: torch.Tensor, *, title: Optional[str] = None,
+                    cols: Optional[int] = None) -> Optional[Image.Image]:
+    """A grid of images [N, C, H, W] (values in [-1, 1]; `cols` per row, see `image_grid`) or
+    a scatter plot of 2-D points [N, 2] titled `title`; None for other shapes, which have no
+    picture."""
     if x.ndim == 4 and x.shape[1] in (1, 3):
-        return image_grid(x)
+        return image_grid(x, cols=cols)
     if x.ndim == 2 and x.shape[1] == 2:
         return scatter_plot(x, title=title)
     return None
 
 
-def save_samples_png(x: torch.Tensor, path: Path, *, title: Optional[str] = None
-                     ) -> Optional[Path]:
-    """Writes `samples_picture(x, title=title)` as a PNG; returns None (and writes nothing)
-    for shapes without a picture."""
-    img = samples_picture(x, title=title)
+def save_samples_png(x: torch.Tensor, path: Path, *, title: Optional[str] = None,
+                     cols: Optional[int] = None) -> Optional[Path]:
+    """Writes `samples_picture(x, title=title, cols=cols)` as a PNG; returns None (and writes
+    nothing) for shapes without a picture."""
+    img = samples_picture(x, title=title, cols=cols)
     if img is None:
         return None
     path = Path(path)

@@ -326,13 +326,14 @@ def test_train_noisy_ve_defaults_to_the_noise_level(data_dir, tmp_path, capsys):
     (["--kind", "noisy", "--eval_times", "0"], r"--eval_times must be numbers in \(0, 1\]"),
     (["--kind", "clean", "--lr", "0"], "--lr must be"),
     (["--kind", "clean", "--summary", "{out}"], "are the same file"),
+    (["--kind", "clean", "--summary", "{folder}"], "--summary .* is a folder; give a file name"),
     (["--kind", "bogus"], "kind"),
     (["--data_dir", "{data}"], "kind"),
     (["--kind", "clean", "extra"], "unexpected arguments"),
 ])
 def test_train_classifier_errors(data_dir, tmp_path, capsys, args, match):
     out = tmp_path / "clf.pt"
-    fill = dict(missing=tmp_path / "nowhere", out=out, data=data_dir)
+    fill = dict(missing=tmp_path / "nowhere", out=out, data=data_dir, folder=tmp_path)
     args = [a.format(**fill) for a in args]
     if "--data_dir" not in args:
         args += ["--data_dir", str(data_dir)]
@@ -450,6 +451,10 @@ def _bad_files(folder):
     np.savez(folder / "big.npz", samples=np.zeros((4, 32, 32), np.uint8))
     (folder / "junk.pt").write_bytes(b"not torchscript")
     (folder / "junk.npz").write_bytes(b"not a zip")
+    np.savez(folder / "crc.npz", samples=np.zeros((4, 28, 28), np.uint8))
+    damaged = bytearray((folder / "crc.npz").read_bytes())
+    damaged[2000] ^= 0xFF  # inside the stored array: its CRC-32 no longer matches
+    (folder / "crc.npz").write_bytes(bytes(damaged))
     save_classifier(folder / "noisy.pt", _tiny_noisy(in_channels=1))
 
 
@@ -457,6 +462,11 @@ def _bad_files(folder):
     (["--samples", "{t}/missing.npz", "--classifier", "{f}/clf.pt"], "does not exist"),
     (["--samples", "{t}/plain.npy", "--classifier", "{f}/clf.pt"], "plain .npy"),
     (["--samples", "{t}/junk.npz", "--classifier", "{f}/clf.pt"], "not a readable .npz"),
+    (["--samples", "{t}/crc.npz", "--classifier", "{f}/clf.pt"], "'samples' is unreadable"),
+    (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--output", "{t}"],
+     "--output .* is a folder; give a file name"),
+    (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--ref_stats",
+      "{t}/junk.pt/r.npz"], "--ref_stats .* lies under .*junk.pt, which is a file"),
     (["--samples", "{t}/nokey.npz", "--classifier", "{f}/clf.pt"],
      "no array 'samples' \\(it has images\\)"),
     (["--samples", "{t}/vector.npz", "--classifier", "{f}/clf.pt"], "must be images"),

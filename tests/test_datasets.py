@@ -143,6 +143,17 @@ def test_fashion_mnist_corrupt_gzip(tmp_path):
         load_dataset("fashion_mnist", data_dir=str(tmp_path))
 
 
+def test_fashion_mnist_damaged_deflate_stream(tmp_path):
+    """A damaged compressed block raises zlib.error, neither OSError nor EOFError."""
+    make_fashion_dir(tmp_path)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=0))
+    raw[14] ^= 0xFF  # the stored block's length field
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupt gzip data"):
+        load_dataset("fashion_mnist", data_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize("which, arr, match", [
     (0, np.zeros((5, 27, 28), np.uint8), r"expected uint8 images \[N, 28, 28\]"),
     (0, np.zeros((5, 28, 28), np.int16), r"expected uint8 images \[N, 28, 28\]"),
@@ -223,6 +234,11 @@ class _Evil:
      "expected 2 integer labels"),
     (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 11]}),
      r"labels must lie in 0\.\.9"),
+    # A frame longer than memory can hold (OverflowError) and an unknown text encoding
+    # (LookupError) of damaged files.
+    (b"\x80\x04\x95" + struct.pack("<Q", 2 ** 63 + 5) + b"}", "not a CIFAR-10 python batch"),
+    (pickle.dumps({b"data": b"x"}, protocol=2).replace(b"latin1", b"latiX1"),
+     "not a CIFAR-10 python batch"),
 ])
 def test_cifar10_malformed_batch(tmp_path, payload, match):
     make_cifar_dir(tmp_path)
@@ -444,6 +460,21 @@ def test_to_model_range_bin_centres_and_round_trip():
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert torch.equal(to_model_range(ALL_LEVELS, generator=g1),
                        to_model_range(ALL_LEVELS, generator=g2))
+
+
+@pytest.mark.parametrize("data_range", [(-1.0, 1.0), (0.0, 1.0), (-1.0, 2.0), (0.1, 0.7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_offsets_next_to_one_stay_in_their_bin(monkeypatch, data_range, dtype):
+    """u = 1 - 2^-24 (the largest float32 below 1) would round k + u onto k + 1, the next
+    bin's lower edge, which reads back as k + 1."""
+    largest = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, **kw: torch.full(
+        shape, largest, **kw))
+    y = to_model_range(ALL_LEVELS, dtype=dtype, data_range=data_range)
+    lo, hi = data_range
+    edges = lo + (ALL_LEVELS.double() + 1) * ((hi - lo) / 256)
+    assert torch.all(y.double() < edges)
+    assert torch.equal(from_model_range(y, data_range), ALL_LEVELS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])

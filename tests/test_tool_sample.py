@@ -293,6 +293,7 @@ def test_interpolation_endpoints(toy_run, tmp_path):
      "--cuda_graph replays the network of unconditional fixed-step sampling"),
     (["--workdir", "{tmp}"], "does not exist"),
     (["--workdir", "{toy}", "--rtol", "0"], "--rtol must be > 0"),
+    (["--workdir", "{toy}", "--output_dir", "{tmp}/bad.npy"], "is a file; give a folder"),
     (["--workdir", "{toy}", "--task", "paint"], "task"),
     (["--workdir", "{gray}", "--class_label", "1", "--guidance", "classifier"],
      "needs --classifier"),

@@ -54,13 +54,14 @@ import sys
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from score_sde.cli import InputError, run_tool, sha256_file, write_json
+from score_sde.cli import InputError, check_path, run_tool, sha256_file, write_json
 from score_sde.classifier import FeatureClassifier, load_classifier
 from score_sde.datasets import SPLITS, from_model_range, load_dataset, to_model_range
 from score_sde.distributed import resolve_device
@@ -100,7 +101,8 @@ def load_samples(path: Path, num_samples: Optional[int] = None
                              f"{', '.join(archive.files) or 'none'})")
         try:
             x = archive[SAMPLES_KEY]
-        except ValueError as err:  # object arrays need pickle
+        # Object arrays need pickle (ValueError); a damaged member fails its CRC or inflation.
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise InputError(f"--samples {path}: {SAMPLES_KEY!r} is unreadable ({err})") from None
     if x.ndim == 3:
         x = x[:, None]
@@ -236,6 +238,8 @@ def run(fv) -> Dict[str, object]:
                          "--inception_weights PATH")
     device = resolve_device(fv.device)
     samples_path = Path(fv.samples)
+    if fv.output:  # checked now, not after the features are computed
+        check_path("output", Path(fv.output))
     samples, samples_dtype, clipped = load_samples(samples_path, fv.num_samples)
 
     dataset = fv.dataset
@@ -262,7 +266,7 @@ def run(fv) -> Dict[str, object]:
                          f"{dataset} images {tuple(info.shape)}")
     ref_hash = hashlib.sha256(ref.numpy().tobytes()).hexdigest()
 
-    ref_stats_path = Path(fv.ref_stats) if fv.ref_stats else None
+    ref_stats_path = check_path("ref_stats", Path(fv.ref_stats)) if fv.ref_stats else None
     cache = read_ref_stats(ref_stats_path)
     status: Dict[str, str] = {}
     distances: Dict[str, float] = {}

@@ -80,7 +80,7 @@ import torch
 
 from score_sde._utils import stderr_line
 from score_sde.checkpoint import read_checkpoint
-from score_sde.cli import InputError, run_tool, write_json
+from score_sde.cli import InputError, check_path, run_tool, write_json
 from score_sde.config import Config, from_dict
 from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_seed, to_model_range
 from score_sde.distributed import dist_from_env, resolve_device
@@ -402,6 +402,10 @@ def run(fv) -> Dict[str, object]:
     workdir = Path(fv.workdir)
     if not workdir.is_dir():
         raise InputError(f"--workdir {workdir} is not a directory")
+    if fv.output:  # checked now, not after the whole evaluation
+        check_path("output", Path(fv.output))
+    if fv.partial_dir:
+        check_path("partial_dir", Path(fv.partial_dir), folder=True)
     checkpoint = Path(fv.checkpoint) if fv.checkpoint else workdir / "checkpoint.pt"
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist (pass --checkpoint PATH)")

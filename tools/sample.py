@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from score_sde._utils import stderr_line
-from score_sde.cli import InputError, run_tool
+from score_sde.cli import InputError, check_path, run_tool
 from score_sde.config import from_dict
 from score_sde.datasets import DATASETS, SPLITS, from_model_range, load_dataset, to_model_range
 from score_sde.distributed import resolve_device
@@ -328,8 +328,10 @@ def run(fv) -> Dict[str, object]:
         picture = torch.from_numpy(picture.astype(np.float32)) / 127.5 - 1
     else:
         picture = torch.from_numpy(picture)
+    # An interpolation's frames fill one row per pair.
     png = save_samples_png(picture, out_dir / "samples.png",
-                           title=f"step {run_.step}, {fv.sampler} sampler")
+                           title=f"step {run_.step}, {fv.sampler} sampler",
+                           cols=arrays["frames"].shape[1] if "frames" in arrays else None)
     summary = {
         "checkpoint": str(checkpoint.resolve()), "step": run_.step, "use_ema": fv.use_ema,
         "sde": run_.cfg.sde.name, "task": fv.task, "sampler": fv.sampler,
@@ -427,6 +429,8 @@ def _checked_run(fv) -> Dict[str, object]:
             raise InputError(f"--{name} must be > 0, got {getattr(fv, name)}")
     if fv.eps is not None and not 0 < fv.eps < 1:
         raise InputError(f"--eps must lie in (0, 1), got {fv.eps}")
+    if fv.output_dir:  # checked now, not after sampling
+        check_path("output_dir", Path(fv.output_dir), folder=True)
     try:
         return run(fv)
     except RuntimeError as err:  # the samplers' non-finite state, or a failed ODE solve

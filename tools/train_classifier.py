@@ -52,7 +52,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from score_sde.cli import InputError, run_tool, write_json
+from score_sde.cli import InputError, check_path, run_tool, write_json
 from score_sde.classifier import (FeatureClassifier, NoiseConditionalClassifier,
                                   noisy_classifier_loss, save_classifier)
 from score_sde.config import Config, SDEConfig
@@ -200,8 +200,9 @@ def run(fv) -> Dict[str, object]:
     given = [f"--{name}" for name in wrong if fv[name].present]
     if given:
         raise InputError(f"{', '.join(given)} do not apply to --kind {kind}")
-    output = Path(fv.output)
-    summary_path = Path(fv.summary) if fv.summary else output.with_suffix(".json")
+    output = check_path("output", Path(fv.output))  # checked now, not after training
+    summary_path = check_path("summary", Path(fv.summary) if fv.summary
+                              else output.with_suffix(".json"))
     if summary_path.resolve() == output.resolve():
         raise InputError(f"--summary and --output are the same file {output}")
     device = resolve_device(fv.device)

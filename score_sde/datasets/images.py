@@ -5,6 +5,7 @@ import gzip
 import math
 import os
 import pickle
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
@@ -30,7 +31,8 @@ def _read_bytes(path: str) -> bytes:
         return raw
     try:
         return gzip.decompress(raw)
-    except (OSError, EOFError) as e:  # BadGzipFile is an OSError; truncation raises EOFError
+    # BadGzipFile is an OSError, truncation raises EOFError and a damaged stream zlib.error.
+    except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: corrupt gzip data ({e})") from None
 
 
@@ -130,7 +132,9 @@ def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             batch = _BatchUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, ImportError) as e:
+            AttributeError, ImportError, LookupError, OverflowError, MemoryError) as e:
+        # A damaged file can declare absurd lengths (OverflowError, MemoryError) or an unknown
+        # string encoding (LookupError).
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
     get = (lambda k: batch.get(k.encode(), batch.get(k))) if isinstance(batch, dict) else None
     data, labels = (get("data"), get("labels")) if get else (None, None)

@@ -9,13 +9,19 @@ import torch
 from .common import NUM_LEVELS
 
 
+# Largest dequantization offset u: below 1 by more than the round-off of k + u (k < 256) in
+# float32, of its scaling to [lo, hi) and of `from_model_range`'s inverse (each < 2^-16 bins).
+U_MAX = 1.0 - 2.0 ** -14
+
+
 def to_model_range(x: torch.Tensor, *, generator: Optional[torch.Generator] = None,
                    dequantize: bool = True, dtype: torch.dtype = torch.float32,
                    data_range: Tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """Maps 8-bit data k in {0, ..., 255} to [lo, hi): y = lo + (k + u) / 256 (hi - lo).
 
     With `dequantize`, u ~ Uniform[0, 1) independently per element (uniform dequantization, the
-    continuous density of y bounds the discrete likelihood); otherwise u = 0.5, the bin centre.
+    continuous density of y bounds the discrete likelihood), held below `U_MAX` so that
+    float32 round-off never carries y into the next bin; otherwise u = 0.5, the bin centre.
     The default interval [-1, 1] has width 2, so bits/dim of y take the offset 8 - 1 = 7 bits
     of `score_sde.likelihood.bits_per_dim(logp, D, data_width=2.0, num_levels=256)`; the
     paper's VE models read [0, 1] (width 1, offset 8).
@@ -42,6 +48,10 @@ def to_model_range(x: torch.Tensor, *, generator: Optional[torch.Generator] = No
     work = torch.promote_types(dtype, torch.float32)  # 255 + u needs float32's mantissa
     if dequantize:
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=work)
+        # k + u for u within a few ulps of 1 rounds (here or in the scaling below, or in
+        # `from_model_range`) onto the next bin's lower edge, which reads back as k + 1;
+        # u >= 1 - 2^-14 (probability 6e-5) is held at that value, which stays in bin k.
+        u.clamp_(max=U_MAX)
     else:
         u = torch.full(x.shape, 0.5, device=x.device, dtype=work)
     y = ((x.to(work) + u) * ((hi - lo) / NUM_LEVELS) + lo).to(dtype)
@@ -66,8 +76,9 @@ def from_model_range(x: torch.Tensor,
     {0, ..., 255}.
 
     Each dequantization bin lo + [k, k + 1) (hi - lo) / 256 maps back to k, so bin centres and
-    dequantized values round-trip exactly; values outside [lo, hi) saturate. NaN maps to 0 with
-    a warning.
+    dequantized values round-trip exactly in float32 and float64 (in float16 or bfloat16 the
+    rounding of y itself can cross a bin's edge); values outside [lo, hi) saturate. NaN maps to
+    0 with a warning.
 
     Args:
         x: floating tensor of any shape (e.g. model samples [B, C, H, W]).
