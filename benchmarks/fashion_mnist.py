@@ -21,9 +21,10 @@ numbers are exactly what users get; each stage's output goes to RESULTS/logs/<st
    training images (written as a samples .npz): the distance real data reach at this sample
    count, against which the samplers' distances read.
 4. samples and distances: `tools/sample.py` with DPM-Solver (multistep, --dpm_order) at each
-   of --dpm_steps score evaluations, then the predictor-corrector sampler (reverse diffusion +
-   one Langevin corrector step, snr 0.16, --pc_steps steps: 2 pc_steps + 1 evaluations), each
-   --num_samples samples, and `tools/fid.py` of each set as in 3.
+   of --dpm_steps score evaluations (one of them the final denoising), then the
+   predictor-corrector sampler (reverse diffusion + one Langevin corrector step, snr 0.16,
+   --pc_steps steps: 2 pc_steps + 1 evaluations), each --num_samples samples, and
+   `tools/fid.py` of each set as in 3.
 5. likelihood: `tools/likelihood.py` on the first --num_test test images with the paper's
    protocol (uniform dequantization, dopri5 at rtol = atol = --nll_tol (1e-5) from eps = 1e-5,
    one Rademacher probe, EMA weights) in --nll_repeats passes (the tool's default is 5; one
@@ -451,7 +452,8 @@ class Pipeline:
 
         for steps in o["dpm_steps"]:
             name = f"dpm{steps}"
-            self.sample(name, ["--sampler", "dpm_solver", "--num_steps", str(steps), "--order",
+            # tools/sample.py ends with Tweedie's denoiser: one evaluation of the `steps`.
+            self.sample(name, ["--sampler", "dpm_solver", "--num_steps", str(steps - 1), "--order",
                                str(o["dpm_order"]), "--dpm_method", "multistep"])
             self.fd(name, self.work / "samples" / name / "samples.npz", [f"sample_{name}"],
                     classifier)
@@ -618,8 +620,8 @@ def summary_markdown(s: Dict[str, Any]) -> str:
         e = samples.get(name)
         if not e or e.get("classifier_fd") is None:
             continue
-        title = titles.get(name) or (f"DPM-Solver ({e.get('num_steps')} evaluations, order "
-                                     f"{e.get('order')} {e.get('dpm_method')})")
+        title = titles.get(name) or (f"DPM-Solver ({e.get('num_steps')} steps + denoising, "
+                                     f"order {e.get('order')} {e.get('dpm_method')})")
         seconds = (e.get("seconds") or 0.0) + (e.get("fd_seconds") or 0.0)
         rows.append(f"| classifier FD, {title}, {e['fd_num_samples']} vs {e['fd_num_ref']} "
                     f"test images | {e['classifier_fd']:.3f} | {_fmt(e.get('nfe_mean'), 0)} | "
@@ -720,8 +722,9 @@ def resolve_options(fv) -> Dict[str, Any]:
         o["dpm_steps"] = sorted({int(v) for v in o["dpm_steps"]})
     except ValueError:
         raise InputError(f"--dpm_steps must be integers, got {','.join(fv.dpm_steps)}") from None
-    if not o["dpm_steps"] or min(o["dpm_steps"]) < 1:
-        raise InputError(f"--dpm_steps must be integers >= 1, got {fv.dpm_steps}")
+    if not o["dpm_steps"] or min(o["dpm_steps"]) < 2:
+        raise InputError(f"--dpm_steps must be integers >= 2 (evaluations, the last one "
+                         f"denoising), got {fv.dpm_steps}")
     data_dir = o["data_dir"] or os.environ.get(DATA_ENV) or FASHION_MNIST_DIR
     o["data_dir"] = Path(data_dir).expanduser().resolve()
     try:

@@ -177,6 +177,8 @@ def test_failed_stage_is_one_line_with_status_and_log(tiny):
     (["--data_dir", "/nonexistent/fashion"], "Fashion-MNIST not found"),
     (["--num_test", "1000"], "--num_test 1000 exceeds the 48 images of the test split"),
     (["--dpm_steps", "10,x"], "--dpm_steps must be integers"),
+    (["--dpm_steps", "1,10"], "--dpm_steps must be integers >= 2 (evaluations, the last one "
+                              "denoising)"),
     (["--fp32"], "--fp32 applies to CUDA training only"),
     (["--n_iters", "0"], "n_iters"),
 ])
