@@ -50,6 +50,12 @@ STREAM_DROPOUT = 5
 GRID_DPM_STEPS = 20
 # A CPU run whose steps take longer than this gets `slow_hint` after its expected duration.
 SLOW_CPU_RUN_SECONDS = 2 * 3600
+# Settings a run may change when it resumes without changing what it computes: reporting,
+# checkpointing, the length of the run, where and how fast it runs.
+RESUME_NEUTRAL = {f"training.{name}" for name in (
+    "n_iters", "log_every", "eval_every", "eval_batches", "sample_every", "num_samples",
+    "sampler", "sample_steps", "checkpoint_every", "snapshot_every", "keep_snapshots", "device",
+    "compile", "compile_mode", "compile_scope", "skip_nonfinite", "max_nonfinite")}
 
 
 class TrainingError(RuntimeError):
@@ -78,6 +84,18 @@ def step_seed(seed: int, step: int, stream: int = STREAM_NOISE) -> int:
     would otherwise draw correlated numbers on the CPU).
     """
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0])
+
+
+def changed_settings(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """"section.field old -> new" for each setting of the `to_dict` configs that differs,
+    except those in `RESUME_NEUTRAL`."""
+    changes = []
+    for section, fields in current.items():
+        for name, value in fields.items():
+            key, old = f"{section}.{name}", saved.get(section, {}).get(name, value)
+            if key not in RESUME_NEUTRAL and old != value:
+                changes.append(f"{key} {old!r} -> {value!r}")
+    return changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +402,10 @@ class Trainer:
                                 warn=warn)
         if state is not None:
             self.restore(state)
+            changed = changed_settings(state["config"], to_dict(self.cfg))
+            if changed:
+                warn(f"warning: resuming with settings changed since the checkpoint ("
+                     f"{'; '.join(changed)}): the run will differ from an uninterrupted one")
             if self.step > tc.n_iters:
                 raise TrainingError(f"the checkpoint in {self.workdir} is at step {self.step}, "
                                     f"past --n_iters {tc.n_iters}; pass --n_iters "

@@ -581,3 +581,21 @@ def test_ema_update_of_a_copy_that_still_requires_grad():
     for e, b, m in zip(ema.parameters(), before, model.parameters()):
         assert torch.allclose(e, 0.9 * b + 0.1 * m.detach(), rtol=1e-6, atol=1e-7)
         assert e.requires_grad
+
+
+def test_resume_with_changed_settings_warns_naming_them(tmp_path):
+    def warnings():
+        return [line for line in (tmp_path / "log.txt").read_text().splitlines()
+                if "resuming with settings changed" in line]
+
+    train(_toy_cfg(n_iters=10), str(tmp_path))
+    # Length, logging and the like change nothing the run computes: no warning.
+    train(_toy_cfg(n_iters=20, log_every=5), str(tmp_path))
+    assert warnings() == []
+    changed = apply_overrides(_toy_cfg(n_iters=30), {"training.lr": 5e-4,
+                                                      "data.dataset": "toy_moons"})
+    train(changed, str(tmp_path))
+    (warning,) = warnings()
+    assert "training.lr 0.001 -> 0.0005" in warning
+    assert "data.dataset 'toy_8gaussians' -> 'toy_moons'" in warning
+    assert "n_iters" not in warning and "log_every" not in warning
