@@ -29,6 +29,8 @@ Array = Union[np.ndarray, torch.Tensor]
 # Imaginary parts of sqrtm(C1 C2) up to this fraction of the largest variance are round-off
 # (the product is similar to a PSD matrix, so its square root is real in exact arithmetic).
 IMAG_RTOL = 1e-3
+# A covariance is symmetric up to the round-off of its computation (float32 included).
+SYMMETRY_RTOL = 1e-6
 
 
 def _as_float64(name: str, a: Array) -> np.ndarray:
@@ -118,6 +120,10 @@ def frechet_distance(mu1: Array, cov1: Array, mu2: Array, cov2: Array, *,
         if cov.shape != (dim, dim):
             raise ValueError(f"{name} must have shape [D, D] = ({dim}, {dim}) to match the "
                              f"means, got {cov.shape}")
+        asymmetry = float(np.abs(cov - cov.T).max(initial=0.0))
+        if asymmetry > SYMMETRY_RTOL * float(np.abs(cov).max(initial=0.0)):
+            raise ValueError(f"{name} must be symmetric (a covariance matrix), got "
+                             f"max |C - C^T| = {asymmetry:.3g}")
     if not (isinstance(eps, (int, float)) and np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 

@@ -160,6 +160,8 @@ def test_finite_sample_bias():
     ((np.zeros(2), np.eye(2), np.zeros(3), np.eye(3)), "vectors of one length"),
     ((np.zeros(2), np.eye(3), np.zeros(2), np.eye(2)), "cov1 must have shape"),
     ((np.zeros(2), np.eye(2), np.zeros(2), np.ones(2)), "cov2 must have shape"),
+    ((np.zeros(2), np.array([[1.0, 5.0], [0.0, 1.0]]), np.zeros(2), np.eye(2)),
+     r"cov1 must be symmetric \(a covariance matrix\), got max \|C - C\^T\| = 5"),
     ((np.zeros((2, 1)), np.eye(2), np.zeros((2, 1)), np.eye(2)), "vectors"),
     ((np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2)), "mu1 contains 1 non-finite"),
     ((np.zeros(2), np.eye(2), np.zeros(2), np.diag([np.inf, 1])), "cov2 contains"),
