@@ -20,6 +20,8 @@ from .datasets import DataInfo, load_dataset
 from .sde import SDE, ScoreFn
 from .build import build_model, build_sde, model_score_fn, with_labels
 
+__all__ = ["TrainedModel", "load_trained", "export_weights"]
+
 TRAINING_KEYS = ("model", "ema", "step", "config")
 # Exported weights (`export_weights`): the EMA weights with what rebuilds the network.
 WEIGHTS_KEYS = ("ema", "step", "config", "data_info", "weights_only")

@@ -11,7 +11,7 @@ repository root.
 The output holds the EMA weights, the step, the config and the data description: what
 `score_sde.runs.load_trained`, tools/likelihood.py --checkpoint and tools/sample.py
 --checkpoint need to rebuild the network, without the raw weights and the optimizer state (a
-third of a training checkpoint's size; with --fp16 a sixth). It is written atomically with a
+quarter of a training checkpoint's size; with --fp16 an eighth). It is written atomically with a
 checksum, like a checkpoint. Weights stored in float16 are loaded back into float32; the
 network then computes in float32 as before, from weights rounded to float16.
 

@@ -1,8 +1,9 @@
 """Fréchet distances between generated samples and a dataset split: FID and classifier FD.
 
 Examples:
-    python tools/fid.py --samples runs/vp_fashion_mnist/samples.npz --dataset fashion_mnist \\
-        --split test --classifier runs/classifiers/fashion_clean.pt --output fd.json
+    python tools/fid.py --samples runs/vp_fashion_mnist/samples_generate/samples.npz \\
+        --dataset fashion_mnist --split test --classifier runs/classifiers/fashion_clean.pt \\
+        --output fd.json
     python tools/fid.py --samples samples.npz --dataset cifar10 --data_dir ~/data/cifar10 \\
         --split train --inception_weights ~/weights/inception-2015-12-05.pt \\
         --ref_stats refs/cifar10_train.npz
