@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -566,8 +567,14 @@ def parse(argv) -> argparse.Namespace:
         p.error(f"unknown part {bad[0]!r}; accepted: {', '.join(PARTS)}")
     if args.part is not None and args.part not in PARTS:
         p.error(f"unknown part {args.part!r}")
-    if args.budget <= 0:
-        p.error(f"--budget must be > 0, got {args.budget}")
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        p.error(f"--budget must be a finite number > 0, got {args.budget}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
+    # The parts run as subprocesses in the repository root: a relative folder must not move.
+    args.output = str(Path(args.output).resolve())
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        p.error(f"--output {args.output} is a file; give a folder")
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

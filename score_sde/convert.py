@@ -502,6 +502,21 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], config: Union[str, Referen
             "converted_from": {"reference_config": name, **(source or {})}}
 
 
+def check_run_folder(workdir: Union[str, Path], *, overwrite: bool = False) -> Path:
+    """WORKDIR/checkpoint.pt, after checking that `write_run` may write it.
+
+    Raises:
+        ValueError: WORKDIR is a file, or already holds a checkpoint.pt and not `overwrite`.
+    """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} exists and is not a folder")
+    path = workdir / "checkpoint.pt"
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists; choose a new --workdir or pass --overwrite")
+    return path
+
+
 def write_run(state: Dict[str, Any], workdir: Union[str, Path], *,
               overwrite: bool = False) -> Path:
     """Writes a converted checkpoint as WORKDIR/checkpoint.pt (atomically) and its config as
@@ -512,11 +527,7 @@ def write_run(state: Dict[str, Any], workdir: Union[str, Path], *,
             (a training run's checkpoint is never replaced by accident).
     """
     workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"--workdir {workdir} exists and is not a folder")
-    path = workdir / "checkpoint.pt"
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path} exists; choose a new --workdir or pass --overwrite")
+    path = check_run_folder(workdir, overwrite=overwrite)
     save_checkpoint(state, path)
     write_json(workdir / "config.json", state["config"])
     return path

@@ -612,6 +612,9 @@ def test_command_line_and_tools_on_a_converted_run(tiny_config, tiny_checkpoint,
     (["{ckpt}", "extra", "--config", "ve/tiny_test", "--workdir", "{tmp}/w"],
      "unexpected arguments ['extra']"),
     (["{ckpt}", "--workdir", "{tmp}/w"], "--config"),
+    # The run folder is checked before the checkpoint is read (a paper checkpoint is large).
+    (["{garbage}", "--config", "ve/tiny_test", "--workdir", "{garbage}"],
+     "exists and is not a folder"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tiny_config, tiny_checkpoint, tmp_path,
                                          capsys):

@@ -26,9 +26,9 @@ def _module():
 
 
 def test_smoke_run_writes_both_reports(tmp_path):
-    out = tmp_path / "gc"
+    out = tmp_path / "gc"  # given relative to the working folder: the parts run elsewhere
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--output",
-                           str(out), "--device", "cpu", "--quick", "--parts",
+                           "gc", "--device", "cpu", "--quick", "--parts",
                            "graphs,likelihood,samplers,train", "--rtol", "1e-2", "--atol", "1e-2"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -102,10 +102,15 @@ def test_a_part_past_its_limit_is_stopped_with_its_children(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--parts", "tests,speed"], "unknown part 'speed'"),
-    (["--budget", "0"], "--budget must be > 0"),
+    (["--budget", "0"], "--budget must be a finite number > 0"),
+    (["--budget", "nan"], "--budget must be a finite number > 0, got nan"),
     (["--device", "cuda"], "--device cuda but CUDA is not available"),
+    (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
+    (["--output", "{tmp}/file"], "is a file; give a folder"),
 ])
 def test_bad_arguments_exit_2(tmp_path, args, message):
+    (tmp_path / "file").write_text("x")
+    args = [a.format(tmp=tmp_path) for a in args]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--output",
                            str(tmp_path / "o"), *args], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=300)

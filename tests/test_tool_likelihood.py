@@ -338,6 +338,9 @@ def test_command_line_resume_with_max_batches(toy_run, tmp_path, capsys):
     (["--workdir", "{run}", "--data_dir", "{tmp}"], "does not use data_dir"),
     (["--workdir", "{run}", "extra"], "unexpected arguments"),
     (["--workdir", "{run}", "--output", "{tmp}"], "is a folder; give a file name"),
+    (["--workdir", "{run}", "--output", "{run}/checkpoint.pt"],
+     "is the checkpoint being evaluated; choose another file"),
+    (["--workdir", "{run}", "--checkpoint", "{tmp}"], "is a folder; pass --checkpoint FILE"),
     (["--workdir", "{run}", "--output", "{tmp}/torn.pt/r.json"], "which is a file, not a folder"),
     (["--workdir", "{run}", "--partial_dir", "{tmp}/torn.pt"], "is a file; give a folder"),
     (["--workdir", "{run}", "--device", "cuda"] if not torch.cuda.is_available() else

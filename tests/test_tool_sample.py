@@ -123,6 +123,15 @@ def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
         assert summary["dpm_solver_type"] == "taylor"
 
 
+def test_samples_go_to_the_workdir_given_beside_a_checkpoint(toy_run, tmp_path):
+    """--workdir W --checkpoint FILE (e.g. exported weights) writes W/samples_<task>."""
+    assert _main("--workdir", tmp_path / "w", "--checkpoint", toy_run / "checkpoint.pt",
+                 "--sampler", "dpm_solver", "--num_steps", 4, "--num_samples", 4) == 0
+    summary, arrays = _result(tmp_path / "w" / "samples_generate")
+    assert arrays["samples"].shape == (4, 2) and summary["nfe"] == [5]
+    assert not (toy_run / "samples_generate").exists()
+
+
 def test_cuda_graph_flag_on_the_cpu_gives_the_same_samples(toy_run, tmp_path):
     # On the CPU the graph wrapper runs the network eagerly: identical samples, every
     # evaluation an eager call.

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from score_sde.cli import run_tool, sha256_file
-from score_sde.convert import (REFERENCE_CONFIGS, convert_checkpoint, load_reference_checkpoint,
-                               reference_config, write_run)
+from score_sde.convert import (REFERENCE_CONFIGS, check_run_folder, convert_checkpoint,
+                               load_reference_checkpoint, reference_config, write_run)
 
 
 def define_flags(fv) -> None:
@@ -57,6 +57,7 @@ def run(fv, checkpoint: str) -> Dict[str, object]:
         ValueError, FileNotFoundError: bad input.
     """
     ref = reference_config(fv.config)  # an unknown name fails before the file is read
+    check_run_folder(fv.workdir, overwrite=fv.overwrite)  # ... and so does the run folder
     path = Path(checkpoint)
     source = load_reference_checkpoint(path)
     state = convert_checkpoint(source, fv.config, source={

@@ -241,6 +241,13 @@ def run(fv) -> Dict[str, object]:
     samples_path = Path(fv.samples)
     if fv.output:  # checked now, not after the features are computed
         check_path("output", Path(fv.output))
+    files = {"samples": fv.samples, "ref_stats": fv.ref_stats, "output": fv.output}
+    named = [(flag, Path(v).resolve()) for flag, v in files.items() if v]
+    for i, (flag, path) in enumerate(named):  # a later write would replace an earlier file
+        for other, other_path in named[i + 1:]:
+            if path == other_path:
+                raise InputError(f"--{flag} and --{other} are the same file {path}; give "
+                                 f"each its own")
     samples, samples_dtype, clipped = load_samples(samples_path, fv.num_samples)
 
     dataset = fv.dataset

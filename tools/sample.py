@@ -222,6 +222,8 @@ def run(fv) -> Dict[str, object]:
         "checkpoint.pt"
     if fv.workdir is None and fv.checkpoint is None:
         raise InputError("pass --workdir (a training run folder) or --checkpoint PATH")
+    if checkpoint.is_dir():
+        raise InputError(f"checkpoint {checkpoint} is a folder; pass --checkpoint FILE")
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist")
     device = resolve_device(fv.device)
@@ -318,7 +320,8 @@ def run(fv) -> Dict[str, object]:
         if labels is not None:
             outputs["labels"].append(labels.cpu().numpy())
         nfes.append(int(nfe))
-    out_dir = Path(fv.output_dir) if fv.output_dir else checkpoint.parent / f"samples_{fv.task}"
+    out_dir = (Path(fv.output_dir) if fv.output_dir else
+               Path(fv.workdir or checkpoint.parent) / f"samples_{fv.task}")
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.concatenate(v) for k, v in outputs.items() if v}
     np.savez(out_dir / "samples.npz", **arrays)

@@ -43,7 +43,6 @@ Exit status: 0 done; 2 bad input (flags, missing or malformed data), one line on
 3 a non-finite training loss, one line naming the step.
 """
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -72,6 +71,8 @@ CLEAN_ONLY = ("feature_dim",)
 LOSS_WINDOW = 100  # steps averaged for the reported training loss
 # Independent random streams derived from --seed.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
+# Adam keeps lr in float32: a larger value overflows there.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class TrainingError(RuntimeError):
@@ -155,7 +156,7 @@ def define_flags(fv) -> None:
     f.DEFINE_integer("n_iters", 2000, "Training steps.", lower_bound=1, **kw)
     f.DEFINE_integer("batch_size", 128, "Batch size (training and evaluation).",
                      lower_bound=1, **kw)
-    f.DEFINE_float("lr", 1e-3, "Adam learning rate (> 0).", **kw)
+    f.DEFINE_float("lr", 1e-3, "Adam learning rate (> 0, within float32's range).", **kw)
     f.DEFINE_integer("width", 32, "Base channel count (the noisy network's nf).",
                      lower_bound=4, **kw)
     f.DEFINE_integer("feature_dim", 128, "Size of the feature layer (clean).", lower_bound=1,
@@ -167,8 +168,9 @@ def define_flags(fv) -> None:
     f.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "auto: CUDA if available.", **kw)
     f.DEFINE_string("output", None, "Classifier checkpoint to write.", **kw)
     f.DEFINE_string("summary", None, "JSON summary; default: --output with suffix .json.", **kw)
-    flags.register_validator("lr", lambda v: v > 0 and math.isfinite(v),
-                             message="--lr must be a finite number > 0", flag_values=fv)
+    flags.register_validator("lr", lambda v: 0 < v <= FLOAT32_MAX,
+                             message=f"--lr must be a number in (0, {FLOAT32_MAX:.3g}] (float32)",
+                             flag_values=fv)
     flags.register_validator("eps", lambda v: 0 < v < 1, message="--eps must lie in (0, 1)",
                              flag_values=fv)
     flags.mark_flags_as_required(["kind", "output"], flag_values=fv)
