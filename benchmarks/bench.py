@@ -62,6 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _args  # noqa: E402
 import train_speed  # noqa: E402
 from score_sde import (VESDE, VPSDE, CosineVPSDE, ReverseSDE, SubVPSDE,  # noqa: E402
                       log_likelihood, sample_ddim, sample_dpm_solver,
@@ -722,6 +723,11 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--sampler_seeds", type=int, default=3)
     p.add_argument("--floor_seeds", type=int, default=8)
     args = p.parse_args(argv)
+    _args.device(p, "device", args.device, allow_auto=True)
+    for name in ("rtol", "atol"):
+        _args.positive_number(p, name, getattr(args, name))
+    _args.existing_file(p, "checkpoint", args.checkpoint)
+    _args.output_file(p, "output", args.output)
     device = torch.device("cuda" if args.device == "auto" and cuda else
                           "cpu" if args.device == "auto" else args.device)
     big = device.type == "cuda"

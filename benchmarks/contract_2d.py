@@ -31,6 +31,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _args  # noqa: E402
+from score_sde.config import find_config  # noqa: E402
 
 
 def ring_log_prob(x: torch.Tensor, num_modes=8, radius=4.0, std=0.5) -> torch.Tensor:
@@ -88,6 +93,14 @@ def main() -> int:
     for sde in sdes:
         if sde not in SDE_NAMES:
             p.error(f"unknown SDE {sde!r}; accepted: {', '.join(SDE_NAMES)}")
+    _args.at_least(p, "n_iters", args.n_iters, 1)
+    _args.at_least(p, "seed", args.seed, 0)
+    if args.config is not None:
+        try:
+            find_config(args.config)
+        except (ValueError, FileNotFoundError) as err:
+            p.error(str(err))
+    _args.output_folder(p, "workdir", args.workdir)
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(12345)

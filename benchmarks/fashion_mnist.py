@@ -66,6 +66,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -85,7 +86,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from score_sde._utils import stderr_line  # noqa: E402
-from score_sde.cli import InputError, run_tool, sha256_file, write_json  # noqa: E402
+from score_sde.cli import InputError, check_path, run_tool, sha256_file, write_json  # noqa: E402
 from score_sde.config import apply_overrides, load_config_file, to_dict  # noqa: E402
 from score_sde.datasets import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from score_sde.models import MODELS  # noqa: E402
@@ -716,6 +717,9 @@ def resolve_options(fv) -> Dict[str, Any]:
         raise InputError("--fp32 applies to CUDA training only (the CPU trains in fp32)")
     if o["time_budget"] is None:
         o["time_budget"] = 540.0 if o["device"] == "cuda" else 0.0
+    if not math.isfinite(o["time_budget"]):  # NaN passes the flag's lower bound
+        raise InputError(f"--time_budget must be a finite number of seconds >= 0 (0: no "
+                         f"limit), got {o['time_budget']}")
     if not o["nll_tol"] > 0:
         raise InputError(f"--nll_tol must be > 0, got {o['nll_tol']}")
     try:
@@ -737,11 +741,10 @@ def resolve_options(fv) -> Dict[str, Any]:
         if o[flag] > have:
             raise InputError(f"--{flag} {o[flag]} exceeds the {have} images of the {split} "
                              f"split in {o['data_dir']}")
-    o["workdir"] = Path(o["workdir"]).expanduser().resolve()
-    if o["workdir"].exists() and not o["workdir"].is_dir():
-        raise InputError(f"--workdir {o['workdir']} exists and is not a folder")
-    o["results"] = (Path(o["results"]).expanduser().resolve() if o["results"]
-                    else o["workdir"] / "results")
+    o["workdir"] = check_path("workdir", Path(o["workdir"]).expanduser().resolve(),
+                              folder=True)
+    o["results"] = check_path("results", Path(o["results"]).expanduser().resolve(),
+                              folder=True) if o["results"] else o["workdir"] / "results"
     if o["classifier"] is not None:
         o["classifier"] = Path(o["classifier"]).expanduser().resolve()
         if not o["classifier"].is_file():

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _args  # noqa: E402
 from bench import Mixture, paper_code_loglik  # noqa: E402
 from score_sde import VPSDE, log_likelihood  # noqa: E402
 
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
                         "NFE is the largest over the samples, with the mean as nfe_mean")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    _args.positive_number(p, "tol", args.tol)
+    _args.output_file(p, "output", args.output)
     rows = []
     for i in case_indices(p, args.cases):
         name, dim, sde, score, x, probes = case_problem(i)

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _args  # noqa: E402
 from likelihood_accuracy import CASES, case_problem  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.ode import _NORMS, ERROR_NORMS, _ODEFunc  # noqa: E402
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--top", type=int, default=6, help="steps listed, largest dopri5 error first")
     args = p.parse_args(argv)
+    _args.positive_number(p, "tol", args.tol)
+    _args.at_least(p, "top", args.top, 1)
     rows, total = analyse(args.case, args.error_norm, args.tol)
     print(f"{list(CASES)[args.case]}, error norm {args.error_norm}, rtol = atol = {args.tol:g}: "
           f"{len(rows)} accepted steps; largest |delta error| of the solve "

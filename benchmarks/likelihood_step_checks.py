@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _args  # noqa: E402
 from likelihood_accuracy import CASES, case_indices, case_problem, report, tight_truth  # noqa: E402
 from score_sde.likelihood import augmented_rhs  # noqa: E402
 from score_sde.per_sample_ode import _A, _C, _E  # noqa: E402
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--norms", default="rms,max", help=f"comma-separated, of {', '.join(NORMS)}")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    _args.positive_number(p, "tol", args.tol)
+    _args.output_file(p, "output", args.output)
     checks = args.checks.split(",")
     bad = [c for c in checks if c not in CHECKS]
     if bad:

@@ -14,6 +14,7 @@ accuracy, which compares solvers whose norms mean different things at the same t
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _args  # noqa: E402
 from likelihood_accuracy import (CASES, case_indices, case_problem, report,  # noqa: E402
                                  solve_runs, tight_truth)
 
@@ -69,8 +71,10 @@ def main(argv=None) -> int:
         tols = sorted({float(t) for t in args.tols.split(",")}, reverse=True)
     except ValueError:
         p.error(f"--tols must be comma-separated numbers, got {args.tols!r}")
-    if not tols or min(tols) <= 0:
-        p.error(f"--tols must be positive, got {args.tols!r}")
+    if not tols or not all(math.isfinite(t) and t > 0 for t in tols):
+        p.error(f"--tols must be finite positive numbers, got {args.tols!r}")
+    _args.positive_number(p, "target", args.target)
+    _args.output_file(p, "output", args.output)
     dtypes = args.dtypes.split(",")
     if not set(dtypes) <= set(DTYPES):
         p.error(f"unknown dtype(s) in --dtypes {args.dtypes!r}; accepted: {', '.join(DTYPES)}")

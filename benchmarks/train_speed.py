@@ -43,7 +43,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _args  # noqa: E402
 from score_sde.config import apply_overrides, load_config_file  # noqa: E402
 from score_sde.trainer import Trainer  # noqa: E402
 
@@ -308,6 +310,14 @@ def main(argv=None) -> int:
                         "none without either)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    _args.device(p, "device", args.device)
+    _args.at_least(p, "batch_size", args.batch_size, 1)
+    _args.at_least(p, "steps", args.steps, 1)
+    _args.at_least(p, "warmup", args.warmup, 0)
+    _args.at_least(p, "parity_steps", args.parity_steps, 0)
+    if args.parity_steps:
+        _args.at_least(p, "parity_window", args.parity_window, 2)  # a window's noise needs 2
+    _args.output_file(p, "output", args.output)
     if args.profile_steps < 0:
         p.error(f"--profile_steps must be >= 0, got {args.profile_steps}")
     if args.trace_dir is not None and args.profile_steps == 0:

@@ -123,8 +123,13 @@ def test_train_rows(result):
     (["--train_modes", "fp8"], "unknown mode 'fp8'"),
     (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
     (["--device", "cuda"], "--device cuda but CUDA is not available"),
+    (["--device", "xyz"], "--device must be auto, cpu, cuda or cuda:N, got 'xyz'"),
+    (["--rtol", "nan"], "--rtol must be a finite number > 0, got nan"),
+    (["--checkpoint", "{tmp}/none.pt"], "none.pt does not exist; give a file"),
+    (["--output", "{tmp}"], "is a folder; give a file name"),
 ])
 def test_bad_arguments_exit_2(tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
     out = bench(*args, cwd=tmp_path)
     assert out.returncode == 2 and message in out.stderr, out.stderr
 
@@ -246,6 +251,11 @@ def test_train_speed_profile_run(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--profile_steps", "-1"], "--profile_steps must be >= 0, got -1"),
     (["--trace_dir", "x"], "--trace_dir needs --profile_steps"),
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--device", "xyz"], "--device must be cpu, cuda or cuda:N, got 'xyz'"),
+    (["--parity_steps", "10", "--parity_window", "1"], "--parity_window must be >= 2, got 1"),
 ])
 def test_train_speed_bad_profile_arguments(args, message):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), *args],
@@ -263,3 +273,23 @@ def test_likelihood_solves_of_a_checkpoint(toy_run, tmp_path):
     assert solves["bpd"].startswith("-log p")  # continuous data: no dequantization offset
     for r in solves["rows"]:
         assert r["images"] == 6 and r["max_abs_dbpd"] < 1e-2, r
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_iters", "0"], "--n_iters must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--config", "{tmp}/none.py"], "none.py"),
+    (["--sdes", "vp,edm"], "unknown SDE 'edm'"),
+])
+def test_contract_2d_bad_arguments_exit_2_before_writing(tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "contract_2d.py"),
+                          "--workdir", str(tmp_path / "w"), *args], env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not (tmp_path / "w").exists()
+    (tmp_path / "file").write_text("x")
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "contract_2d.py"),
+                          "--workdir", str(tmp_path / "file")], env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "is a file; give a folder" in out.stderr, out.stderr

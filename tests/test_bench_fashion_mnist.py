@@ -181,8 +181,12 @@ def test_failed_stage_is_one_line_with_status_and_log(tiny):
                               "denoising)"),
     (["--fp32"], "--fp32 applies to CUDA training only"),
     (["--n_iters", "0"], "n_iters"),
+    (["--time_budget", "nan"], "--time_budget must be a finite number of seconds >= 0"),
+    (["--results", "{tmp}/file"], "is a file; give a folder"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, extra, match):
+    (tmp_path / "file").write_text("x")
+    extra = [a.format(tmp=tmp_path) for a in extra]
     data = _fashion_dir(tmp_path / "data")
     result = _run("--tiny", "--workdir", tmp_path / "work", "--data_dir", data, *extra)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -107,8 +107,8 @@ def test_work_precision_summary_matches_its_rows(work_precision, tmp_path):
         assert s["nfe"] == next(r["nfe"] for r in mine if r["tol"] == s["tol"])
 
 
-@pytest.mark.parametrize("argv", [["--tols", "1e-5,x"], ["--tols", "0"],
-                                  ["--dtypes", "float16"], ["--cases", "6"],
+@pytest.mark.parametrize("argv", [["--tols", "1e-5,x"], ["--tols", "0"], ["--tols", "nan"],
+                                  ["--target", "-1"], ["--dtypes", "float16"], ["--cases", "6"],
                                   ["--cases", "0,x"]])
 def test_work_precision_rejects_bad_arguments(work_precision, argv):
     with pytest.raises(SystemExit) as exc:
@@ -121,6 +121,17 @@ def test_unknown_cases_exit_2(script):
     with pytest.raises(SystemExit) as exc:
         load_script(f"benchmarks/{script}.py").main(["--cases", "-1"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("script", ["likelihood_accuracy", "likelihood_step_checks",
+                                    "likelihood_error_sources"])
+@pytest.mark.parametrize("tol", ["-1", "0", "nan"])
+def test_tolerances_that_are_not_positive_exit_2(script, tol, capsys):
+    """A negative tolerance once ran (and exited 0) with meaningless numbers."""
+    with pytest.raises(SystemExit) as exc:
+        load_script(f"benchmarks/{script}.py").main(["--tol", tol])
+    assert exc.value.code == 2
+    assert f"--tol must be a finite number > 0, got {float(tol)}" in capsys.readouterr().err
 
 
 def test_error_sources_follow_the_tolerance(sources):
