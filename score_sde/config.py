@@ -202,10 +202,9 @@ def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
     return Config(**sections)
 
 
-def _type_error(section: str, f: dataclasses.Field, value) -> Optional[str]:
+def _type_error(hint, value) -> Optional[str]:
     """Why `value` does not fit the field's annotation (int, float, bool, str, dict, each
     possibly Optional), or None. Floats must be finite; bools are not numbers here."""
-    hint = typing.get_type_hints(type(getattr(Config(), section)))[f.name]
     optional = type(None) in typing.get_args(hint)
     if optional:
         if value is None:
@@ -237,8 +236,9 @@ def check_config(cfg: Config) -> None:
     """
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(values))
         for f in dataclasses.fields(values):
-            problem = _type_error(section.name, f, getattr(values, f.name))
+            problem = _type_error(hints[f.name], getattr(values, f.name))
             if problem:
                 raise ValueError(f"{section.name}.{f.name} must be {problem}")
     tc = cfg.training

@@ -411,11 +411,10 @@ def run(fv) -> Dict[str, object]:
         raise InputError(f"checkpoint {checkpoint} is a folder; pass --checkpoint FILE")
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist (pass --checkpoint PATH)")
-    for name in ("checkpoint", "data_path"):
-        source = checkpoint if name == "checkpoint" else fv.data_path
+    for name, source in (("checkpoint", checkpoint), ("data path", fv.data_path)):
         if fv.output and source and Path(fv.output).resolve() == Path(source).resolve():
-            raise InputError(f"--output {fv.output} is the {name.replace('_', ' ')} being "
-                             f"evaluated; choose another file")
+            raise InputError(f"--output {fv.output} is the {name} being evaluated; choose "
+                             f"another file")
     if fv.data_path is not None and fv["split"].present:
         raise InputError("--split does not apply to --data_path (the file is evaluated whole)")
     layout = dist_from_env(os.environ)
