@@ -168,8 +168,9 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             caller can tell replayed evaluations from an eager fallback.
 
     Returns:
-        (logp, z, nfe): logp [B] in nats in x's dtype, the latent z = x_T shaped like x, and the
-        number of score (network) evaluations; with per-sample control, the number of batched
+        (logp, z, nfe): logp [B] in nats in x's dtype (float32 for half-precision x, whose
+        range ends at 65504, below a large image's log-density), the latent z = x_T shaped
+        like x, and the number of score (network) evaluations; with per-sample control, the number of batched
         evaluations (each over the samples still integrating).
 
     Raises:
@@ -232,10 +233,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             cuda_graph_stats.update(graphed.stats())
     z = z.to(dtype)
     _check_finite(z, "the latent z")
-    logp = sde.prior_logp(z).to(wide) + delta
+    logp = (sde.prior_logp(z).to(wide) + delta).to(torch.promote_types(dtype, torch.float32))
     _check_finite(logp, "the log-likelihood")
     # Replayed evaluations bypass CountingScore; each call of the right-hand side is one.
-    return logp.to(dtype), z, calls if cuda_graph else counting.nfe
+    return logp, z, calls if cuda_graph else counting.nfe
 
 
 def bits_per_dim(logp: torch.Tensor, num_dims: int, *, data_width: float = 2.0,

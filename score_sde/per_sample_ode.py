@@ -82,7 +82,9 @@ def _first_step(rhs: RHS, t0: torch.Tensor, y0: Tensors, f0: Tensors, idx: torch
     sign = torch.sign(span)
     y1 = _combine(y0, sign * h0, [f0], [1.0])
     f1 = rhs(t0 + sign * h0, y1, idx)
-    d2 = _scaled_norm(tuple(b - a for a, b in zip(f0, f1)), y0, y0, rtol, atol, rms) / h0
+    # An empty interval (h0 = 0) needs no step: keep d2 finite so that h stays 0 there.
+    d2 = (_scaled_norm(tuple(b - a for a, b in zip(f0, f1)), y0, y0, rtol, atol, rms)
+          / torch.where(h0 > 0, h0, torch.ones_like(h0)))
     big = torch.maximum(d1, d2)
     h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / big) ** (1 / 5))
     return torch.minimum(torch.minimum(100 * h0, h1), span.abs())

@@ -317,3 +317,20 @@ def test_float32_data_are_integrated_in_float64(error_norm):
         assert logp.dtype == dtype
         results[dtype] = bits_per_dim(logp.double(), 32, data_width=1.0, num_levels=1 << 30)
     assert (results[torch.float32] - results[torch.float64]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_data_get_a_float32_log_density(dtype):
+    """With the score 0 under VE the probability flow stands still (drift -g^2 s / 2 = 0, in
+    any precision), so log p at eps is the prior's, log N(x; 0, 50^2 I): below float16's range
+    (-65504) for a 3x128x128 image. It comes back in float32 instead of overflowing to -inf
+    after the finiteness check."""
+    d, sigma_max = 3 * 128 * 128, 50.0
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logp, z, _ = log_likelihood(score_sde.VESDE(sigma_max=sigma_max), lambda y, t: 0 * y, x,
+                                eps=EPS)
+    exact = (-0.5 * d * math.log(2 * math.pi * sigma_max ** 2)
+             - x.double().pow(2).sum() / (2 * sigma_max ** 2))
+    assert exact < -65504 and logp.dtype == torch.float32 and z.dtype == dtype
+    assert torch.equal(z, x)
+    assert float(logp) == pytest.approx(float(exact), rel=1e-6)

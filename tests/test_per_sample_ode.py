@@ -133,3 +133,12 @@ def test_bad_step_control_arguments():
         log_likelihood(VPSDE(), score, x, step_control="sample")
     with pytest.raises(ValueError, match="integrates with dopri5"):
         log_likelihood(VPSDE(), score, x, step_control="per_sample", method="bosh3")
+
+
+def test_an_empty_interval_returns_the_start():
+    """t_start == t_end: no step, the start state back (Hairer's first-step guess divided by
+    the zero first step, which once read as a non-finite derivative)."""
+    k = torch.tensor([0.5, 2.0, 8.0], dtype=F64)
+    y0 = torch.tensor([[1.0], [-2.0], [3.0]], dtype=F64)
+    (y,), steps, calls = odeint_per_sample(_decay(k), (y0,), 0.5, 0.5, rtol=1e-7, atol=1e-10)
+    assert torch.equal(y, y0) and steps.tolist() == [0, 0, 0] and calls == 2
