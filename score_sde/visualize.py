@@ -1,5 +1,6 @@
 """Sample pictures: image grids and 2-D scatter plots (with axes) as PNG files (Pillow)."""
 import math
+import numbers
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,12 +16,14 @@ def image_grid(x: torch.Tensor, *, padding: int = 2, cols: Optional[int] = None
                ) -> Image.Image:
     """Tiles images x [N, C, H, W] with values in [-1, 1] (C = 1 or 3) into one picture, row
     by row, `cols` to a row (default: a near-square grid)."""
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f"images must have shape [N >= 1, 1 or 3, H, W], got "
+                         f"{tuple(x.shape)}")
     n, c, h, w = x.shape
-    if cols is not None and not (isinstance(cols, int) and cols >= 1):
+    if cols is not None and not (isinstance(cols, numbers.Integral)
+                                 and not isinstance(cols, bool) and cols >= 1):
         raise ValueError(f"cols must be an integer >= 1 or None, got {cols!r}")
-    cols = math.ceil(math.sqrt(n)) if cols is None else cols
+    cols = math.ceil(math.sqrt(n)) if cols is None else int(cols)
     rows = math.ceil(n / cols)
     pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     canvas = torch.zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding,

@@ -8,6 +8,7 @@ formula written out with einsum. Forward passes only use tiny configurations.
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -350,10 +351,12 @@ def test_invalid_arguments_raise():
         tiny(dropout="0.1")
     with pytest.raises(ValueError, match=r"attn_resolutions must be a sequence of ints .*got 16"):
         tiny(attn_resolutions=16)  # (16,) was meant
-    with pytest.raises(ValueError, match="init_scale must be a number >= 0, got -1"):
+    with pytest.raises(ValueError, match="init_scale must be a finite number >= 0, got -1"):
         tiny(init_scale=-1.0)
-    with pytest.raises(ValueError, match="fourier_scale must be a number > 0"):
+    with pytest.raises(ValueError, match="fourier_scale must be a finite number > 0"):
         tiny(embedding_type="fourier", fourier_scale=0.0)
+    with pytest.raises(ValueError, match="fourier_scale must be a finite number > 0, got inf"):
+        tiny(embedding_type="fourier", fourier_scale=math.inf)
     model = tiny()
     x, sigma = inputs()
     with pytest.raises(ValueError, match="x must have shape"):
@@ -438,3 +441,18 @@ def test_mlp_linear_skip_is_a_time_dependent_diagonal_map():
         model.skip.weight.zero_()
         model.skip.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
     torch.testing.assert_close(model(x, t), x * torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_numpy_settings_build_the_same_network():
+    """NumPy scalars and arrays (settings computed with NumPy) are valid arguments and give
+    the network the Python-number settings give, weights included."""
+    torch.manual_seed(0)
+    plain = tiny(dropout=0.25, attn_resolutions=(8,), embedding_type="fourier",
+                 fourier_scale=16.0, init_scale=0.5, ch_mult=(1, 2))
+    torch.manual_seed(0)
+    numpy = tiny(dropout=np.float32(0.25), attn_resolutions=np.array([8]),
+                 embedding_type="fourier", fourier_scale=np.float32(16), init_scale=np.float64(0.5),
+                 ch_mult=[np.int64(1), np.int64(2)])
+    a, b = plain.state_dict(), numpy.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert repr(plain) == repr(numpy)

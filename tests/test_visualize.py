@@ -32,6 +32,17 @@ def test_image_grid_tiles_the_images_in_rows():
     assert img.getpixel((8, 8)) == 0  # the empty fourth cell
     with pytest.raises(ValueError, match="images must have shape"):
         image_grid(torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"images must have shape \[N >= 1.*got \(0, 1, 4, 4\)"):
+        image_grid(torch.zeros(0, 1, 4, 4))
+
+
+def test_image_grid_columns():
+    x = torch.stack([torch.full((1, 4, 4), v) for v in (-1.0, 0.0, 1.0)])
+    assert image_grid(x, padding=2, cols=np.int64(3)).size == (2 + 3 * 6, 2 + 6)  # one row
+    assert image_grid(x, padding=2, cols=1).size == (2 + 6, 2 + 3 * 6)  # one column
+    for bad in (0, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="cols must be an integer >= 1 or None"):
+            image_grid(x, cols=bad)
 
 
 def test_scatter_plot_has_a_frame_ticks_title_and_the_points_where_they_belong():

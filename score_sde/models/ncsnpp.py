@@ -10,6 +10,8 @@ output into a score. Which time input and output convention a model was trained 
 caller's choice, stated once in `score_sde.make_score_fn` (see `NCSNpp`).
 """
 import copy
+import math
+import numbers
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -27,6 +29,14 @@ __all__ = ["NCSNpp", "paper_config", "PAPER_CONFIGS", "RESBLOCKS", "PROGRESSIVE"
 RESBLOCKS = {"ddpm": ResnetBlockDDPMpp, "biggan": ResnetBlockBigGANpp}
 PROGRESSIVE = ("none", "output_skip", "residual")
 PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class NCSNpp(nn.Module):
@@ -113,20 +123,24 @@ class NCSNpp(nn.Module):
         check_int("in_channels", in_channels, minimum=1)
         check_int("nf", nf, minimum=4)
         check_int("num_res_blocks", num_res_blocks, minimum=1)
+        # NumPy scalars and arrays are welcome; the network keeps Python numbers.
         ch_mult = tuple(ch_mult)
-        if not ch_mult or not all(isinstance(m, int) and m >= 1 for m in ch_mult):
+        if not ch_mult or not all(_is_int(m) and m >= 1 for m in ch_mult):
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, "
                              f"got {ch_mult!r}")
-        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        ch_mult = tuple(int(m) for m in ch_mult)
+        if not (_is_real(dropout) and 0 <= dropout < 1):
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if (isinstance(attn_resolutions, (str, bytes)) or not hasattr(attn_resolutions, "__iter__")
-                or not all(isinstance(r, int) for r in attn_resolutions)):
+                or not all(_is_int(r) for r in attn_resolutions)):
             raise ValueError(f"attn_resolutions must be a sequence of ints (image sides), e.g. "
                              f"(16,), got {attn_resolutions!r}")
-        if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
-            raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
-        if not (isinstance(fourier_scale, (int, float)) and fourier_scale > 0):
-            raise ValueError(f"fourier_scale must be a number > 0, got {fourier_scale!r}")
+        attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        if not (_is_real(init_scale) and 0 <= init_scale < math.inf):
+            raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}")
+        if not (_is_real(fourier_scale) and 0 < fourier_scale < math.inf):
+            raise ValueError(f"fourier_scale must be a finite number > 0, got {fourier_scale!r}")
+        dropout, init_scale, fourier_scale = float(dropout), float(init_scale), float(fourier_scale)
         check_choice("resblock_type", resblock_type, RESBLOCKS)
         check_choice("progressive", progressive, PROGRESSIVE)
         check_choice("progressive_input", progressive_input, PROGRESSIVE_INPUT)
