@@ -81,11 +81,13 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
 
 
 def snapshots(folder: Path):
-    """Snapshot files in `folder`, newest (highest step) first."""
+    """Snapshot files in `folder`, newest (highest step) first (folders with a snapshot's
+    name are not snapshots)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _SNAPSHOT.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _SNAPSHOT.match(p.name)) and not p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -128,7 +130,11 @@ def load_checkpoint(latest: Path, snapshot_dir: Path, *,
         OSError: a file could not be read at all (no permission, an I/O error): it may well
             be intact, and skipping it would let the next save overwrite it.
     """
-    candidates = ([Path(latest)] if Path(latest).exists() else []) + snapshots(snapshot_dir)
+    latest = Path(latest)
+    if latest.is_dir():
+        warn(f"warning: skipping {latest}: a folder, not a checkpoint file")
+    candidates = ([latest] if latest.exists() and not latest.is_dir() else []) + snapshots(
+        snapshot_dir)
     best = None
     for path in candidates:
         try:
@@ -148,7 +154,7 @@ def load_checkpoint(latest: Path, snapshot_dir: Path, *,
             continue
         if best is None or state.get("step", -1) > best.get("step", -1):
             best = state
-        if path == Path(latest):
+        if path == latest:
             continue
         break  # snapshots are newest first: the first good one is the best of them
     return best

@@ -56,7 +56,7 @@ class TrainingConfig:
     warmup: int = 5000  # linear learning-rate warm-up, steps
     lr_decay: str = "none"  # after warm-up: "none" (constant) or "cosine" (to lr_final * lr)
     lr_final: float = 0.0  # cosine decay: final learning rate as a fraction of lr
-    grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
+    grad_clip: float = 1.0  # max global gradient norm; <= 0 or inf disables clipping
     adam_beta1: float = 0.9
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
@@ -202,9 +202,14 @@ def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
     return Config(**sections)
 
 
-def _type_error(hint, value) -> Optional[str]:
+# Settings for which +inf is a meaning, not an overflow.
+INFINITY_ALLOWED = {"training.grad_clip"}  # no clipping, as clip_grad_norm_ reads it
+
+
+def _type_error(hint, value, *, allow_inf: bool = False) -> Optional[str]:
     """Why `value` does not fit the field's annotation (int, float, bool, str, dict, each
-    possibly Optional), or None. Floats must be finite; bools are not numbers here."""
+    possibly Optional), or None. Floats must be finite (or +inf, with `allow_inf`); bools are
+    not numbers here."""
     optional = type(None) in typing.get_args(hint)
     if optional:
         if value is None:
@@ -213,8 +218,8 @@ def _type_error(hint, value) -> Optional[str]:
     kind = typing.get_origin(hint) or hint
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and not math.isfinite(value):
-            return f"a finite number, got {value!r}"
+        if ok and not math.isfinite(value) and not (allow_inf and value == math.inf):
+            return f"a finite number{' or inf' if allow_inf else ''}, got {value!r}"
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
@@ -238,7 +243,8 @@ def check_config(cfg: Config) -> None:
         values = getattr(cfg, section.name)
         hints = typing.get_type_hints(type(values))
         for f in dataclasses.fields(values):
-            problem = _type_error(hints[f.name], getattr(values, f.name))
+            problem = _type_error(hints[f.name], getattr(values, f.name),
+                                  allow_inf=f"{section.name}.{f.name}" in INFINITY_ALLOWED)
             if problem:
                 raise ValueError(f"{section.name}.{f.name} must be {problem}")
     tc = cfg.training

@@ -51,11 +51,15 @@ GRID_DPM_STEPS = 20
 # A CPU run whose steps take longer than this gets `slow_hint` after its expected duration.
 SLOW_CPU_RUN_SECONDS = 2 * 3600
 # Settings a run may change when it resumes without changing what it computes: reporting,
-# checkpointing, the length of the run, where and how fast it runs.
+# checkpointing, the length of the run (unless the learning rate decays over it, see
+# `changed_settings`), where and how fast it runs.
 RESUME_NEUTRAL = {f"training.{name}" for name in (
     "n_iters", "log_every", "eval_every", "eval_batches", "sample_every", "num_samples",
     "sampler", "sample_steps", "checkpoint_every", "snapshot_every", "keep_snapshots", "device",
-    "compile", "compile_mode", "compile_scope", "skip_nonfinite", "max_nonfinite")}
+    "compile", "compile_mode", "compile_scope", "channels_last", "skip_nonfinite",
+    "max_nonfinite")}
+# Default folders of the datasets that have one (data.data_dir None reads from there).
+DEFAULT_DATA_DIRS = {"fashion_mnist": data_lib.FASHION_MNIST_DIR}
 
 
 class TrainingError(RuntimeError):
@@ -86,14 +90,39 @@ def step_seed(seed: int, step: int, stream: int = STREAM_NOISE) -> int:
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0])
 
 
-def changed_settings(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+def _data_location(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """`cfg` (a `to_dict` config) with data_dir and data_path as the folders they lead to:
+    the dataset's default folder for data_dir None, real absolute paths."""
+    data = dict(cfg.get("data", {}))
+    if data.get("data_dir") is None:
+        data["data_dir"] = DEFAULT_DATA_DIRS.get(data.get("dataset"))
+    for key in ("data_dir", "data_path"):
+        if isinstance(data.get(key), str):
+            data[key] = os.path.realpath(os.path.expanduser(data[key]))
+    return {**cfg, "data": data}
+
+
+def changed_settings(saved: Dict[str, Any], current: Dict[str, Any], *,
+                     step: Optional[int] = None) -> List[str]:
     """"section.field old -> new" for each setting of the `to_dict` configs that differs,
-    except those in `RESUME_NEUTRAL`."""
+    except those in `RESUME_NEUTRAL`. n_iters counts where either config decays the learning
+    rate (the cosine spans the run) and some of the `step` steps done (None: any) came after
+    the warm-up, whose rates do not depend on it; data folders are compared where they
+    lead."""
+    neutral = set(RESUME_NEUTRAL)
+    decays = {c.get("training", {}).get("lr_decay", "none") for c in (saved, current)}
+    warmup = saved.get("training", {}).get("warmup", 0)
+    if decays != {"none"} and (step is None or step > warmup):
+        neutral.discard("training.n_iters")
+    where_saved, where_now = _data_location(saved), _data_location(current)
     changes = []
     for section, fields in current.items():
         for name, value in fields.items():
             key, old = f"{section}.{name}", saved.get(section, {}).get(name, value)
-            if key not in RESUME_NEUTRAL and old != value:
+            if section == "data" and name in ("data_dir", "data_path"):
+                if where_saved["data"].get(name) == where_now["data"].get(name):
+                    continue
+            if key not in neutral and old != value:
                 changes.append(f"{key} {old!r} -> {value!r}")
     return changes
 
@@ -402,7 +431,7 @@ class Trainer:
                                 warn=warn)
         if state is not None:
             self.restore(state)
-            changed = changed_settings(state["config"], to_dict(self.cfg))
+            changed = changed_settings(state["config"], to_dict(self.cfg), step=self.step)
             if changed:
                 warn(f"warning: resuming with settings changed since the checkpoint ("
                      f"{'; '.join(changed)}): the run will differ from an uninterrupted one")

@@ -76,6 +76,22 @@ def test_unreadable_file_stops_the_load_instead_of_being_skipped(tmp_path, monke
     assert load_checkpoint(latest, snaps)["step"] == 20
 
 
+def test_folders_named_like_checkpoints_are_skipped(tmp_path, capsys):
+    """A folder is no checkpoint file: a folder named like the newest snapshot is passed over
+    (and never pruned), one named checkpoint.pt is reported and passed over."""
+    snaps, latest = tmp_path / "snapshots", tmp_path / "checkpoint.pt"
+    save_checkpoint(_state(10), snaps / "snapshot_00000010.pt")
+    (snaps / "snapshot_00000030.pt").mkdir()
+    assert [p.name for p in snapshots(snaps)] == ["snapshot_00000010.pt"]
+    assert load_checkpoint(latest, snaps)["step"] == 10
+    latest.mkdir()
+    assert load_checkpoint(latest, snaps)["step"] == 10
+    assert f"warning: skipping {latest}: a folder, not a checkpoint file" in \
+        capsys.readouterr().err
+    prune_snapshots(snaps, keep=0)
+    assert (snaps / "snapshot_00000030.pt").is_dir()
+
+
 def test_latest_preferred_when_newer_and_none_when_empty(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt", tmp_path / "snapshots") is None
     save_checkpoint(_state(10), tmp_path / "snapshots" / "snapshot_00000010.pt")

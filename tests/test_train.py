@@ -217,7 +217,10 @@ def test_resume_past_n_iters_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     ("training.n_iters", True, r"training.n_iters must be an integer, got bool True"),
     ("training.batch_size", "32", r"training.batch_size must be an integer, got str '32'"),
     ("training.lr", math.inf, r"training.lr must be a finite number, got inf"),
-    ("training.grad_clip", math.nan, r"training.grad_clip must be a finite number, got nan"),
+    ("training.grad_clip", math.nan,
+     r"training.grad_clip must be a finite number or inf, got nan"),
+    ("training.grad_clip", -math.inf,
+     r"training.grad_clip must be a finite number or inf, got -inf"),
     ("training.ema_rate", "0.999", r"training.ema_rate must be a number or None, got str"),
     ("training.bf16", 1, r"training.bf16 must be True or False, got int 1"),
     ("sde.beta_max", None, r"sde.beta_max must be a number, got NoneType None"),
@@ -230,6 +233,18 @@ def test_config_values_of_the_wrong_type_are_refused(field, value, message):
     check_config(_toy_cfg())
     with pytest.raises(ValueError, match=message):
         check_config(apply_overrides(_toy_cfg(), {field: value}))
+
+
+def test_infinite_grad_clip_means_no_clipping(tmp_path):
+    """grad_clip = inf (clip_grad_norm_'s "no limit") is a valid config value, and trains
+    exactly as grad_clip = 0 (the documented off switch) does."""
+    check_config(_toy_cfg(grad_clip=math.inf))
+    states = []
+    for clip in (math.inf, 0.0):
+        workdir = tmp_path / f"clip{clip}"
+        train(_toy_cfg(n_iters=3, grad_clip=clip, sample_every=0), str(workdir), quiet=True)
+        states.append(read_checkpoint(workdir / "checkpoint.pt")["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_model_flag_drops_the_config_s_model_kwargs(tmp_path):
@@ -588,14 +603,44 @@ def test_resume_with_changed_settings_warns_naming_them(tmp_path):
         return [line for line in (tmp_path / "log.txt").read_text().splitlines()
                 if "resuming with settings changed" in line]
 
-    train(_toy_cfg(n_iters=10), str(tmp_path))
+    # A constant learning rate after warm-up: the run's length changes nothing else.
+    train(_toy_cfg(n_iters=10, lr_decay="none"), str(tmp_path))
     # Length, logging and the like change nothing the run computes: no warning.
-    train(_toy_cfg(n_iters=20, log_every=5), str(tmp_path))
+    train(_toy_cfg(n_iters=20, log_every=5, lr_decay="none"), str(tmp_path))
     assert warnings() == []
-    changed = apply_overrides(_toy_cfg(n_iters=30), {"training.lr": 5e-4,
-                                                      "data.dataset": "toy_moons"})
+    changed = apply_overrides(_toy_cfg(n_iters=30, lr_decay="none"),
+                              {"training.lr": 5e-4, "data.dataset": "toy_moons"})
     train(changed, str(tmp_path))
     (warning,) = warnings()
     assert "training.lr 0.001 -> 0.0005" in warning
     assert "data.dataset 'toy_8gaussians' -> 'toy_moons'" in warning
     assert "n_iters" not in warning and "log_every" not in warning
+
+
+def test_changed_settings_that_change_the_run():
+    """n_iters changes the run where the learning rate decays over it (the cosine reaches
+    lr_final at n_iters), not with a constant rate; the memory layout never does; a data
+    folder counts by where it leads."""
+    from score_sde.datasets import FASHION_MNIST_DIR
+    from score_sde.trainer import changed_settings
+
+    def cfg(**training):
+        c = to_dict(_toy_cfg())
+        return {**c, "training": {**c["training"], **training}}
+
+    assert changed_settings(cfg(n_iters=10, lr_decay="none"),
+                            cfg(n_iters=20, lr_decay="none")) == []
+    cosine = dict(lr_decay="cosine", warmup=5)
+    assert changed_settings(cfg(n_iters=10, **cosine), cfg(n_iters=20, **cosine),
+                            step=6) == ["training.n_iters 10 -> 20"]
+    # Steps inside the warm-up ran at rates that do not depend on n_iters.
+    assert changed_settings(cfg(n_iters=10, **cosine), cfg(n_iters=20, **cosine), step=5) == []
+    assert changed_settings(cfg(channels_last=False), cfg(channels_last=True)) == []
+
+    def data(**fields):
+        c = to_dict(_toy_cfg())
+        return {**c, "data": {**c["data"], "dataset": "fashion_mnist", **fields}}
+
+    assert changed_settings(data(data_dir=None), data(data_dir=FASHION_MNIST_DIR + "/")) == []
+    assert changed_settings(data(data_dir=None), data(data_dir="/elsewhere")) == [
+        "data.data_dir None -> '/elsewhere'"]
