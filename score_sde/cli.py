@@ -38,6 +38,21 @@ def check_path(flag: str, path: Path, *, folder: bool = False) -> Path:
     return path
 
 
+def check_not_data(outputs: Dict[str, Optional[Path]], dataset: str, *,
+                   data_dir: Optional[str] = None, data_path: Optional[str] = None) -> None:
+    """Refuses outputs ({flag: path or None}) that are files `dataset` is read from.
+
+    Raises:
+        InputError: naming the flag and the file."""
+    from .datasets import dataset_files
+
+    data = set(dataset_files(dataset, data_dir=data_dir, data_path=data_path))
+    for flag, path in outputs.items():
+        if path is not None and os.path.realpath(path) in data:
+            raise InputError(f"--{flag} {path} is a file of the {dataset} data it reads; "
+                             f"write it elsewhere")
+
+
 def write_json(path: Path, obj: Dict[str, Any]) -> None:
     """Writes `obj` as indented JSON atomically (temporary file, then rename)."""
     path = Path(path)

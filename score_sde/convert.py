@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import save_checkpoint
-from .cli import write_json
+from .cli import check_path, write_json
 from .config import Config, DataConfig, ModelConfig, SDEConfig, TrainingConfig, to_dict
 from .datasets import NUM_LEVELS, DataInfo
 from .models.layers import (AttnBlockpp, Combine, Downsample, ResnetBlockBigGANpp,
@@ -506,11 +506,10 @@ def check_run_folder(workdir: Union[str, Path], *, overwrite: bool = False) -> P
     """WORKDIR/checkpoint.pt, after checking that `write_run` may write it.
 
     Raises:
-        ValueError: WORKDIR is a file, or already holds a checkpoint.pt and not `overwrite`.
+        ValueError: WORKDIR is a file or lies under one, or already holds a checkpoint.pt and
+            not `overwrite`.
     """
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"--workdir {workdir} exists and is not a folder")
+    workdir = check_path("workdir", Path(workdir), folder=True)
     path = workdir / "checkpoint.pt"
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists; choose a new --workdir or pass --overwrite")

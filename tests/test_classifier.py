@@ -328,6 +328,8 @@ def test_train_noisy_ve_defaults_to_the_noise_level(data_dir, tmp_path, capsys):
     (["--kind", "clean", "--lr", "1e39"], r"--lr must be a number in \(0, 3.4e\+38\]"),
     (["--kind", "clean", "--summary", "{out}"], "are the same file"),
     (["--kind", "clean", "--summary", "{folder}"], "--summary .* is a folder; give a file name"),
+    (["--kind", "clean", "--summary", "{data}/train-labels-idx1-ubyte"],
+     "--summary .*train-labels-idx1-ubyte is a file of the fashion_mnist data it reads"),
     (["--kind", "bogus"], "kind"),
     (["--data_dir", "{data}"], "kind"),
     (["--kind", "clean", "extra"], "unexpected arguments"),
@@ -470,6 +472,15 @@ def _bad_files(folder):
      "--samples and --output are the same file"),
     (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--ref_stats", "{t}/r.npz",
       "--output", "{t}/r.npz"], "--ref_stats and --output are the same file"),
+    (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--output", "{f}/clf.pt"],
+     "--classifier and --output are the same file"),
+    (["--samples", "{f}/test.npz", "--inception_weights", "{f}/inception.pt", "--ref_stats",
+      "{f}/inception.pt"], "--inception_weights and --ref_stats are the same file"),
+    (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--output",
+      "{d}/t10k-labels-idx1-ubyte"], "--output .*t10k-labels-idx1-ubyte is a file of the "
+                                     "fashion_mnist data it reads"),
+    (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--ref_stats",
+      "{d}/train-images-idx3-ubyte"], "--ref_stats .* is a file of the fashion_mnist data"),
     (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--ref_stats",
       "{t}/junk.pt/r.npz"], "--ref_stats .* lies under .*junk.pt, which is a file"),
     (["--samples", "{t}/nokey.npz", "--classifier", "{f}/clf.pt"],
@@ -496,8 +507,11 @@ def _bad_files(folder):
 ])
 def test_fid_errors(fid_files, data_dir, tmp_path, capsys, args, match):
     _bad_files(tmp_path)
-    args = [a.format(t=tmp_path, f=fid_files) for a in args] + ["--data_dir", str(data_dir)]
+    args = [a.format(t=tmp_path, f=fid_files, d=data_dir) for a in args] + [
+        "--data_dir", str(data_dir)]
+    before = {p: p.read_bytes() for p in (*Path(data_dir).iterdir(), *fid_files.iterdir())}
     assert _fid(*args) == 2
+    assert all(p.read_bytes() == data for p, data in before.items())  # inputs untouched
     line = _one_line(capsys)
     assert line.startswith("error: ") and re.search(match, line), line
 

@@ -614,7 +614,9 @@ def test_command_line_and_tools_on_a_converted_run(tiny_config, tiny_checkpoint,
     (["{ckpt}", "--workdir", "{tmp}/w"], "--config"),
     # The run folder is checked before the checkpoint is read (a paper checkpoint is large).
     (["{garbage}", "--config", "ve/tiny_test", "--workdir", "{garbage}"],
-     "exists and is not a folder"),
+     "garbage.pth is a file; give a folder"),
+    (["{garbage}", "--config", "ve/tiny_test", "--workdir", "{garbage}/run"],
+     "lies under"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tiny_config, tiny_checkpoint, tmp_path,
                                          capsys):

@@ -343,15 +343,29 @@ def test_command_line_resume_with_max_batches(toy_run, tmp_path, capsys):
     (["--workdir", "{run}", "--checkpoint", "{tmp}"], "is a folder; pass --checkpoint FILE"),
     (["--workdir", "{run}", "--output", "{tmp}/torn.pt/r.json"], "which is a file, not a folder"),
     (["--workdir", "{run}", "--partial_dir", "{tmp}/torn.pt"], "is a file; give a folder"),
+    (["--workdir", "{tmp}", "--checkpoint", "{run}/checkpoint.pt"],
+     "likelihood_partial is a file; give a folder"),  # the default WORKDIR/likelihood_partial
+    (["--workdir", "{tmp}/torn.pt/w", "--checkpoint", "{run}/checkpoint.pt"],
+     "--workdir {tmp}/torn.pt/w lies under"),
     (["--workdir", "{run}", "--device", "cuda"] if not torch.cuda.is_available() else
      ["--workdir", "{run}", "--split", "bogus"], "--"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, toy_run, tmp_path, capsys):
     (tmp_path / "torn.pt").write_bytes(b"score_sde-check")
+    (tmp_path / "likelihood_partial").write_bytes(b"")
     args = [a.format(tmp=tmp_path, run=toy_run) for a in args]
     assert _main(*args) == 2
     line = _one_line(capsys)
-    assert line.startswith("error: ") and message in line, line
+    assert line.startswith("error: ") and message.format(tmp=tmp_path) in line, line
+
+
+def test_a_new_workdir_beside_a_checkpoint_is_made(toy_run, tmp_path):
+    """With --checkpoint the workdir only holds the evaluation's own files (the resumable
+    per-batch results), so it need not exist yet."""
+    workdir = tmp_path / "eval" / "new"
+    assert _main("--workdir", workdir, "--checkpoint", toy_run / "checkpoint.pt",
+                 "--num_samples", 8, *FAST) == 0
+    assert len(list((workdir / "likelihood_partial").glob("*.rank0.jsonl"))) == 1
 
 
 def test_weights_that_do_not_fit_the_data_exit_2(toy_run, tmp_path, capsys):

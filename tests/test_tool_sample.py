@@ -303,12 +303,15 @@ def test_interpolation_endpoints(toy_run, tmp_path):
     (["--workdir", "{tmp}"], "does not exist"),
     (["--workdir", "{toy}", "--rtol", "0"], "--rtol must be > 0"),
     (["--workdir", "{toy}", "--output_dir", "{tmp}/bad.npy"], "is a file; give a folder"),
+    (["--workdir", "{tmp}", "--checkpoint", "{toy}/checkpoint.pt"],
+     "samples_generate is a file; give a folder"),  # the default WORKDIR/samples_<task>
     (["--workdir", "{toy}", "--task", "paint"], "task"),
     (["--workdir", "{gray}", "--class_label", "1", "--guidance", "classifier"],
      "needs --classifier"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, toy_run, gray_run, tmp_path, capsys):
     np.save(tmp_path / "bad.npy", np.full((28, 28), 0.5, dtype=np.float32))
+    (tmp_path / "samples_generate").write_bytes(b"")
     args = [a.format(toy=toy_run, gray=gray_run, tmp=tmp_path) for a in args]
     assert _main(*args, "--num_steps", 2, "--num_samples", 1) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -400,17 +400,19 @@ def run(fv) -> Dict[str, object]:
     """
     wall = time.time()
     workdir = Path(fv.workdir)
-    if not workdir.is_dir():
-        raise InputError(f"--workdir {workdir} is not a directory")
+    if fv.checkpoint:  # the workdir only holds this evaluation's files: made if need be
+        check_path("workdir", workdir, folder=True)
+    elif not workdir.is_dir():
+        raise InputError(f"--workdir {workdir} is not a directory (a training run folder; or "
+                         f"pass --checkpoint PATH)")
     if fv.output:  # checked now, not after the whole evaluation
         check_path("output", Path(fv.output))
-    if fv.partial_dir:
-        check_path("partial_dir", Path(fv.partial_dir), folder=True)
     checkpoint = Path(fv.checkpoint) if fv.checkpoint else workdir / "checkpoint.pt"
     if checkpoint.is_dir():
         raise InputError(f"checkpoint {checkpoint} is a folder; pass --checkpoint FILE")
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist (pass --checkpoint PATH)")
+    check_path("partial_dir", Path(fv.partial_dir or workdir / "likelihood_partial"), folder=True)
     for name, source in (("checkpoint", checkpoint), ("data path", fv.data_path)):
         if fv.output and source and Path(fv.output).resolve() == Path(source).resolve():
             raise InputError(f"--output {fv.output} is the {name} being evaluated; choose "

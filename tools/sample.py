@@ -213,6 +213,14 @@ def _to_output(x: torch.Tensor, info) -> np.ndarray:
     return from_model_range(x, info.data_range).numpy() if info.discrete else x.float().numpy()
 
 
+def _output_dir(fv) -> Path:
+    """--output_dir, or samples_<task> in the run folder (--workdir, else the checkpoint's)."""
+    if fv.output_dir:
+        return Path(fv.output_dir)
+    base = Path(fv.workdir) if fv.workdir else Path(fv.checkpoint or ".").parent
+    return base / f"samples_{fv.task}"
+
+
 def run(fv) -> Dict[str, object]:
     """Samples with parsed flags; returns the summary."""
     from score_sde import controllable
@@ -226,6 +234,7 @@ def run(fv) -> Dict[str, object]:
         raise InputError(f"checkpoint {checkpoint} is a folder; pass --checkpoint FILE")
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist")
+    check_path("output_dir", _output_dir(fv), folder=True)  # now, not after sampling
     device = resolve_device(fv.device)
     run_ = load_trained(checkpoint, device=device, use_ema=fv.use_ema)
     _check_flags(fv, run_)
@@ -320,8 +329,7 @@ def run(fv) -> Dict[str, object]:
         if labels is not None:
             outputs["labels"].append(labels.cpu().numpy())
         nfes.append(int(nfe))
-    out_dir = (Path(fv.output_dir) if fv.output_dir else
-               Path(fv.workdir or checkpoint.parent) / f"samples_{fv.task}")
+    out_dir = _output_dir(fv)
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.concatenate(v) for k, v in outputs.items() if v}
     np.savez(out_dir / "samples.npz", **arrays)
@@ -432,8 +440,6 @@ def _checked_run(fv) -> Dict[str, object]:
             raise InputError(f"--{name} must be > 0, got {getattr(fv, name)}")
     if fv.eps is not None and not 0 < fv.eps < 1:
         raise InputError(f"--eps must lie in (0, 1), got {fv.eps}")
-    if fv.output_dir:  # checked now, not after sampling
-        check_path("output_dir", Path(fv.output_dir), folder=True)
     try:
         return run(fv)
     except RuntimeError as err:  # the samplers' non-finite state, or a failed ODE solve

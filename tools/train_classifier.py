@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from score_sde.cli import InputError, check_path, run_tool, write_json
+from score_sde.cli import InputError, check_not_data, check_path, run_tool, write_json
 from score_sde.classifier import (FeatureClassifier, NoiseConditionalClassifier,
                                   noisy_classifier_loss, save_classifier)
 from score_sde.config import Config, SDEConfig
@@ -207,6 +207,8 @@ def run(fv) -> Dict[str, object]:
                               else output.with_suffix(".json"))
     if summary_path.resolve() == output.resolve():
         raise InputError(f"--summary and --output are the same file {output}")
+    check_not_data({"output": output, "summary": summary_path}, fv.dataset,
+                   data_dir=fv.data_dir)
     device = resolve_device(fv.device)
 
     train_ds, info = load_dataset(fv.dataset, split="train", data_dir=fv.data_dir)

@@ -16,7 +16,8 @@ One concern per module: `images` (Fashion-MNIST, CIFAR-10), `arrays` (.npy / .np
 and re-exports the public names.
 """
 from functools import partial
-from typing import Callable, Dict, Optional, Tuple
+import os
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch.utils.data import TensorDataset
 
@@ -24,11 +25,12 @@ from .._utils import check_choice, check_int
 from .arrays import load_array
 from .batching import BatchOrder
 from .common import NUM_LEVELS, SPLITS, DataInfo, mix_seed
-from .images import FASHION_MNIST_DIR, load_cifar10, load_fashion_mnist, read_idx
+from .images import (FASHION_MNIST_DIR, image_files, load_cifar10, load_fashion_mnist,
+                     read_idx)
 from .scaling import from_model_range, to_model_range
 from .toys import TOY_LOG_PROBS, TOY_NUM_SAMPLES, TOY_SAMPLERS, load_toy, toy_log_prob
 
-__all__ = ["DATASETS", "load_dataset", "DataInfo", "SPLITS", "NUM_LEVELS", "FASHION_MNIST_DIR",
+__all__ = ["DATASETS", "load_dataset", "dataset_files", "DataInfo", "SPLITS", "NUM_LEVELS", "FASHION_MNIST_DIR",
            "TOY_NUM_SAMPLES", "TOY_LOG_PROBS", "toy_log_prob", "read_idx", "to_model_range",
            "from_model_range", "BatchOrder", "mix_seed"]
 
@@ -84,3 +86,18 @@ def load_dataset(name: str, *, split: str = "train", data_dir: Optional[str] = N
         check_int("num_samples", num_samples, minimum=1)
     return DATASETS[name](split=split, data_dir=data_dir, data_path=data_path, seed=seed,
                           num_samples=num_samples)
+
+
+def dataset_files(name: str, *, data_dir: Optional[str] = None,
+                  data_path: Optional[str] = None) -> List[str]:
+    """The existing files `load_dataset(name, ...)` reads for either split, as real absolute
+    paths, so that tools can refuse to write over their own data; [] for the toys.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    check_choice("dataset", name, DATASETS)
+    files = image_files(name, data_dir)
+    if name == "array" and data_path is not None and os.path.isfile(data_path):
+        files.append(data_path)
+    return [os.path.realpath(f) for f in files]

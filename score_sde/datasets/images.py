@@ -6,7 +6,7 @@ import math
 import os
 import pickle
 import zlib
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -172,3 +172,18 @@ def load_cifar10(*, split, data_dir, data_path, seed, num_samples):
     y = torch.from_numpy(np.concatenate([lab for _, lab in batches]).astype(np.int64))
     return finish(x, y, num_samples,
                   DataInfo("cifar10", (3, 32, 32), True, NUM_LEVELS, (-1.0, 1.0), 10))
+
+
+def image_files(name: str, data_dir: Optional[str]) -> List[str]:
+    """The existing files of both splits that the loader of image dataset `name` reads from
+    `data_dir` (None: the default folder, if the dataset has one)."""
+    found: List[str] = []
+    if name == "fashion_mnist":
+        data_dir = FASHION_MNIST_DIR if data_dir is None else data_dir
+        for stems in _FASHION_FILES.values():
+            found += [p for stem in stems if (p := _find_fashion_file(data_dir, stem))]
+    elif name == "cifar10" and data_dir is not None:
+        for folder in (data_dir, os.path.join(data_dir, _CIFAR_SUBDIR)):
+            for names in _CIFAR_FILES.values():
+                found += [p for n in names if os.path.isfile(p := os.path.join(folder, n))]
+    return found
