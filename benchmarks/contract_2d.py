@@ -79,7 +79,8 @@ def run_one(root: Path, sde: str, args, env) -> dict:
                 likelihood_seconds=nll["seconds"], seed=args.seed, n_iters=args.n_iters)
 
 
-def main() -> int:
+def parse(argv=None) -> argparse.Namespace:
+    """The checked arguments, with --workdir and --config as absolute paths."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -88,19 +89,27 @@ def main() -> int:
                    help="comma-separated SDEs, each trained and evaluated in turn")
     p.add_argument("--config", default=None, help="config file (default: the training "
                    "script's for --dataset array, configs/toy.py)")
-    args = p.parse_args()
-    sdes = args.sdes.split(",")
-    for sde in sdes:
+    args = p.parse_args(argv)
+    for sde in args.sdes.split(","):
         if sde not in SDE_NAMES:
             p.error(f"unknown SDE {sde!r}; accepted: {', '.join(SDE_NAMES)}")
     _args.at_least(p, "n_iters", args.n_iters, 1)
     _args.at_least(p, "seed", args.seed, 0)
+    # The training and evaluation run as subprocesses in the repository root: paths given
+    # relative to this folder are made absolute first.
     if args.config is not None:
         try:
-            find_config(args.config)
+            args.config = str(find_config(args.config).resolve())
         except (ValueError, FileNotFoundError) as err:
             p.error(str(err))
     _args.output_folder(p, "workdir", args.workdir)
+    args.workdir = str(Path(args.workdir).resolve())
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    sdes = args.sdes.split(",")
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(12345)

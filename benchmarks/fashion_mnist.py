@@ -23,7 +23,7 @@ numbers are exactly what users get; each stage's output goes to RESULTS/logs/<st
 4. samples and distances: `tools/sample.py` with DPM-Solver (multistep, --dpm_order) at each
    of --dpm_steps score evaluations (one of them the final denoising), then the
    predictor-corrector sampler (reverse diffusion + one Langevin corrector step, snr 0.16,
-   --pc_steps steps: 2 pc_steps + 1 evaluations), each --num_samples samples, and
+   --pc_steps steps: 2 pc_steps evaluations), each --num_samples samples, and
    `tools/fid.py` of each set as in 3.
 5. likelihood: `tools/likelihood.py` on the first --num_test test images with the paper's
    protocol (uniform dequantization, dopri5 at rtol = atol = --nll_tol (1e-5) from eps = 1e-5,
@@ -459,7 +459,7 @@ class Pipeline:
             self.fd(name, self.work / "samples" / name / "samples.npz", [f"sample_{name}"],
                     classifier)
 
-        pc_evals = o["pc_steps"] * (1 + PC_CORRECTOR_STEPS) + 1
+        pc_evals = o["pc_steps"] * (1 + PC_CORRECTOR_STEPS)
         pc_done = self.stages.get("sample_pc") and self.stages.get("fd_pc")
         if pc_done or self.pc_fits(pc_evals):
             self.sample("pc", ["--sampler", "pc", "--predictor", "reverse_diffusion",

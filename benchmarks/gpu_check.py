@@ -573,8 +573,12 @@ def parse(argv) -> argparse.Namespace:
         p.error(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
     # The parts run as subprocesses in the repository root: a relative folder must not move.
     args.output = str(Path(args.output).resolve())
-    if Path(args.output).exists() and not Path(args.output).is_dir():
+    out = Path(args.output)
+    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocker == out:
         p.error(f"--output {args.output} is a file; give a folder")
+    if blocker is not None:
+        p.error(f"--output {args.output} lies under {blocker}, which is a file, not a folder")
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from score_sde.config import config_dir
 from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -293,3 +294,17 @@ def test_contract_2d_bad_arguments_exit_2_before_writing(tmp_path, args, message
                           "--workdir", str(tmp_path / "file")], env=ENV, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "is a file; give a folder" in out.stderr, out.stderr
+
+
+def test_contract_2d_makes_relative_paths_absolute(tmp_path, monkeypatch):
+    """Training and evaluation run as subprocesses in the repository root, so a relative
+    --workdir or --config (here: one that exists only in the caller's folder) would point
+    elsewhere there."""
+    contract = load_script("benchmarks/contract_2d.py")
+    (tmp_path / "myconf.py").write_text((REPO / "configs" / "toy.py").read_text())
+    monkeypatch.chdir(tmp_path)
+    args = contract.parse(["--workdir", "rel/w", "--config", "myconf.py"])
+    assert args.workdir == str(tmp_path / "rel" / "w")
+    assert args.config == str(tmp_path / "myconf.py")
+    assert contract.parse(["--workdir", "w", "--config", "toy"]).config == str(
+        (config_dir() / "toy.py").resolve())  # a shipped config, by name

@@ -107,6 +107,7 @@ def test_a_part_past_its_limit_is_stopped_with_its_children(tmp_path):
     (["--device", "cuda"], "--device cuda but CUDA is not available"),
     (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
     (["--output", "{tmp}/file"], "is a file; give a folder"),
+    (["--output", "{tmp}/file/gc"], "file, which is a file, not a folder"),
 ])
 def test_bad_arguments_exit_2(tmp_path, args, message):
     (tmp_path / "file").write_text("x")
