@@ -22,6 +22,11 @@ one of these checks of each sample's delta increment (scaled by atol + rtol |del
 - lobatto: against the 4-point Lobatto rule (6th order) at the dense output's Lobatto nodes
   (two more evaluations per step).
 
+--pairs dp5,tsit5 runs the same loop with Tsitouras' 5(4) pair too (Tsitouras 2011, Table 1;
+7 stages, FSAL, like Dormand–Prince), whose error estimate is built differently: whether a
+better-estimating pair of the same cost catches the switch steps without a check. The
+Simpson and Lobatto checks read Dormand–Prince's dense output and run with dp5 only.
+
 Each row: evaluations (the extra ones included) and the largest |bits/dim - truth| over the
 samples, the truth being `likelihood_accuracy.tight_truth` (the same probes).
 """
@@ -48,12 +53,37 @@ from score_sde.sde import ReverseSDE  # noqa: E402
 EPS, T = 1e-5, 1.0
 CHECKS = ("none", "stages", "stage6", "simpson", "lobatto")
 NORMS = ("rms", "max", "batch_rms")
+# Tsitouras (2011), "Runge-Kutta pairs of order 5(4) satisfying only the first column
+# simplifying assumption", Comput. Math. Appl. 62, Table 1: nodes, stage rows (the last row is
+# the 5th-order weights: FSAL) and the 5th-minus-4th-order error weights.
+TSIT5_C = (0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0)
+TSIT5_A = (
+    (),
+    (0.161,),
+    (-0.008480655492356989, 0.335480655492357),
+    (2.8971530571054935, -6.359448489975075, 4.3622954328695815),
+    (5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525),
+    (5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401,
+     -0.028269050394068383),
+    (0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081,
+     2.324710524099774),
+)
+TSIT5_E = (0.001780011052226, 0.000816434459657, -0.007880878010262, 0.144711007173263,
+           -0.582357165452555, 0.458082105929187, -1 / 66)
+# name -> (nodes, stage rows, error weights); each pair's stage 6 sits at t + h.
+PAIRS = {"dp5": (_C, _A, _E), "tsit5": (TSIT5_C, TSIT5_A, TSIT5_E)}
+DENSE_CHECKS = ("simpson", "lobatto")  # read Dormand–Prince's dense output
 _G = 1 / math.sqrt(5)
 LOBATTO = ((0.0, 1 / 12), ((1 - _G) / 2, 5 / 12), ((1 + _G) / 2, 5 / 12), (1.0, 1 / 12))
 
 
-def solve(rhs, x, *, norm: str, check: str, tol: float):
-    """(delta, z, evaluations) of a batch dopri5 solve of the augmented ODE from EPS to T."""
+def solve(rhs, x, *, norm: str, check: str, tol: float, pair: str = "dp5"):
+    """(delta, z, evaluations) of a batch solve of the augmented ODE from EPS to T with the
+    5(4) pair `pair` (a name in `PAIRS`)."""
+    nodes, rows, error_weights = PAIRS[pair]
+    if check in DENSE_CHECKS and pair != "dp5":
+        raise ValueError(f"check {check!r} reads Dormand-Prince's dense output; pair {pair!r} "
+                         f"runs with {', '.join(c for c in CHECKS if c not in DENSE_CHECKS)}")
     batch = x.shape[0]
     evals = 0
 
@@ -82,17 +112,17 @@ def solve(rhs, x, *, norm: str, check: str, tol: float):
         h = T - t if last else h
         ks = [k1]
         for s in range(1, 7):
-            ys = tuple(v + h * sum(a * k[j] for a, k in zip(_A[s], ks) if a)
+            ys = tuple(v + h * sum(a * k[j] for a, k in zip(rows[s], ks) if a)
                        for j, v in enumerate(y))
-            ks.append(f(T if last and s >= 5 else t + _C[s] * h, ys))
+            ks.append(f(T if last and s >= 5 else t + nodes[s] * h, ys))
         y_new = ys
-        err = scaled(tuple(h * sum(w * k[j] for w, k in zip(_E, ks) if w) for j in range(2)),
-                     y, y_new)
+        err = scaled(tuple(h * sum(w * k[j] for w, k in zip(error_weights, ks) if w)
+                           for j in range(2)), y, y_new)
         if check != "none":
             if check == "stages":
                 ref = y_new[1] + h * (ks[5][1] - ks[6][1])
             elif check == "stage6":
-                ref = y_new[1] + h * _A[6][5] * (ks[5][1] - ks[6][1])
+                ref = y_new[1] + h * rows[6][5] * (ks[5][1] - ks[6][1])
             else:
                 kx = torch.stack([k[0] for k in ks], -1)
                 mid = y[0] + (kx * (h * DPS_C_MID)).sum(-1)
@@ -128,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))))
     p.add_argument("--checks", default=",".join(CHECKS))
     p.add_argument("--norms", default="rms,max", help=f"comma-separated, of {', '.join(NORMS)}")
+    p.add_argument("--pairs", default="dp5",
+                   help=f"comma-separated 5(4) pairs, of {', '.join(PAIRS)}; the "
+                        f"{' and '.join(DENSE_CHECKS)} checks run with dp5 only")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     _args.positive_number(p, "tol", args.tol)
@@ -140,6 +173,15 @@ def main(argv=None) -> int:
     bad = [n for n in norms if n not in NORMS]
     if bad:
         p.error(f"unknown norm(s) {bad}; accepted: {', '.join(NORMS)}")
+    pairs = args.pairs.split(",")
+    bad = [n for n in pairs if n not in PAIRS]
+    if bad:
+        p.error(f"unknown pair(s) {bad}; accepted: {', '.join(PAIRS)}")
+    runs = [(pair, check) for pair in pairs for check in checks
+            if pair == "dp5" or check not in DENSE_CHECKS]
+    if not runs:
+        p.error(f"--pairs {args.pairs} with --checks {args.checks}: the "
+                f"{' and '.join(DENSE_CHECKS)} checks run with dp5 only")
     rows = []
     for i in case_indices(p, args.cases):
         name, dim, sde, score, x, probes = case_problem(i)
@@ -147,14 +189,14 @@ def main(argv=None) -> int:
         rhs = augmented_rhs(ReverseSDE(sde, score, probability_flow=True), torch.float64,
                             probes)
         for norm in norms:
-            for check in checks:
-                delta, z, evals = solve(rhs, x, norm=norm, check=check, tol=args.tol)
+            for pair, check in runs:
+                delta, z, evals = solve(rhs, x, norm=norm, check=check, tol=args.tol, pair=pair)
                 logp = sde.prior_logp(z) + delta
-                rows.append(dict(case=name, norm=norm, check=check, nfe=evals,
+                rows.append(dict(case=name, norm=norm, pair=pair, check=check, nfe=evals,
                                  max_abs_dbpd=float(((logp - truth) / (dim * math.log(2)))
                                                     .abs().max())))
                 print(json.dumps(rows[-1]), flush=True)
-    report(rows, [("case", 38), ("norm", 10), ("check", 9)], output=args.output,
+    report(rows, [("case", 38), ("norm", 10), ("pair", 6), ("check", 9)], output=args.output,
            script="likelihood_step_checks.py", argv=argv, tol=args.tol)
     return 0
 

@@ -176,3 +176,80 @@ def test_step_checks_converge_and_count_their_evaluations(checks, tmp_path):
     with pytest.raises(SystemExit) as exc:
         checks.main(["--checks", "gauss"])
     assert exc.value.code == 2
+
+
+def _order_conditions(nodes, rows, weights):
+    """{tree: sum of `weights` over the tree's elementary differential - 1 / tree's density}
+    for the 17 rooted trees of up to 5 nodes (Butcher's order conditions, written out)."""
+    n = len(weights)
+    a = [[rows[i][j] if j < len(rows[i]) else 0.0 for j in range(n)] for i in range(n)]
+    c = list(nodes)
+
+    def dot(u, v):
+        return sum(x * y for x, y in zip(u, v))
+
+    def times(u, v):
+        return [x * y for x, y in zip(u, v)]
+
+    def A(v):  # the stage matrix applied to v
+        return [dot(a[i], v) for i in range(n)]
+
+    one, c2, c3 = [1.0] * n, times(c, c), times(times(c, c), c)
+    ac, ac2, aac = A(c), A(c2), A(A(c))
+    terms = {  # tree: (b . phi, 1 / gamma)
+        "1": (dot(weights, one), 1), "2": (dot(weights, c), 1 / 2),
+        "3a": (dot(weights, c2), 1 / 3), "3b": (dot(weights, ac), 1 / 6),
+        "4a": (dot(weights, c3), 1 / 4), "4b": (dot(weights, times(c, ac)), 1 / 8),
+        "4c": (dot(weights, ac2), 1 / 12), "4d": (dot(weights, aac), 1 / 24),
+        "5a": (dot(weights, times(c3, c)), 1 / 5), "5b": (dot(weights, times(c2, ac)), 1 / 10),
+        "5c": (dot(weights, times(c, ac2)), 1 / 15), "5d": (dot(weights, times(c, aac)), 1 / 30),
+        "5e": (dot(weights, times(ac, ac)), 1 / 20), "5f": (dot(weights, A(c3)), 1 / 20),
+        "5g": (dot(weights, A(times(c, ac))), 1 / 40), "5h": (dot(weights, A(ac2)), 1 / 60),
+        "5i": (dot(weights, A(aac)), 1 / 120)}
+    return {tree: value - exact for tree, (value, exact) in terms.items()}
+
+
+@pytest.mark.parametrize("pair", ["dp5", "tsit5"])
+def test_pairs_have_orders_5_and_4(checks, pair):
+    """The script's tableaus against Butcher's order conditions: the propagated weights (the
+    last stage row) meet all 17 up to order 5, the embedded ones (weights minus error weights)
+    the 8 up to order 4 and not all of order 5, and each row sums to its node."""
+    nodes, rows, error_weights = checks.PAIRS[pair]
+    assert len(nodes) == len(rows) == len(error_weights) == 7
+    for c, row in zip(nodes, rows):
+        assert sum(row) == pytest.approx(c, abs=1e-15)
+    fifth = list(rows[6]) + [0.0]
+    assert max(abs(v) for v in _order_conditions(nodes, rows, fifth).values()) < 1e-13
+    fourth = [b - e for b, e in zip(fifth, error_weights)]
+    gaps = _order_conditions(nodes, rows, fourth)
+    assert max(abs(v) for tree, v in gaps.items() if tree[0] in "1234") < 1e-13
+    assert max(abs(v) for tree, v in gaps.items() if tree[0] == "5") > 1e-5
+
+
+def test_step_checks_with_another_pair(checks, tmp_path):
+    # Tsitouras' pair in the same loop: convergent, 6 evaluations an attempted step, and the
+    # checks that read Dormand-Prince's dense output are not run with it.
+    rows = {}
+    for tol in (1e-3, 1e-8):
+        out = tmp_path / f"pairs{tol:g}.json"
+        assert checks.main(["--cases", str(TWO_D), "--tol", str(tol), "--norms", "rms",
+                            "--pairs", "dp5,tsit5", "--checks", "none,stage6,simpson",
+                            "--output", str(out)]) == 0
+        rows[tol] = json.loads(out.read_text())["rows"]
+    assert [(r["pair"], r["check"]) for r in rows[1e-8]] == [
+        ("dp5", "none"), ("dp5", "stage6"), ("dp5", "simpson"), ("tsit5", "none"),
+        ("tsit5", "stage6")]
+    for loose, tight in zip(rows[1e-3], rows[1e-8]):
+        assert tight["max_abs_dbpd"] < 1e-6 < loose["max_abs_dbpd"], (loose, tight)
+        assert tight["nfe"] > loose["nfe"]
+        per_step = 6 + (tight["check"] == "simpson")
+        assert (tight["nfe"] - 2) % per_step == 0 and (loose["nfe"] - 2) % per_step == 0
+
+
+@pytest.mark.parametrize("argv", [["--pairs", "rk4"],
+                                  ["--pairs", "tsit5", "--checks", "lobatto"]])
+def test_step_checks_reject_unknown_pairs(checks, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        checks.main(argv)
+    assert exc.value.code == 2
+    assert "pair" in capsys.readouterr().err
