@@ -708,7 +708,8 @@ def parse(argv) -> argparse.Namespace:
                    "(ms per evaluation), solves (full solves against the paper code's)")
     p.add_argument("--lik_model", default=None, help="ddpmpp (CUDA default) or ddpmpp_tiny")
     p.add_argument("--checkpoint", default=None, help="trained weights for the likelihood")
-    p.add_argument("--data_dir", default=None, help="dataset folder for --checkpoint (default: its own)")
+    p.add_argument("--data_dir", default=None,
+                   help="dataset folder for --checkpoint (default: its own)")
     p.add_argument("--lik_images", type=int, default=None, help="default 256 (CUDA), 8")
     p.add_argument("--lik_batch", type=int, default=None, help="default 256 (CUDA), 8")
     p.add_argument("--cost_evals", type=int, default=None, help="timed evaluations per cost "

@@ -170,8 +170,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     Returns:
         (logp, z, nfe): logp [B] in nats in x's dtype (float32 for half-precision x, whose
         range ends at 65504, below a large image's log-density), the latent z = x_T shaped
-        like x, and the number of score (network) evaluations; with per-sample control, the number of batched
-        evaluations (each over the samples still integrating).
+        like x, and the number of score (network) evaluations; with per-sample control, the
+        number of batched evaluations (each over the samples still integrating).
 
     Raises:
         ValueError: invalid arguments, or a score that is not differentiable in x.

@@ -166,11 +166,11 @@ CONV_MIXTURE = random_mixture(2, seed=3)
 CONV_SHAPE = (16, 2)
 CONV_STEPS = (48, 96, 192)  # multiples of 2 and 3: every singlestep step has full order
 # name -> (sampler, options, declared order, step counts), DPM-Solver on the logSNR grid.
-# Least-squares slopes measured on these grids for VP / sub-VP / VE / cosine: order 1 0.98-0.99; order 2 1.94-2.07; Heun
-# 2.07-2.13 (num_steps - 1 Heun steps); order 3 2.95-3.26, except singlestep data prediction
-# in the DPM-Solver-3 form, 2.75-2.85. The authors' multistep order 3 ("dpmsolver") weights
-# the second derivative by half its Taylor weight, an O(h^3) error per step: measured slopes
-# 2.02-2.10, so its declared order is 2.
+# Least-squares slopes measured on these grids for VP / sub-VP / VE / cosine: order 1 0.98-0.99;
+# order 2 1.94-2.07; Heun 2.07-2.13 (num_steps - 1 Heun steps); order 3 2.95-3.26, except
+# singlestep data prediction in the DPM-Solver-3 form, 2.75-2.85. The authors' multistep order 3
+# ("dpmsolver") weights the second derivative by half its Taylor weight, an O(h^3) error per step:
+# measured slopes 2.02-2.10, so its declared order is 2.
 CONV = {"ddim": (sample_ddim, {}, 1, (50, 100, 200)),
         "heun": (sample_heun, dict(sigma_max=None), 2, (21, 41, 81))}
 for _method in DPM_METHODS:

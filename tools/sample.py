@@ -395,7 +395,8 @@ def define_flags(fv) -> None:
     f.DEFINE_enum("dpm_method", "multistep", ["multistep", "singlestep"], "dpm_solver.", **kw)
     f.DEFINE_enum("dpm_solver_type", None, ["dpmsolver", "taylor"], "dpm_solver: the form of "
                   "the higher-order updates; default: the one measured more accurate for the "
-                  "method, order and prediction (score_sde.fast_sampling.DPM_DEFAULT_SOLVER_TYPES).", **kw)
+                  "method, order and prediction "
+                  "(score_sde.fast_sampling.DPM_DEFAULT_SOLVER_TYPES).", **kw)
     f.DEFINE_enum("predictor", "reverse_diffusion", list(PREDICTORS), "PC predictor.", **kw)
     f.DEFINE_enum("corrector", "langevin", list(CORRECTORS), "PC corrector.", **kw)
     f.DEFINE_float("snr", 0.16, "Corrector signal-to-noise ratio.", lower_bound=0.0, **kw)

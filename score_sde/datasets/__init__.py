@@ -15,8 +15,8 @@ One concern per module: `images` (Fashion-MNIST, CIFAR-10), `arrays` (.npy / .np
 `common` (`DataInfo` and what the loaders share). This module holds the table of loaders
 and re-exports the public names.
 """
-from functools import partial
 import os
+from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 from torch.utils.data import TensorDataset
@@ -30,9 +30,9 @@ from .images import (FASHION_MNIST_DIR, image_files, load_cifar10, load_fashion_
 from .scaling import from_model_range, to_model_range
 from .toys import TOY_LOG_PROBS, TOY_NUM_SAMPLES, TOY_SAMPLERS, load_toy, toy_log_prob
 
-__all__ = ["DATASETS", "load_dataset", "dataset_files", "DataInfo", "SPLITS", "NUM_LEVELS", "FASHION_MNIST_DIR",
-           "TOY_NUM_SAMPLES", "TOY_LOG_PROBS", "toy_log_prob", "read_idx", "to_model_range",
-           "from_model_range", "BatchOrder", "mix_seed"]
+__all__ = ["DATASETS", "load_dataset", "dataset_files", "DataInfo", "SPLITS", "NUM_LEVELS",
+           "FASHION_MNIST_DIR", "TOY_NUM_SAMPLES", "TOY_LOG_PROBS", "toy_log_prob", "read_idx",
+           "to_model_range", "from_model_range", "BatchOrder", "mix_seed"]
 
 DATASETS: Dict[str, Callable[..., Tuple[TensorDataset, DataInfo]]] = {
     "fashion_mnist": load_fashion_mnist,
