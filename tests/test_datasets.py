@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ import torch
 from scipy import stats
 
 from score_sde.datasets import (DATASETS, FASHION_MNIST_DIR, BatchOrder, DataInfo,
-                                from_model_range, load_dataset, read_idx, to_model_range,
-                                toy_log_prob)
+                                dataset_files, from_model_range, load_dataset, read_idx,
+                                to_model_range, toy_log_prob)
 
 STAT_LEVEL = 1e-3  # significance level of the statistical tests
 TOYS = ["toy_8gaussians", "toy_checkerboard", "toy_swissroll", "toy_moons"]
@@ -588,3 +589,27 @@ def test_batch_order_validation(args, kwargs, match):
 def test_batch_order_step_validation():
     with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
         BatchOrder(10, 2, seed=0).indices(-1)
+
+
+def test_dataset_files_lists_what_the_loaders_read(tmp_path):
+    fashion = tmp_path / "fm"
+    fashion.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "unrelated.txt"):
+        (fashion / name).write_bytes(b"")
+    assert sorted(Path(p).name for p in dataset_files("fashion_mnist", data_dir=str(fashion))) \
+        == ["t10k-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte"]
+    cifar = tmp_path / "c" / "cifar-10-batches-py"  # the archive's own subfolder
+    cifar.mkdir(parents=True)
+    for name in ("data_batch_1", "test_batch", "batches.meta"):
+        (cifar / name).write_bytes(b"")
+    assert sorted(Path(p).name for p in dataset_files("cifar10", data_dir=str(cifar.parent))) \
+        == ["data_batch_1", "test_batch"]
+    assert dataset_files("cifar10") == []  # no default folder
+    link = tmp_path / "link.npy"
+    (tmp_path / "x.npy").write_bytes(b"")
+    link.symlink_to(tmp_path / "x.npy")
+    assert dataset_files("array", data_path=str(link)) == [str((tmp_path / "x.npy").resolve())]
+    assert dataset_files("toy_moons") == []
+    with pytest.raises(ValueError, match="dataset"):
+        dataset_files("imagenet")
