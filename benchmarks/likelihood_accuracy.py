@@ -30,7 +30,9 @@ import _args  # noqa: E402
 from bench import Mixture, paper_code_loglik  # noqa: E402
 from score_sde import VPSDE, log_likelihood  # noqa: E402
 
-# name -> (dimension, component std range, scale of the means, seed, samples)
+# name -> (dimension, component std range, scale of the means, seed, samples). "bench.py's"
+# is the mixture of bench.py's likelihood solves (seed 1, scale 0.3, stds 0.1-0.3) at 784
+# dimensions (bench.py --solve_dim 784; its default, 3072, is the last case).
 CASES = {
     "784-d, stds 0.1-0.3 (bench.py's)": (784, (0.1, 0.3), 0.3, 1, 64),
     "784-d, stds 0.3-0.8": (784, (0.3, 0.8), 1.0, 0, 64),

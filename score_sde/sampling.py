@@ -50,10 +50,12 @@ class Predictor(abc.ABC):
     @abc.abstractmethod
     def step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
              noise: NoiseFn) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Moves x from time t to t_next (both [B], float64, t_next < t; `sample_pc`'s last
-        step ends at t_next = 0).
+        """Moves x from time t to t_next (`sample_pc`'s last step ends at t_next = 0).
 
         Args:
+            x: states [B, ...].
+            t: current times [B], float64.
+            t_next: the times to move to [B], float64, t_next < t.
             noise: draws standard normal noise shaped like its argument.
 
         Returns:

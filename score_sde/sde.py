@@ -490,6 +490,8 @@ class ReverseSDE:
         """Reverse drift shaped like x and diffusion [B] (zeros for the ODE).
 
         Args:
+            x: states [B, ...].
+            t: times [B].
             score: the score at (x, t) if already computed; otherwise `score_fn` is called.
         """
         drift, diffusion = self.forward_sde.sde(x, t)

@@ -37,6 +37,9 @@ class MLPScoreNet(nn.Module):
         embedding_type: "positional" or "fourier".
         fourier_scale: standard deviation of the Fourier frequencies.
         num_classes: number of classes K for class conditioning; label K (or None) is null.
+        linear_skip: add s(t) * x to the output, a time-dependent diagonal linear map of the
+            input (zero at initialisation), so that the Gaussian-like part of a score (linear
+            in x) need not pass through the hidden layers.
 
     Raises:
         ValueError: for non-positive sizes or an unknown embedding type.
