@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ._utils import float64_like
-from .checks import sample_device, sample_dtype
+from .checks import sample_device, sample_dtype, state_dtype
 from .score import CountingScore
 from .sde import SDE
 
@@ -177,11 +177,12 @@ def _run(model: _Model, points: List[_Point], step: Step, shape, *, denoise: boo
     """The loop of DDIM and DPM-Solver: a prior draw at the first grid point, `step(x, p, q)`
     between consecutive points, and with `denoise` Tweedie's formula at the last one; returns
     (x, nfe)."""
+    dtype = sample_dtype(dtype)
     with torch.no_grad():
-        x = _prior(model.sde, points[0], shape, device, dtype, generator)
+        x = _prior(model.sde, points[0], shape, device, state_dtype(dtype), generator)
         for p, q in zip(points[:-1], points[1:]):
             x = step(x, p, q)
         if denoise:
             x = model.denoise(x, points[-1])
-    return _finish(x, name), model.score.nfe
+    return _finish(x.to(dtype), name), model.score.nfe
 

@@ -89,6 +89,13 @@ def sample_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
     return dtype
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a sampler keeps its state in for samples of `dtype`: at least float32, since
+    half-precision updates round away the small increments of many steps (bfloat16 sampling
+    drifted 10-100% in variance); the score still sees `dtype`."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def check_pc_inputs(sde: SDE, score_fn: ScoreFn, shape=None, *, snr: float,
                     corrector_steps: int, num_steps: Optional[int], eps: float,
                     marginals_for: Optional[str] = None) -> Tuple[Optional[Tuple[int, ...]], int]:

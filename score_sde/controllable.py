@@ -295,6 +295,10 @@ def classifier_guided_score(score_fn: ScoreFn, log_prob_fn, labels: torch.Tensor
             log_p = torch.log_softmax(logits, dim=1)
             selected = log_p.gather(1, labels.to(logits.device)[:, None]).sum()
             if not selected.requires_grad:
+                if torch.is_inference_mode_enabled():
+                    raise ValueError("classifier guidance differentiates log_prob_fn, which "
+                                     "torch.inference_mode() forbids; sample outside inference "
+                                     "mode (torch.no_grad() is fine)")
                 raise ValueError("log_prob_fn's output does not depend differentiably on x")
             grad, = torch.autograd.grad(selected, x_in, allow_unused=True)
         if grad is None:  # the classifier ignores x

@@ -13,7 +13,7 @@ import torch
 
 from ._fast_common import TIME_GRIDS, Step, _Model, _Point, _run, _Schedule, _time_grid
 from ._utils import check_choice, checks_times_on_host
-from .checks import check_eps, check_fast_inputs
+from .checks import check_eps, check_fast_inputs, sample_dtype
 from .score import CountingScore
 from .sde import SDE, ScoreFn
 
@@ -254,7 +254,7 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
                                           time_grid, eps)
     sched = _Schedule(sde)
     sched.check(eps)
-    model = _Model(sde, CountingScore(score_fn, eps, sde.T))
+    model = _Model(sde, CountingScore(score_fn, eps, sde.T, model_dtype=sample_dtype(dtype)))
     if method == "multistep":
         points = sched.points(_time_grid(sched, time_grid, num_steps, eps))
         step = _multistep(model, order, prediction, solver_type)

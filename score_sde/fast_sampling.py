@@ -30,7 +30,7 @@ import torch
 from ._fast_common import (EDM_SIGMA_MAX, EDM_SIGMA_MIN, TIME_GRIDS, _edm_levels, _finish,
                            _Model, _Point, _prior, _run, _Schedule, _time_grid)
 from ._utils import check_choice, check_positive, checks_times_on_host
-from .checks import check_eps, check_fast_inputs
+from .checks import check_eps, check_fast_inputs, sample_dtype, state_dtype
 from .dpm_solver import (DPM_DEFAULT_SOLVER_TYPES, DPM_METHODS, DPM_PREDICTIONS,
                          DPM_SOLVER_TYPES, sample_dpm_solver)
 from .score import CountingScore
@@ -107,7 +107,7 @@ def sample_ddim(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 50, eta:
     sched = _Schedule(sde)
     sched.check(eps)
     points = sched.points(_time_grid(sched, time_grid, num_steps, eps))
-    model = _Model(sde, CountingScore(score_fn, eps, sde.T))
+    model = _Model(sde, CountingScore(score_fn, eps, sde.T, model_dtype=sample_dtype(dtype)))
     step = functools.partial(_ddim_step, model, eta=eta, generator=generator)
     return _run(model, points, step, shape, denoise=denoise, device=device, dtype=dtype,
                 generator=generator, name="sample_ddim")
@@ -215,13 +215,16 @@ def sample_heun(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 18, rho:
     check_positive("rho", rho)
     sched = _Schedule(sde)
     points = sched.points(_heun_times(sched, num_steps, rho, eps, sigma_max))
-    model = _Model(sde, CountingScore(score_fn, points[-1].t, sde.T))  # the end: eps
+    dtype = sample_dtype(dtype)
+    model = _Model(sde, CountingScore(score_fn, points[-1].t, sde.T,  # the end: eps
+                                      model_dtype=dtype))
 
     with torch.no_grad():
-        y = _prior(sde, points[0], shape, device, dtype, generator) / points[0].alpha
+        y = (_prior(sde, points[0], shape, device, state_dtype(dtype), generator)
+             / points[0].alpha)
         for p, q in zip(points[:-1], points[1:]):
             y = _heun_step(model, y, p, q)
         # Euler step to s = 0: y - s eps_hat = x0_hat, the denoised sample.
         p = points[-1]
         y = y - math.exp(-p.lam) * model(p.alpha * y, p, "noise")
-    return _finish(y, "sample_heun"), model.score.nfe
+    return _finish(y.to(dtype), "sample_heun"), model.score.nfe

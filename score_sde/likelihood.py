@@ -90,6 +90,10 @@ def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.T
             xt = y.to(dtype).detach().requires_grad_(True)
             score = rsde.score_fn(xt, t)
             if not score.requires_grad:
+                if torch.is_inference_mode_enabled():
+                    raise ValueError("the likelihood differentiates score_fn for its "
+                                     "divergence, which torch.inference_mode() forbids; call "
+                                     "it outside inference mode (torch.no_grad() is fine)")
                 raise ValueError("score_fn output is not differentiable in x; the likelihood "
                                  "needs its divergence (do not detach or use torch.no_grad)")
             drift, _ = rsde.sde(xt, t, score=score)

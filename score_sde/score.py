@@ -6,7 +6,7 @@ predicts, how it reads time) to that contract, so samplers and likelihoods never
 them.
 """
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -146,23 +146,27 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
 
 
 class CountingScore:
-    """Internal wrapper: calls the user's score with t in x's dtype, clamps t into the
-    integration interval against round-off, checks the output shape, and counts calls (NFE)."""
+    """Internal wrapper: calls the user's score with x in `model_dtype` (default: x's own)
+    and t in the same dtype, clamps t into the integration interval against round-off, checks
+    the output shape, returns the score in x's dtype and counts calls (NFE)."""
 
-    def __init__(self, score_fn: ScoreFn, t_lo: float, t_hi: float):
+    def __init__(self, score_fn: ScoreFn, t_lo: float, t_hi: float, *,
+                 model_dtype: Optional[torch.dtype] = None):
         self.score_fn = score_fn
         self.t_lo, self.t_hi = t_lo, t_hi
+        self.model_dtype = model_dtype
         self.nfe = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = _time_in_interval(t, self.t_lo, self.t_hi, x.dtype)
+        x_in = x if self.model_dtype is None else x.to(self.model_dtype)
+        t = _time_in_interval(t, self.t_lo, self.t_hi, x_in.dtype)
         self.nfe += 1
-        score = self.score_fn(x, t)
+        score = self.score_fn(x_in, t)
         if not isinstance(score, torch.Tensor) or score.shape != x.shape:
             got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
             raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, "
                              f"got {got}")
-        return score
+        return score.to(x.dtype)
 
 
 def _time_in_interval(t: torch.Tensor, lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor:

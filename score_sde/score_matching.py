@@ -181,6 +181,7 @@ class ScoreMatchingLoss:
         x_t = alpha * x + sigma * noise
         score = score_fn(x_t, t.to(x.dtype))
         _check_output("score_fn", score, x)
+        score = score.to(x.dtype)  # the loss is in x's dtype, whatever the network returns
         factor = self._factor(self.sde, t64, sigma64).to(x.dtype)
         return factor * self._reduce((sigma * score + noise) ** 2)
 

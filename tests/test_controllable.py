@@ -589,6 +589,12 @@ def test_guidance_bad_arguments_raise():
     for x_, t_, fn, match in calls:
         with pytest.raises(ValueError, match=match):
             classifier_guided_score(score, fn, labels)(x_, t_)
+    # Inference mode forbids the gradient guidance needs: said as such, not blamed on the
+    # (differentiable) classifier; torch.no_grad() is fine.
+    with torch.no_grad():
+        assert classifier_guided_score(score, classifier, labels)(x, t).shape == x.shape
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        classifier_guided_score(score, classifier, labels)(x, t)
 
 
 def test_slerp_and_interpolate_bad_arguments_raise():

@@ -248,6 +248,12 @@ def test_detached_score_raises():
     sde = score_sde.VPSDE()
     with pytest.raises(ValueError, match="differentiable"):
         log_likelihood(sde, lambda x, t: (-x).detach(), torch.zeros(2, 2))
+    # Under inference mode the message names it, not the (differentiable) score.
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"torch.inference_mode\(\) "
+                                                                   r"forbids"):
+        log_likelihood(sde, lambda x, t: -x, torch.zeros(2, 2))
+    with torch.no_grad():
+        assert torch.isfinite(log_likelihood(sde, lambda x, t: -x, torch.zeros(2, 2))[0]).all()
 
 
 def test_bits_per_dim_bad_arguments():
