@@ -18,6 +18,10 @@ import json
 import math
 import os
 import time
+try:  # POSIX; elsewhere runs go without the run folder's lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -58,6 +62,8 @@ RESUME_NEUTRAL = {f"training.{name}" for name in (
     "sampler", "sample_steps", "checkpoint_every", "snapshot_every", "keep_snapshots", "device",
     "compile", "compile_mode", "compile_scope", "channels_last", "skip_nonfinite",
     "max_nonfinite")}
+# The run folder's lock file (`Trainer.lock_workdir`).
+LOCK_FILE = "train.lock"
 # Default folders of the datasets that have one (data.data_dir None reads from there).
 DEFAULT_DATA_DIRS = {"fashion_mnist": data_lib.FASHION_MNIST_DIR}
 
@@ -221,6 +227,7 @@ class Trainer:
         self.nonfinite_streak = 0  # ... of which the latest, in a row
         # (step, [loss finite, gradient finite]) on the device, not yet read by `settle`.
         self.unsettled: List[Tuple[int, torch.Tensor]] = []
+        self._lock = None  # the open train.lock while rank 0 holds it (`lock_workdir`)
         self.last_log = (time.time(), 0)  # (time, step) of the last log line, for its speed
 
     # --- data -----------------------------------------------------------------------------
@@ -373,7 +380,11 @@ class Trainer:
         tc = self.cfg.training
         main = self.dist.is_main
         self.stop.defer()  # from here on a signal ends the run after a checkpoint
-        report = self.start()
+        try:
+            report = self.start()
+        except BaseException:
+            self.unlock_workdir()
+            raise
         smoothed, probe = SmoothedLoss(), SpeedProbe(self.device)
         metrics: Dict[str, float] = {}
         self.model.train()
@@ -410,6 +421,7 @@ class Trainer:
             raise
         finally:
             report.close()
+            self.unlock_workdir()
         return metrics
 
     def start(self) -> Reporter:
@@ -418,6 +430,7 @@ class Trainer:
         loading the checkpoint, and where the run starts. Rank 0 writes config.json."""
         tc = self.cfg.training
         main = self.dist.is_main
+        self.lock_workdir()
         notes = self.prepare_workdir() if main else []
         warnings: List[str] = []  # for log.txt, which is opened after resuming
 
@@ -454,6 +467,52 @@ class Trainer:
                     f"parameters, batch {tc.batch_size}")
         self.last_log = (time.time(), self.step)
         return report
+
+    def lock_workdir(self) -> None:
+        """Rank 0 takes the run folder's lock (an exclusive `flock` on train.lock, which the
+        system drops when the process ends, however it ends) for the whole run, so that a
+        second run started on the same folder stops before it touches the first one's files
+        (both would append to log.txt and the TensorBoard events, and overwrite each other's
+        checkpoints). The processes of a torchrun launch agree on the outcome.
+
+        Raises:
+            TrainingError: another process holds the lock (the message names its PID).
+        """
+        problem = None
+        if self.dist.is_main and fcntl is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            path = self.workdir / LOCK_FILE
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                problem = (f"{self.workdir} is in use by another training run (process "
+                           f"{holder}); wait for it to end, stop it, or pass another "
+                           f"--workdir")
+            except OSError:  # a file system without locks (some network mounts): go on
+                handle.close()
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+                self._lock = handle
+        if self.dist.world_size > 1:
+            flag = torch.tensor([int(problem is not None)], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                         group=self.control_group)
+            if flag.item() and problem is None:
+                problem = f"rank 0 could not take the lock of {self.workdir}"
+        if problem is not None:
+            raise TrainingError(problem)
+
+    def unlock_workdir(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing the file releases the flock
 
     def prepare_workdir(self) -> List[str]:
         """Creates workdir and removes the temporaries of checkpoint writes a killed process

@@ -644,3 +644,27 @@ def test_changed_settings_that_change_the_run():
     assert changed_settings(data(data_dir=None), data(data_dir=FASHION_MNIST_DIR + "/")) == []
     assert changed_settings(data(data_dir=None), data(data_dir="/elsewhere")) == [
         "data.data_dir None -> '/elsewhere'"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX file locks")
+def test_a_second_run_on_a_busy_workdir_stops_before_touching_it(tmp_path):
+    """While one process holds the run folder (its flock on train.lock), a run started there
+    stops at once with the holder's PID: no log line, no checkpoint, exit status 2. Once the
+    holder is gone the folder is free again."""
+    import fcntl
+
+    with open(tmp_path / "train.lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("12345\n")
+        holder.flush()
+        with pytest.raises(TrainingError, match=r"is in use by another training run \(process "
+                                                r"12345\); wait for it to end"):
+            train(_toy_cfg(n_iters=2), str(tmp_path), quiet=True)
+        out = _cli("--config", "toy", "--workdir", str(tmp_path), "--n_iters", "2", "--quiet")
+        assert out.returncode == 2 and "in use by another training run" in out.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["train.lock"]
+    train(_toy_cfg(n_iters=2, sample_every=0), str(tmp_path), quiet=True)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+    # The run let go of the lock when it ended: the next one in this process takes it.
+    train(_toy_cfg(n_iters=3, sample_every=0), str(tmp_path), quiet=True)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
