@@ -15,6 +15,11 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+try:  # POSIX; elsewhere a run folder goes without its lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 import torch
 
 from ._utils import stderr_line
@@ -210,3 +215,44 @@ def _process_exists(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+class FolderLock:
+    """An exclusive lock on a run folder: a `flock` on FOLDER/train.lock holding the owner's
+    PID, which the system drops when the process ends, however it ends (no stale locks)."""
+
+    FILE = "train.lock"
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / self.FILE
+        self._file = None
+
+    def acquire(self) -> Optional[str]:
+        """Takes the lock (creating the folder); returns None, or the holder's PID (as
+        written in the file) when another process holds it. On a file system without locks
+        (some network mounts) or without fcntl it returns None without a lock."""
+        if fcntl is None:
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            return holder
+        except OSError:
+            handle.close()
+            return None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return None
+
+    def release(self) -> None:
+        handle, self._file = self._file, None
+        if handle is not None:
+            handle.close()  # closing the file releases the flock

@@ -9,6 +9,7 @@ are in the trailing comments.
 import dataclasses
 import importlib.util
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ._utils import check_choice
+from .datasets import FASHION_MNIST_DIR
 
 
 @dataclass
@@ -292,3 +294,54 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"label_dropout must lie in [0, 1], got {tc.label_dropout}")
     if tc.max_nonfinite < 0:
         raise ValueError(f"max_nonfinite must be >= 0, got {tc.max_nonfinite}")
+
+
+# --- resuming with changed settings --------------------------------------------------------------
+
+# Settings a run may change when it resumes without changing what it computes: reporting,
+# checkpointing, the length of the run (unless the learning rate decays over it, see
+# `changed_settings`), where and how fast it runs.
+RESUME_NEUTRAL = {f"training.{name}" for name in (
+    "n_iters", "log_every", "eval_every", "eval_batches", "sample_every", "num_samples",
+    "sampler", "sample_steps", "checkpoint_every", "snapshot_every", "keep_snapshots", "device",
+    "compile", "compile_mode", "compile_scope", "channels_last", "skip_nonfinite",
+    "max_nonfinite")}
+# Default folders of the datasets that have one (data.data_dir None reads from there).
+DEFAULT_DATA_DIRS = {"fashion_mnist": FASHION_MNIST_DIR}
+
+
+def _data_location(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """`cfg` (a `to_dict` config) with data_dir and data_path as the folders they lead to:
+    the dataset's default folder for data_dir None, real absolute paths."""
+    data = dict(cfg.get("data", {}))
+    if data.get("data_dir") is None:
+        data["data_dir"] = DEFAULT_DATA_DIRS.get(data.get("dataset"))
+    for key in ("data_dir", "data_path"):
+        if isinstance(data.get(key), str):
+            data[key] = os.path.realpath(os.path.expanduser(data[key]))
+    return {**cfg, "data": data}
+
+
+def changed_settings(saved: Dict[str, Any], current: Dict[str, Any], *,
+                     step: Optional[int] = None) -> List[str]:
+    """"section.field old -> new" for each setting of the `to_dict` configs that differs,
+    except those in `RESUME_NEUTRAL`. n_iters counts where either config decays the learning
+    rate (the cosine spans the run) and some of the `step` steps done (None: any) came after
+    the warm-up, whose rates do not depend on it; data folders are compared where they
+    lead."""
+    neutral = set(RESUME_NEUTRAL)
+    decays = {c.get("training", {}).get("lr_decay", "none") for c in (saved, current)}
+    warmup = saved.get("training", {}).get("warmup", 0)
+    if decays != {"none"} and (step is None or step > warmup):
+        neutral.discard("training.n_iters")
+    where_saved, where_now = _data_location(saved), _data_location(current)
+    changes = []
+    for section, fields in current.items():
+        for name, value in fields.items():
+            key, old = f"{section}.{name}", saved.get(section, {}).get(name, value)
+            if section == "data" and name in ("data_dir", "data_path"):
+                if where_saved["data"].get(name) == where_now["data"].get(name):
+                    continue
+            if key not in neutral and old != value:
+                changes.append(f"{key} {old!r} -> {value!r}")
+    return changes

@@ -18,10 +18,6 @@ import json
 import math
 import os
 import time
-try:  # POSIX; elsewhere runs go without the run folder's lock
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -32,9 +28,10 @@ from . import datasets as data_lib
 from ._utils import stderr_line
 from .build import (build_model, build_sde, compile_model, load_splits, model_score_fn,
                     with_labels)
-from .checkpoint import (load_checkpoint, prune_snapshots, remove_stale_temporaries,
-                         save_checkpoint)
-from .config import Config, TrainingConfig, check_config, from_dict, to_dict
+from .checkpoint import (FolderLock, load_checkpoint, prune_snapshots,
+                         remove_stale_temporaries, save_checkpoint)
+from .config import (Config, TrainingConfig, changed_settings, check_config, from_dict,
+                     to_dict)
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
                           process_group_backend, resolve_device)
 from .fast_sampling import sample_dpm_solver
@@ -54,18 +51,6 @@ STREAM_DROPOUT = 5
 GRID_DPM_STEPS = 20
 # A CPU run whose steps take longer than this gets `slow_hint` after its expected duration.
 SLOW_CPU_RUN_SECONDS = 2 * 3600
-# Settings a run may change when it resumes without changing what it computes: reporting,
-# checkpointing, the length of the run (unless the learning rate decays over it, see
-# `changed_settings`), where and how fast it runs.
-RESUME_NEUTRAL = {f"training.{name}" for name in (
-    "n_iters", "log_every", "eval_every", "eval_batches", "sample_every", "num_samples",
-    "sampler", "sample_steps", "checkpoint_every", "snapshot_every", "keep_snapshots", "device",
-    "compile", "compile_mode", "compile_scope", "channels_last", "skip_nonfinite",
-    "max_nonfinite")}
-# The run folder's lock file (`Trainer.lock_workdir`).
-LOCK_FILE = "train.lock"
-# Default folders of the datasets that have one (data.data_dir None reads from there).
-DEFAULT_DATA_DIRS = {"fashion_mnist": data_lib.FASHION_MNIST_DIR}
 
 
 class TrainingError(RuntimeError):
@@ -94,43 +79,6 @@ def step_seed(seed: int, step: int, stream: int = STREAM_NOISE) -> int:
     would otherwise draw correlated numbers on the CPU).
     """
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0])
-
-
-def _data_location(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """`cfg` (a `to_dict` config) with data_dir and data_path as the folders they lead to:
-    the dataset's default folder for data_dir None, real absolute paths."""
-    data = dict(cfg.get("data", {}))
-    if data.get("data_dir") is None:
-        data["data_dir"] = DEFAULT_DATA_DIRS.get(data.get("dataset"))
-    for key in ("data_dir", "data_path"):
-        if isinstance(data.get(key), str):
-            data[key] = os.path.realpath(os.path.expanduser(data[key]))
-    return {**cfg, "data": data}
-
-
-def changed_settings(saved: Dict[str, Any], current: Dict[str, Any], *,
-                     step: Optional[int] = None) -> List[str]:
-    """"section.field old -> new" for each setting of the `to_dict` configs that differs,
-    except those in `RESUME_NEUTRAL`. n_iters counts where either config decays the learning
-    rate (the cosine spans the run) and some of the `step` steps done (None: any) came after
-    the warm-up, whose rates do not depend on it; data folders are compared where they
-    lead."""
-    neutral = set(RESUME_NEUTRAL)
-    decays = {c.get("training", {}).get("lr_decay", "none") for c in (saved, current)}
-    warmup = saved.get("training", {}).get("warmup", 0)
-    if decays != {"none"} and (step is None or step > warmup):
-        neutral.discard("training.n_iters")
-    where_saved, where_now = _data_location(saved), _data_location(current)
-    changes = []
-    for section, fields in current.items():
-        for name, value in fields.items():
-            key, old = f"{section}.{name}", saved.get(section, {}).get(name, value)
-            if section == "data" and name in ("data_dir", "data_path"):
-                if where_saved["data"].get(name) == where_now["data"].get(name):
-                    continue
-            if key not in neutral and old != value:
-                changes.append(f"{key} {old!r} -> {value!r}")
-    return changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +175,7 @@ class Trainer:
         self.nonfinite_streak = 0  # ... of which the latest, in a row
         # (step, [loss finite, gradient finite]) on the device, not yet read by `settle`.
         self.unsettled: List[Tuple[int, torch.Tensor]] = []
-        self._lock = None  # the open train.lock while rank 0 holds it (`lock_workdir`)
+        self.lock = FolderLock(self.workdir)  # held by rank 0 while it runs (`lock_workdir`)
         self.last_log = (time.time(), 0)  # (time, step) of the last log line, for its speed
 
     # --- data -----------------------------------------------------------------------------
@@ -469,37 +417,21 @@ class Trainer:
         return report
 
     def lock_workdir(self) -> None:
-        """Rank 0 takes the run folder's lock (an exclusive `flock` on train.lock, which the
-        system drops when the process ends, however it ends) for the whole run, so that a
-        second run started on the same folder stops before it touches the first one's files
-        (both would append to log.txt and the TensorBoard events, and overwrite each other's
-        checkpoints). The processes of a torchrun launch agree on the outcome.
+        """Rank 0 takes the run folder's lock (`FolderLock`, on train.lock) for the whole run,
+        so that a second run started on the same folder stops before it touches the first
+        one's files (both would append to log.txt and the TensorBoard events, and overwrite
+        each other's checkpoints). The processes of a torchrun launch agree on the outcome.
 
         Raises:
             TrainingError: another process holds the lock (the message names its PID).
         """
         problem = None
-        if self.dist.is_main and fcntl is not None:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            path = self.workdir / LOCK_FILE
-            handle = open(path, "a+")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
-                handle.close()
+        if self.dist.is_main:
+            holder = self.lock.acquire()
+            if holder is not None:
                 problem = (f"{self.workdir} is in use by another training run (process "
                            f"{holder}); wait for it to end, stop it, or pass another "
                            f"--workdir")
-            except OSError:  # a file system without locks (some network mounts): go on
-                handle.close()
-            else:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"{os.getpid()}\n")
-                handle.flush()
-                self._lock = handle
         if self.dist.world_size > 1:
             flag = torch.tensor([int(problem is not None)], dtype=torch.int64)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
@@ -510,9 +442,7 @@ class Trainer:
             raise TrainingError(problem)
 
     def unlock_workdir(self) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.close()  # closing the file releases the flock
+        self.lock.release()
 
     def prepare_workdir(self) -> List[str]:
         """Creates workdir and removes the temporaries of checkpoint writes a killed process

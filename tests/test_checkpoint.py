@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from score_sde.checkpoint import (CheckpointError, load_checkpoint, prune_snapshots,
+from score_sde.checkpoint import (CheckpointError, FolderLock, load_checkpoint, prune_snapshots,
                                   read_checkpoint, save_checkpoint, snapshots)
 
 
@@ -136,3 +136,15 @@ def test_failed_write_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert read_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX file locks")
+def test_folder_lock_is_exclusive_until_released(tmp_path):
+    first, second = FolderLock(tmp_path / "run"), FolderLock(tmp_path / "run")
+    assert first.acquire() is None  # taken (the folder is made)
+    assert (tmp_path / "run" / "train.lock").read_text() == f"{os.getpid()}\n"
+    assert second.acquire() == str(os.getpid())  # held: the holder's PID
+    first.release()
+    assert second.acquire() is None
+    second.release()
+    second.release()  # releasing twice is harmless

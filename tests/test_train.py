@@ -622,7 +622,7 @@ def test_changed_settings_that_change_the_run():
     lr_final at n_iters), not with a constant rate; the memory layout never does; a data
     folder counts by where it leads."""
     from score_sde.datasets import FASHION_MNIST_DIR
-    from score_sde.trainer import changed_settings
+    from score_sde.config import changed_settings
 
     def cfg(**training):
         c = to_dict(_toy_cfg())
