@@ -1,5 +1,5 @@
 """Command-line plumbing shared by the tools in `tools/`: absl flags, one-line errors and the
-exit statuses 0 (done), 2 (bad input) and 3 (numerical failure)."""
+exit statuses 0 (done), 2 (bad input), 3 (numerical failure) and 130 (Ctrl-C)."""
 import hashlib
 import json
 import os
@@ -12,6 +12,7 @@ from .checkpoint import CheckpointError
 
 EXIT_BAD_INPUT = 2
 EXIT_NUMERICAL = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
 
 
 class InputError(ValueError):
@@ -53,17 +54,25 @@ def check_not_data(outputs: Dict[str, Optional[Path]], dataset: str, *,
                              f"write it elsewhere")
 
 
-def write_json(path: Path, obj: Dict[str, Any]) -> None:
-    """Writes `obj` as indented JSON atomically (temporary file, then rename)."""
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Any:
+    """Calls `write(tmp)` on a temporary file beside `path` (same suffix) and renames it to
+    `path`, so that `path` is either the old file or the whole new one, never a torn write;
+    returns what `write` returned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        result = write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return result
+
+
+def write_json(path: Path, obj: Dict[str, Any]) -> None:
+    """Writes `obj` as indented JSON atomically (`write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def sha256_file(path: Path) -> str:
@@ -91,8 +100,9 @@ def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[An
 
     `--help` prints the first paragraph of `doc` and the flags. Flag errors, InputError,
     ValueError, FileNotFoundError and CheckpointError print one `error: ...` line and give 2;
-    the `numerical` exceptions print one line (after `numerical_prefix`) and give 3. Anything
-    else propagates with its traceback: it is a bug, not bad input.
+    the `numerical` exceptions print one line (after `numerical_prefix`) and give 3; Ctrl-C
+    (KeyboardInterrupt) prints one line and gives 130. Anything else propagates with its
+    traceback: it is a bug, not bad input.
     """
     from absl import flags
 
@@ -116,6 +126,9 @@ def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[An
     except (flags.Error, ValueError, FileNotFoundError, CheckpointError) as err:
         _error_line(err)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (finished work is kept)
+        stderr_line("interrupted (SIGINT)")
+        return EXIT_INTERRUPTED
     if result:
         print(json.dumps(result))
     return 0

@@ -40,7 +40,7 @@ EPS = 1e-5
 FAST = ["--rtol", "1e-3", "--atol", "1e-3"]  # where the tolerance is not what is tested
 FIELDS = {"nll_nats", "stderr", "stderr_samples", "bpd", "bpd_stderr", "n", "num_data",
           "nfe_mean", "nfe_total", "seconds", "solve_seconds", "complete", "checkpoint", "step",
-          "use_ema", "sde", "model", "dataset", "split", "data_source", "num_dims",
+          "use_ema", "sde", "model", "dataset", "split", "data_source", "data_sha256", "num_dims",
           "batch_size", "divergence", "num_probes", "method", "rtol", "atol", "eps",
           "num_repeats", "seed", "dequantization", "data_width", "num_levels", "class_labels",
           "world_size", "device"}
@@ -313,6 +313,29 @@ def test_command_line_resume_with_max_batches(toy_run, tmp_path, capsys):
         assert a[name] == b[name], name
 
 
+def test_resumed_batches_come_from_the_same_data(toy_run, tmp_path, capsys, monkeypatch):
+    """The resume key holds the data's content: the same relative --data_path run from
+    another folder, or a file rewritten in place, gets no batches of the other data."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "x.npy", rng.normal(size=(8, 2)).astype(np.float32))
+    args = ["--workdir", toy_run, "--dataset", "array", "--data_path", "x.npy",
+            "--partial_dir", tmp_path / "partial", *FAST]
+    results = {}
+    for name in ("a", "b"):
+        monkeypatch.chdir(tmp_path / name)
+        assert _main(*args) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["a"]["data_sha256"] != results["b"]["data_sha256"]
+    assert results["a"]["nll_nats"] != results["b"]["nll_nats"]
+    np.save(tmp_path / "a" / "x.npy", np.load(tmp_path / "b" / "x.npy"))  # rewritten in place
+    monkeypatch.chdir(tmp_path / "a")
+    assert _main(*args) == 0
+    rerun = json.loads(capsys.readouterr().out)
+    assert rerun["nll_nats"] == results["b"]["nll_nats"]  # b's data, hence b's batches
+
+
 # --- 5. bad input and numerical failure -------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -484,3 +507,26 @@ def test_out_of_memory_is_one_line_naming_the_batch_size(toy_run, tmp_path, caps
                  tmp_path / "p") == 2
     line = _one_line(capsys)
     assert line.startswith("error: out of memory") and "smaller --batch_size (now 8)" in line
+
+
+def test_ctrl_c_is_one_line_and_exit_130(toy_run, tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt (Ctrl-C) in the middle of a solve: one line on stderr instead of a
+    traceback, exit status 130 (128 + SIGINT); the batches finished before stay for a rerun."""
+    calls = []
+    real = tool.log_likelihood
+
+    def interrupted_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tool, "log_likelihood", interrupted_second_batch)
+    args = ["--workdir", toy_run, "--num_samples", 16, "--batch_size", 8,
+            "--partial_dir", tmp_path / "p", *FAST]
+    assert _main(*args) == 130
+    assert _one_line(capsys) == "interrupted (SIGINT)"
+    (log,) = (tmp_path / "p").glob("*.rank0.jsonl")
+    assert len(log.read_text().splitlines()) >= 1  # the first batch, kept for the rerun
+    monkeypatch.undo()
+    assert _main(*args) == 0

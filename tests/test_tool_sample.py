@@ -132,6 +132,29 @@ def test_samples_go_to_the_workdir_given_beside_a_checkpoint(toy_run, tmp_path):
     assert not (toy_run / "samples_generate").exists()
 
 
+def test_an_interrupted_write_leaves_no_torn_or_mismatched_files(toy_run, tmp_path,
+                                                                 monkeypatch):
+    """The outputs are replaced whole: a write that fails half-way (disk full, a kill) leaves
+    the previous samples.npz intact and no summary.json describing other samples."""
+    out = tmp_path / "out"
+    assert _main("--workdir", toy_run, "--sampler", "dpm_solver", "--num_steps", 4,
+                 "--num_samples", 4, "--output_dir", out) == 0
+    before = np.load(out / "samples.npz")["samples"]
+
+    def torn(file, **arrays):
+        file.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tool.np, "savez", torn)
+    with pytest.raises(OSError, match="No space left"):
+        _main("--workdir", toy_run, "--sampler", "dpm_solver", "--num_steps", 4,
+              "--num_samples", 6, "--output_dir", out)
+    monkeypatch.undo()
+    assert np.array_equal(np.load(out / "samples.npz")["samples"], before)
+    assert not (out / "summary.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["samples.npz", "samples.png"]
+
+
 def test_cuda_graph_flag_on_the_cpu_gives_the_same_samples(toy_run, tmp_path):
     # On the CPU the graph wrapper runs the network eagerly: identical samples, every
     # evaluation an eager call.

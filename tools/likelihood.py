@@ -41,9 +41,10 @@ for continuous data); one JSON line on stdout and, with --output, the same objec
 nll_nats, stderr, stderr_samples, bpd, bpd_stderr, n, num_data, nfe_mean (score evaluations
 per solve), nfe_total, seconds (wall time of this run), solve_seconds (summed per-batch solve
 times, resumed batches included), complete, and every setting (checkpoint, step, use_ema,
-sde, model, dataset, split, data_source, num_dims, batch_size, divergence, num_probes, method,
-step_control, error_norm, cuda_graph, rtol, atol, eps, num_repeats, seed, dequantization,
-data_width, num_levels, class_labels, world_size, device).
+sde, model, dataset, split, data_source, data_sha256 (of the evaluated data, so that resumed
+batches come from the same data wherever they were read), num_dims, batch_size, divergence,
+num_probes, method, step_control, error_norm, cuda_graph, rtol, atol, eps, num_repeats, seed,
+dequantization, data_width, num_levels, class_labels, world_size, device).
 A class-conditional checkpoint is evaluated with the null label (the unconditional model;
 class_labels is "null"), which is meaningful only if it was trained with label dropout.
 
@@ -64,7 +65,8 @@ checkpoint or data, weights that do not fit the data, a --batch_size too large f
 memory), one line on stderr; 3 numerical failure
 (a non-finite log-likelihood or a solve that cannot meet its tolerance), one line naming the
 pass and batch. 3 rather than 1 so that it is not mistaken for a crash (Python exits with 1 on
-an uncaught exception).
+an uncaught exception). 130: stopped by Ctrl-C (one line; the finished batches are kept, and
+the same command resumes).
 """
 import datetime
 import functools
@@ -441,6 +443,9 @@ def run(fv) -> Dict[str, object]:
         "use_ema": fv.use_ema, "sde": cfg.sde.name, "model": cfg.model.name,
         "dataset": dataset, "split": None if fv.data_path else fv.split,
         "data_source": source, "num_data": len(data), "num_dims": info.num_dims,
+        # What the data are, not where they were read from: a relative path run from another
+        # folder, or a file rewritten in place, must not reuse another data set's batches.
+        "data_sha256": hashlib.sha256(data.contiguous().numpy().tobytes()).hexdigest(),
         "batch_size": fv.batch_size, "divergence": fv.divergence,
         "num_probes": fv.num_probes, "method": METHOD, "step_control": fv.step_control,
         "error_norm": fv.error_norm, "cuda_graph": fv.cuda_graph,

@@ -52,10 +52,9 @@ at every evaluation (`score_sde.cuda_graphs.CudaGraphed`), which removes most pe
 launch cost at moderate batch sizes; summary.json's "cuda_graph" counts graphs, replays and
 eager calls and lists any recording failures.
 
-Exit status: 0 done; 2 bad input (one line on stderr); 3 non-finite samples.
+Exit status: 0 done; 2 bad input (one line on stderr); 3 non-finite samples; 130 Ctrl-C.
 """
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ import numpy as np
 import torch
 
 from score_sde._utils import stderr_line
-from score_sde.cli import InputError, check_path, run_tool
+from score_sde.cli import InputError, check_path, run_tool, write_atomic, write_json
 from score_sde.config import from_dict
 from score_sde.datasets import DATASETS, SPLITS, from_model_range, load_dataset, to_model_range
 from score_sde.distributed import resolve_device
@@ -75,7 +74,7 @@ from score_sde.ode import sample_ode
 from score_sde.runs import load_trained
 from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
 from score_sde.build import build_sde
-from score_sde.visualize import save_samples_png
+from score_sde.visualize import samples_picture, save_samples_png
 
 SAMPLERS = ("pc", "ode", "ald", "ddim", "dpm_solver", "heun")
 FAST = ("ddim", "dpm_solver", "heun")
@@ -331,8 +330,17 @@ def run(fv) -> Dict[str, object]:
         nfes.append(int(nfe))
     out_dir = _output_dir(fv)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Each file is replaced whole (temporary file, then rename), and summary.json, which
+    # describes the others, goes first and comes back last: an interrupted run never leaves
+    # new samples beside an old run's summary.
+    (out_dir / "summary.json").unlink(missing_ok=True)
     arrays = {k: np.concatenate(v) for k, v in outputs.items() if v}
-    np.savez(out_dir / "samples.npz", **arrays)
+
+    def write_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    write_atomic(out_dir / "samples.npz", write_npz)
     picture = arrays["frames"].reshape(-1, *info.shape) if "frames" in arrays else \
         arrays["samples"]
     if info.discrete:
@@ -340,9 +348,14 @@ def run(fv) -> Dict[str, object]:
     else:
         picture = torch.from_numpy(picture)
     # An interpolation's frames fill one row per pair.
-    png = save_samples_png(picture, out_dir / "samples.png",
-                           title=f"step {run_.step}, {fv.sampler} sampler",
-                           cols=arrays["frames"].shape[1] if "frames" in arrays else None)
+    png = None
+    if samples_picture(picture) is not None:
+        png = out_dir / "samples.png"
+        write_atomic(png, lambda tmp: save_samples_png(
+            picture, tmp, title=f"step {run_.step}, {fv.sampler} sampler",
+            cols=arrays["frames"].shape[1] if "frames" in arrays else None))
+    else:
+        (out_dir / "samples.png").unlink(missing_ok=True)  # an old run's, for other data
     summary = {
         "checkpoint": str(checkpoint.resolve()), "step": run_.step, "use_ema": fv.use_ema,
         "sde": run_.cfg.sde.name, "task": fv.task, "sampler": fv.sampler,
@@ -366,7 +379,7 @@ def run(fv) -> Dict[str, object]:
         "device": str(device), "output_dir": str(out_dir),
         "png": str(png) if png else None,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "summary.json", summary)
     stderr_line(summary_line(summary))
     return summary
 
