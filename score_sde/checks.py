@@ -91,8 +91,8 @@ def sample_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a sampler keeps its state in for samples of `dtype`: at least float32, since
-    half-precision updates round away the small increments of many steps (bfloat16 sampling
-    drifted 10-100% in variance); the score still sees `dtype`."""
+    half-precision updates round away the small increments of many steps (see
+    tests/test_sampling.py's bfloat16 test); the score still sees `dtype`."""
     return torch.promote_types(dtype, torch.float32)
 
 

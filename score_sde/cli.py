@@ -39,6 +39,20 @@ def check_path(flag: str, path: Path, *, folder: bool = False) -> Path:
     return path
 
 
+def check_distinct(files: Dict[str, Optional[Path]]) -> None:
+    """Refuses two flags ({flag: path or None}) naming the same file, where a later write to
+    one would replace the other.
+
+    Raises:
+        InputError: naming both flags and the file."""
+    named = [(flag, Path(v).resolve()) for flag, v in files.items() if v]
+    for i, (flag, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if path == other_path:
+                raise InputError(f"--{flag} and --{other} are the same file {path}; give "
+                                 f"each its own")
+
+
 def check_not_data(outputs: Dict[str, Optional[Path]], dataset: str, *,
                    data_dir: Optional[str] = None, data_path: Optional[str] = None) -> None:
     """Refuses outputs ({flag: path or None}) that are files `dataset` is read from.

@@ -62,8 +62,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from score_sde.cli import (InputError, check_not_data, check_path, run_tool, sha256_file,
-                           write_json)
+from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
+                           sha256_file, write_json)
 from score_sde.classifier import FeatureClassifier, load_classifier
 from score_sde.datasets import SPLITS, from_model_range, load_dataset, to_model_range
 from score_sde.distributed import resolve_device
@@ -242,15 +242,9 @@ def run(fv) -> Dict[str, object]:
     samples_path = Path(fv.samples)
     if fv.output:  # checked now, not after the features are computed
         check_path("output", Path(fv.output))
-    files = {"samples": fv.samples, "classifier": fv.classifier,
-             "inception_weights": fv.inception_weights, "ref_stats": fv.ref_stats,
-             "output": fv.output}
-    named = [(flag, Path(v).resolve()) for flag, v in files.items() if v]
-    for i, (flag, path) in enumerate(named):  # a later write would replace an earlier file
-        for other, other_path in named[i + 1:]:
-            if path == other_path:
-                raise InputError(f"--{flag} and --{other} are the same file {path}; give "
-                                 f"each its own")
+    check_distinct({"samples": fv.samples, "classifier": fv.classifier,
+                    "inception_weights": fv.inception_weights, "ref_stats": fv.ref_stats,
+                    "output": fv.output})
     samples, samples_dtype, clipped = load_samples(samples_path, fv.num_samples)
 
     dataset = fv.dataset

@@ -74,7 +74,7 @@ from score_sde.ode import sample_ode
 from score_sde.runs import load_trained
 from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
 from score_sde.build import build_sde
-from score_sde.visualize import samples_picture, save_samples_png
+from score_sde.visualize import samples_picture
 
 SAMPLERS = ("pc", "ode", "ald", "ddim", "dpm_solver", "heun")
 FAST = ("ddim", "dpm_solver", "heun")
@@ -348,14 +348,14 @@ def run(fv) -> Dict[str, object]:
     else:
         picture = torch.from_numpy(picture)
     # An interpolation's frames fill one row per pair.
-    png = None
-    if samples_picture(picture) is not None:
-        png = out_dir / "samples.png"
-        write_atomic(png, lambda tmp: save_samples_png(
-            picture, tmp, title=f"step {run_.step}, {fv.sampler} sampler",
-            cols=arrays["frames"].shape[1] if "frames" in arrays else None))
+    image = samples_picture(picture, title=f"step {run_.step}, {fv.sampler} sampler",
+                            cols=arrays["frames"].shape[1] if "frames" in arrays else None)
+    png = out_dir / "samples.png"
+    if image is not None:
+        write_atomic(png, image.save)
     else:
-        (out_dir / "samples.png").unlink(missing_ok=True)  # an old run's, for other data
+        png.unlink(missing_ok=True)  # an old run's, for other data
+        png = None
     summary = {
         "checkpoint": str(checkpoint.resolve()), "step": run_.step, "use_ema": fv.use_ema,
         "sde": run_.cfg.sde.name, "task": fv.task, "sampler": fv.sampler,

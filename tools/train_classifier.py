@@ -51,7 +51,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from score_sde.cli import InputError, check_not_data, check_path, run_tool, write_json
+from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
+                           write_json)
 from score_sde.classifier import (FeatureClassifier, NoiseConditionalClassifier,
                                   noisy_classifier_loss, save_classifier)
 from score_sde.config import Config, SDEConfig
@@ -205,8 +206,7 @@ def run(fv) -> Dict[str, object]:
     output = check_path("output", Path(fv.output))  # checked now, not after training
     summary_path = check_path("summary", Path(fv.summary) if fv.summary
                               else output.with_suffix(".json"))
-    if summary_path.resolve() == output.resolve():
-        raise InputError(f"--summary and --output are the same file {output}")
+    check_distinct({"output": output, "summary": summary_path})
     check_not_data({"output": output, "summary": summary_path}, fv.dataset,
                    data_dir=fv.data_dir)
     device = resolve_device(fv.device)
