@@ -19,6 +19,8 @@ from .sde import SDE
 EDM_SIGMA_MIN = 0.002  # EDM's smallest noise level, the default end of sample_heun's grid
 EDM_SIGMA_MAX = 80.0  # EDM's largest noise level, where sample_heun's grid starts at most
 EDM_RHO = 7.0  # EDM's exponent of the noise-level grid
+# The "edm" time grid's steps above sigma_max, as a share of those a logSNR grid puts there.
+EDM_SHARE_ABOVE_SIGMA_MAX = 0.25
 BISECTION_STEPS = 100  # halvings of [0, T]: t(lambda) to float64 round-off
 MONOTONE_CHECK_POINTS = 1001  # where lambda(t) must be strictly decreasing
 
@@ -104,17 +106,31 @@ def _edm_levels(s_max: float, s_min: float, num: int, rho: float) -> torch.Tenso
 def _edm_grid(sched: _Schedule, num_steps: int, eps: float) -> torch.Tensor:
     # EDM's rho = 7 steps in the noise level s = sigma / alpha = e^-lambda (Karras et al. 2022,
     # Eq. 5) down to s(eps). Where s(T) exceeds EDM's sigma_max = 80 (VP and sub-VP: 152,
-    # cosine VP: about 6000), the first step goes from T to s = 80 and the other num_steps - 1
-    # follow the grid from 80: one exponential-integrator step crosses the range where the
-    # prediction hardly changes.
-    s_T, s_eps = (math.exp(-float(v)) for v in
-                  sched.lam(torch.tensor([sched.sde.T, eps], dtype=torch.float64)))
-    if s_T > EDM_SIGMA_MAX and num_steps > 1:
-        levels = torch.cat([torch.tensor([s_T], dtype=torch.float64),
-                            _edm_levels(EDM_SIGMA_MAX, s_eps, num_steps, EDM_RHO)])
+    # cosine VP: about 6000), the span from T to s = 80 takes `_steps_above_sigma_max` steps
+    # uniform in lambda (one up to 19 steps on cosine VP, 89 on VP, 131 on sub-VP) and the
+    # others follow the grid from 80. The prediction hardly changes up there, but one step
+    # over that span would leave an error that no num_steps removes.
+    lam_T, lam_eps = (float(v) for v in
+                      sched.lam(torch.tensor([sched.sde.T, eps], dtype=torch.float64)))
+    s_eps = math.exp(-lam_eps)
+    if math.exp(-lam_T) > EDM_SIGMA_MAX and num_steps > 1:
+        lam_max = -math.log(EDM_SIGMA_MAX)
+        above = _steps_above_sigma_max(num_steps, (lam_max - lam_T) / (lam_eps - lam_T))
+        lam = torch.linspace(lam_T, lam_max, above + 1, dtype=torch.float64)[:-1]
+        levels = torch.cat([torch.exp(-lam), _edm_levels(EDM_SIGMA_MAX, s_eps,
+                                                         num_steps - above + 1, EDM_RHO)])
     else:
-        levels = _edm_levels(s_T, s_eps, num_steps + 1, EDM_RHO)
+        levels = _edm_levels(math.exp(-lam_T), s_eps, num_steps + 1, EDM_RHO)
     return sched.time_of(-torch.log(levels))
+
+
+def _steps_above_sigma_max(num_steps: int, fraction: float) -> int:
+    """Steps of the EDM grid from T to sigma_max: a quarter of the num_steps * fraction that a
+    grid uniform in lambda takes there (fraction: that span's share of lambda_eps - lambda_T),
+    at least one and at most num_steps - 1 (benchmarks/edm_grid_convergence.py measures the
+    share against one step, BENCHMARKS.md)."""
+    share = round(num_steps * fraction * EDM_SHARE_ABOVE_SIGMA_MAX)
+    return min(num_steps - 1, max(1, share))
 
 
 TIME_GRIDS = {"uniform": _uniform_grid, "quadratic": _quadratic_grid, "logsnr": _logsnr_grid,

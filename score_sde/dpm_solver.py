@@ -214,11 +214,14 @@ def sample_dpm_solver(sde: SDE, score_fn: ScoreFn, shape, *, num_steps: int = 20
     its grid has that many steps.
 
     Time grid: by default multistep noise prediction steps on EDM's rho = 7 grid in the noise
-    level sigma / alpha (its first step from T to sigma / alpha = 80 where the SDE starts
-    higher), everything else uniformly in lambda. On a 64-d mixture under VP, sub-VP, VE and
-    cosine VP (benchmarks/bench.py), multistep order 3 with noise prediction reached 1.5 x
-    the Frechet floor in 9 evaluations on the EDM grid (10-15 on the logSNR grid), and order
-    2 in 10 (15-20); data prediction and singlestep did worse on the EDM grid.
+    level sigma / alpha, everything else uniformly in lambda. Where the SDE starts above EDM's
+    sigma / alpha = 80 (VP, sub-VP, cosine VP), the span from T to 80 takes a quarter of the
+    steps a uniform lambda grid would put there (at least one: one up to 19 steps on cosine VP
+    and 89 on VP), so that the error still falls at the update's order at many steps. On a
+    64-d mixture under VP, sub-VP, VE and cosine VP (benchmarks/bench.py, BENCHMARKS.md),
+    multistep noise prediction reached 1.5 x the Frechet floor in 8-9 evaluations at order 3
+    on the EDM grid (8-15 on the logSNR grid) and in 8-10 at order 2; data prediction and
+    singlestep did worse on the EDM grid.
 
     Works for any SDE with closed-form marginals and strictly decreasing lambda(t) (VP,
     sub-VP, cosine VP and VE); t(lambda) is found by float64 bisection.

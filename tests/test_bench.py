@@ -308,3 +308,35 @@ def test_contract_2d_makes_relative_paths_absolute(tmp_path, monkeypatch):
     assert args.config == str(tmp_path / "myconf.py")
     assert contract.parse(["--workdir", "w", "--config", "toy"]).config == str(
         (config_dir() / "toy.py").resolve())  # a shipped config, by name
+
+
+# --- edm_grid_convergence.py ---------------------------------------------------------------------
+
+def test_edm_grid_convergence_share_zero_is_one_step_and_the_default_converges(tmp_path, capsys):
+    script = load_script("benchmarks/edm_grid_convergence.py")
+    out = tmp_path / "edm.json"
+    assert script.main(["--sdes", "cosine", "--steps", "100,300", "--orders", "3",
+                        "--shares", "0,0.25", "--dim", "8", "--num_samples", "20",
+                        "--output", str(out)]) == 0
+    rows = {r["grid"]: r["median_rel_error"] for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"edm, share 0", "edm, share 0.25", "logsnr"}
+    one_step, default = rows["edm, share 0"], rows["edm, share 0.25"]
+    assert default[1] < 0.2 * default[0]  # order 3: 3x the steps, about 27x less error
+    assert one_step[1] > 0.5 * one_step[0]  # one step above 80 leaves a floor
+    assert "| cosine | 3 | edm, share 0.25 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sdes", "vp,edm"], "unknown SDE(s) ['edm']"),
+    (["--steps", "10,x"], "--steps must be comma-separated numbers"),
+    (["--steps", "0,10"], "--steps values must be >= 1"),
+    (["--orders", "4"], "--orders must be of 1, 2, 3"),
+    (["--shares", "-1"], "--shares values must be >= 0"),
+    (["--num_samples", "0"], "--num_samples must be >= 1"),
+])
+def test_edm_grid_convergence_bad_arguments_exit_2(args, message, capsys):
+    script = load_script("benchmarks/edm_grid_convergence.py")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

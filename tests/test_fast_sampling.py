@@ -583,25 +583,56 @@ def test_logsnr_grid_is_uniform_in_lambda(name, method, order):
     assert recorder.times[0] == 1.0
 
 
+def expected_edm_levels(name, num_steps, rho=7.0, sigma_max=80.0, share=0.25):
+    """The default grid of multistep noise prediction, derived here: noise levels s = sigma /
+    alpha on EDM's rho = 7 grid (Karras et al. 2022, Eq. 5) down to s(eps). Where s(T) > 80
+    (VP, sub-VP: 152; cosine: about 6000; VE: 50) the span from T to s = 80 takes k steps
+    uniform in lambda = -log s, k = round(share * num_steps * (lambda_80 - lambda_T) /
+    (lambda_eps - lambda_T)) within [1, num_steps - 1], and the rest follow the grid from 80.
+    Returns the num_steps + 1 levels."""
+    s_T, s_eps = (float(v) for v in noise_level(name, [1.0, EPS[name]]))
+    if s_T <= sigma_max:
+        start, count, above = s_T, num_steps + 1, np.empty(0)
+    else:
+        span = np.log(s_T / sigma_max) / np.log(s_T / s_eps)
+        k = min(num_steps - 1, max(1, round(share * num_steps * span)))
+        above = np.exp(np.linspace(np.log(s_T), np.log(sigma_max), k + 1)[:-1])
+        start, count = sigma_max, num_steps - k + 1
+    i = np.arange(count) / (count - 1)
+    below = (start ** (1 / rho) + i * (s_eps ** (1 / rho) - start ** (1 / rho))) ** rho
+    return np.concatenate([above, below])
+
+
+@pytest.mark.parametrize("num_steps", [8, 40, 200])
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("name", list(SDES))
-def test_multistep_noise_prediction_steps_on_the_edm_grid(name, order):
-    # The default grid of multistep noise prediction: noise levels s = sigma / alpha on EDM's
-    # rho = 7 grid (Karras et al. 2022, Eq. 5) down to s(eps); where s(T) > 80 (VP, sub-VP:
-    # 152; cosine: about 6000; VE: 50) the first step goes from T to s = 80 and the rest
-    # follow the grid from 80. Multistep evaluates at the N grid points before eps.
-    recorder, num_steps, rho = TimeRecorder(gaussian_score(name)), 8, 7.0
+def test_multistep_noise_prediction_steps_on_the_edm_grid(name, order, num_steps):
+    # Multistep evaluates at the N grid points before eps. At 8 steps every SDE takes one step
+    # above 80; at 40 cosine VP takes 3, at 200 VP and sub-VP take 3 and 2.
+    recorder = TimeRecorder(gaussian_score(name))
     sample_dpm_solver(make_sde(name), recorder, (2, 2), num_steps=num_steps, order=order,
                       eps=EPS[name], dtype=F64)
-    s_T, s_eps = (float(v) for v in noise_level(name, [1.0, EPS[name]]))
-    start, count = (80.0, num_steps) if s_T > 80.0 else (s_T, num_steps + 1)
-    i = np.arange(count) / (count - 1)
-    levels = (start ** (1 / rho) + i * (s_eps ** (1 / rho) - start ** (1 / rho))) ** rho
-    if s_T > 80.0:
-        levels = np.concatenate([[s_T], levels])
+    levels = expected_edm_levels(name, num_steps)
     assert recorder.times[0] == 1.0
     np.testing.assert_allclose(noise_level(name, recorder.times).numpy(), levels[:-1],
                                rtol=1e-9)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("name", list(SDES))
+def test_default_grid_converges_at_the_solvers_order(name, order):
+    # One fixed step from T to s = 80 would leave an error that no num_steps removes (cosine
+    # VP, order 3: 4e-5, 7e-5, 8e-5 at 100, 200, 400 steps); the default grid must converge at
+    # the default update's order (order 2: the DPM-Solver form, 2; order 3: Taylor, 3).
+    exact = conv_reference(name, False)
+    score_fn = fast_score_fn(CONV_MIXTURE, KERNEL[name])
+    steps, errors = (100, 200, 400), []
+    for num_steps in steps:
+        x, _ = sample_dpm_solver(make_sde(name), score_fn, CONV_SHAPE, num_steps=num_steps,
+                                 order=order, eps=EPS[name], dtype=F64, generator=gen(0))
+        errors.append(((x - exact).abs().max() / exact.abs().max()).item())
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - order) < SLOPE_TOL, f"slope {slope:.2f} (errors {errors})"
 
 
 @pytest.mark.parametrize("time_grid", ["uniform", "quadratic"])
