@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ._utils import check_choice
-from .datasets import FASHION_MNIST_DIR
+from .datasets.images import default_data_dir
 
 
 @dataclass
@@ -306,16 +306,13 @@ RESUME_NEUTRAL = {f"training.{name}" for name in (
     "sampler", "sample_steps", "checkpoint_every", "snapshot_every", "keep_snapshots", "device",
     "compile", "compile_mode", "compile_scope", "channels_last", "skip_nonfinite",
     "max_nonfinite")}
-# Default folders of the datasets that have one (data.data_dir None reads from there).
-DEFAULT_DATA_DIRS = {"fashion_mnist": FASHION_MNIST_DIR}
 
 
 def _data_location(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """`cfg` (a `to_dict` config) with data_dir and data_path as the folders they lead to:
     the dataset's default folder for data_dir None, real absolute paths."""
     data = dict(cfg.get("data", {}))
-    if data.get("data_dir") is None:
-        data["data_dir"] = DEFAULT_DATA_DIRS.get(data.get("dataset"))
+    data["data_dir"] = default_data_dir(data.get("dataset"), data.get("data_dir"))
     for key in ("data_dir", "data_path"):
         if isinstance(data.get(key), str):
             data[key] = os.path.realpath(os.path.expanduser(data[key]))

@@ -305,12 +305,9 @@ class Trainer:
                 failure = (f"could not write {path} at step {self.step}: {err}; {kept}; free "
                            f"disk space or fix permissions, then rerun the same command to "
                            f"resume")
-        if self.dist.world_size > 1:
-            # Doubles as the barrier, so the other processes stop too instead of waiting.
-            failed = torch.tensor([float(failure is not None)], device=self.device)
-            torch.distributed.all_reduce(failed)
-            if failure is None and failed.item():
-                failure = f"rank 0 could not write the checkpoint of step {self.step}"
+        # Doubles as the barrier, so the other processes stop too instead of waiting.
+        failure = self.main_problem(failure, f"rank 0 could not write the checkpoint of step "
+                                             f"{self.step}")
         if failure is not None:
             raise CheckpointWriteError(failure)
 
@@ -432,14 +429,22 @@ class Trainer:
                 problem = (f"{self.workdir} is in use by another training run (process "
                            f"{holder}); wait for it to end, stop it, or pass another "
                            f"--workdir")
+        problem = self.main_problem(problem, f"rank 0 could not take the lock of "
+                                             f"{self.workdir}")
+        if problem is not None:
+            raise TrainingError(problem)
+
+    def main_problem(self, problem: Optional[str], elsewhere: str) -> Optional[str]:
+        """Rank 0's `problem` (None: none) made known to every process, which then stop
+        together: rank 0 keeps its message, the others get `elsewhere`. A collective on the
+        control group, so it is also a barrier that never waits for a GPU."""
         if self.dist.world_size > 1:
             flag = torch.tensor([int(problem is not None)], dtype=torch.int64)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
                                          group=self.control_group)
             if flag.item() and problem is None:
-                problem = f"rank 0 could not take the lock of {self.workdir}"
-        if problem is not None:
-            raise TrainingError(problem)
+                problem = elsewhere
+        return problem
 
     def unlock_workdir(self) -> None:
         self.lock.release()

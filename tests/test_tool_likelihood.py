@@ -362,7 +362,9 @@ def test_resumed_batches_come_from_the_same_data(toy_run, tmp_path, capsys, monk
     (["--workdir", "{run}", "extra"], "unexpected arguments"),
     (["--workdir", "{run}", "--output", "{tmp}"], "is a folder; give a file name"),
     (["--workdir", "{run}", "--output", "{run}/checkpoint.pt"],
-     "is the checkpoint being evaluated; choose another file"),
+     "--output and --checkpoint are the same file"),
+    (["--workdir", "{run}", "--dataset", "array", "--data_path", "{tmp}/torn.pt", "--output",
+      "{tmp}/torn.pt"], "--output and --data_path are the same file"),
     (["--workdir", "{run}", "--checkpoint", "{tmp}"], "is a folder; pass --checkpoint FILE"),
     (["--workdir", "{run}", "--output", "{tmp}/torn.pt/r.json"], "which is a file, not a folder"),
     (["--workdir", "{run}", "--partial_dir", "{tmp}/torn.pt"], "is a file; give a folder"),
@@ -380,6 +382,15 @@ def test_bad_input_exits_2_with_one_line(args, message, toy_run, tmp_path, capsy
     assert _main(*args) == 2
     line = _one_line(capsys)
     assert line.startswith("error: ") and message.format(tmp=tmp_path) in line, line
+
+
+def test_output_onto_the_data_it_reads_exits_2(toy_run, tmp_path, capsys):
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"")  # one file of the data folder
+    before = (tmp_path / "train-labels-idx1-ubyte").stat()
+    assert _main("--workdir", toy_run, "--dataset", "fashion_mnist", "--data_dir", tmp_path,
+                 "--output", tmp_path / "train-labels-idx1-ubyte") == 2
+    assert "is a file of the fashion_mnist data it reads" in _one_line(capsys)
+    assert (tmp_path / "train-labels-idx1-ubyte").stat() == before
 
 
 def test_a_new_workdir_beside_a_checkpoint_is_made(toy_run, tmp_path):

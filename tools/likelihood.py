@@ -82,7 +82,8 @@ import torch
 
 from score_sde._utils import stderr_line
 from score_sde.checkpoint import read_checkpoint
-from score_sde.cli import InputError, check_path, run_tool, write_json
+from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
+                           write_json)
 from score_sde.config import Config, from_dict
 from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_seed, to_model_range
 from score_sde.distributed import dist_from_env, resolve_device
@@ -415,10 +416,7 @@ def run(fv) -> Dict[str, object]:
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist (pass --checkpoint PATH)")
     check_path("partial_dir", Path(fv.partial_dir or workdir / "likelihood_partial"), folder=True)
-    for name, source in (("checkpoint", checkpoint), ("data path", fv.data_path)):
-        if fv.output and source and Path(fv.output).resolve() == Path(source).resolve():
-            raise InputError(f"--output {fv.output} is the {name} being evaluated; choose "
-                             f"another file")
+    check_distinct({"output": fv.output, "checkpoint": checkpoint, "data_path": fv.data_path})
     if fv.data_path is not None and fv["split"].present:
         raise InputError("--split does not apply to --data_path (the file is evaluated whole)")
     layout = dist_from_env(os.environ)
@@ -431,6 +429,10 @@ def run(fv) -> Dict[str, object]:
     check_trained_state(state, checkpoint)
     cfg = from_dict(state["config"])
     dataset = fv.dataset or cfg.data.dataset
+    same = dataset == cfg.data.dataset  # then the run's data settings are the defaults
+    check_not_data({"output": fv.output}, dataset,
+                   data_dir=fv.data_dir or (cfg.data.data_dir if same else None),
+                   data_path=fv.data_path or (cfg.data.data_path if same else None))
     data, info, source = load_eval_data(cfg, dataset=dataset, split=fv.split,
                                         data_dir=fv.data_dir, data_path=fv.data_path,
                                         num_samples=fv.num_samples)

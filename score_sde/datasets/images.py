@@ -14,6 +14,14 @@ import torch
 from .common import NUM_LEVELS, DataInfo, check_labels, finish, reject_unused
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+# The folders that data_dir None reads, for the datasets that have one.
+DEFAULT_DATA_DIRS = {"fashion_mnist": FASHION_MNIST_DIR}
+
+
+def default_data_dir(name: str, data_dir: Optional[str] = None) -> Optional[str]:
+    """`data_dir`, or where it is None, the default folder of dataset `name` (None if it has
+    none)."""
+    return DEFAULT_DATA_DIRS.get(name) if data_dir is None else data_dir
 
 # --- IDX (Fashion-MNIST) ------------------------------------------------------------------------
 
@@ -81,7 +89,7 @@ def _find_fashion_file(data_dir: str, stem: str) -> Optional[str]:
 
 def load_fashion_mnist(*, split, data_dir, data_path, seed, num_samples):
     reject_unused("fashion_mnist", data_path=data_path)
-    data_dir = FASHION_MNIST_DIR if data_dir is None else data_dir
+    data_dir = default_data_dir("fashion_mnist", data_dir)
     how = ("install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist, "
            f"files in {FASHION_MNIST_DIR}) or pass data_dir (--data_dir)")
     if not os.path.isdir(data_dir):
@@ -179,7 +187,7 @@ def image_files(name: str, data_dir: Optional[str]) -> List[str]:
     `data_dir` (None: the default folder, if the dataset has one)."""
     found: List[str] = []
     if name == "fashion_mnist":
-        data_dir = FASHION_MNIST_DIR if data_dir is None else data_dir
+        data_dir = default_data_dir(name, data_dir)
         for stems in _FASHION_FILES.values():
             found += [p for stem in stems if (p := _find_fashion_file(data_dir, stem))]
     elif name == "cifar10" and data_dir is not None:
