@@ -166,8 +166,7 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
         accept = (err <= 1.0) & finite
         factor = torch.where(err > 0, SAFETY * err.clamp(min=1e-30) ** (-1 / 5),
                              torch.full_like(err, MAX_FACTOR)).clamp(MIN_FACTOR, MAX_FACTOR)
-        h[idx] = torch.where(accept, ha * factor, ha * torch.minimum(factor,
-                                                                     torch.ones_like(factor)))
+        h[idx] = torch.where(accept, ha * factor, _retry_step(ha, factor, remaining, last))
         steps[idx] += 1
         # Accepted samples move on (FSAL: the last stage is the next step's first stage);
         # the others keep their state and retry with the smaller step.
@@ -189,3 +188,17 @@ def odeint_per_sample(rhs: RHS, y0: Tensors, t_start: float, t_end: float, *, rt
                                f"{float(t[bad]):.6g}; loosen rtol/atol (now {rtol:g}/{atol:g})")
         idx = active.nonzero().squeeze(1)
     return y, steps, calls
+
+
+def _retry_step(h: torch.Tensor, factor: torch.Tensor, remaining: torch.Tensor,
+                last: torch.Tensor) -> torch.Tensor:
+    """The step after a rejection: h times the factor (at most 1). A rejected last step was
+    cut to `remaining`; while the smaller step still covers it, the retry would be that same
+    cut step with the same error, so the factor is applied again at once as often as such
+    retries would apply it (the smallest m >= 1 with h f^m < remaining), evaluating none of
+    them."""
+    shrink = torch.minimum(factor, torch.ones_like(factor))
+    repeat = last & (h * shrink >= remaining) & (shrink < 1)
+    ratio = torch.where(repeat, remaining / h, torch.ones_like(h))
+    times = torch.floor(torch.log(ratio) / torch.log(torch.where(repeat, shrink, 0.5))) + 1
+    return h * shrink ** torch.where(repeat, times, torch.ones_like(times))

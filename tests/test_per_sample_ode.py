@@ -142,3 +142,28 @@ def test_an_empty_interval_returns_the_start():
     y0 = torch.tensor([[1.0], [-2.0], [3.0]], dtype=F64)
     (y,), steps, calls = odeint_per_sample(_decay(k), (y0,), 0.5, 0.5, rtol=1e-7, atol=1e-10)
     assert torch.equal(y, y0) and steps.tolist() == [0, 0, 0] and calls == 2
+
+
+@pytest.mark.parametrize("amplitude", [3.0, 30.0, 300.0])
+def test_a_rejected_final_step_is_never_retried_unchanged(amplitude):
+    # dy/dt = a (1 - cos(a (t - 0.95))) y for t > 0.95, 0 before: y(1) = y0 exp(0.05 a -
+    # sin(0.05 a)). The step grows over the flat part and is cut to the rest of the interval
+    # when it reaches it; the last steps are rejected there. A retry that still covers the rest would take the
+    # same cut step again (same stages, same error): the solver must never evaluate it twice.
+    attempts = []
+
+    def rhs(t, y, idx):
+        attempts.append(t.clone())
+        rate = amplitude * (1 - torch.cos(amplitude * (t - 0.95))) * (t > 0.95)
+        return (rate[:, None] * y[0],)
+
+    y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
+    (y,), steps, calls = odeint_per_sample(rhs, (y0,), 0.0, 1.0, rtol=1e-6, atol=1e-9)
+    exact = y0 * math.exp(0.05 * amplitude - math.sin(0.05 * amplitude))
+    torch.testing.assert_close(y, exact, rtol=1e-4, atol=0)
+    # Each step is 6 calls after the first two; a step's stage times identify its (t, h).
+    stage_times = [torch.stack(attempts[2 + 6 * i: 8 + 6 * i], 1)
+                   for i in range(int(steps.max()))]
+    for before, after in zip(stage_times, stage_times[1:]):
+        assert not torch.equal(before, after), "a rejected step was evaluated again unchanged"
+    assert calls == 2 + 6 * int(steps.max())
