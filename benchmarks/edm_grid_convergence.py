@@ -15,6 +15,7 @@ solved by `sample_ode` at rtol = atol = 1e-10 (both end at eps, undenoised). Dat
 import argparse
 import datetime
 import json
+import math
 import sys
 from pathlib import Path
 from unittest import mock
@@ -36,8 +37,8 @@ def parse_list(p, name: str, text: str, kind, *, minimum) -> list:
         values = [kind(v) for v in text.split(",")]
     except ValueError:
         p.error(f"--{name} must be comma-separated numbers, got {text!r}")
-    if any(not v >= minimum for v in values):
-        p.error(f"--{name} values must be >= {minimum}, got {text!r}")
+    if any(not (v >= minimum and math.isfinite(v)) for v in values):
+        p.error(f"--{name} values must be finite and >= {minimum}, got {text!r}")
     return values
 
 

@@ -112,9 +112,10 @@ def _edm_grid(sched: _Schedule, num_steps: int, eps: float) -> torch.Tensor:
     # over that span would leave an error that no num_steps removes.
     lam_T, lam_eps = (float(v) for v in
                       sched.lam(torch.tensor([sched.sde.T, eps], dtype=torch.float64)))
-    s_eps = math.exp(-lam_eps)
-    if math.exp(-lam_T) > EDM_SIGMA_MAX and num_steps > 1:
-        lam_max = -math.log(EDM_SIGMA_MAX)
+    s_eps, lam_max = math.exp(-lam_eps), -math.log(EDM_SIGMA_MAX)
+    # Only a span worth a step of its own (s(T) > 1.1 x 80) with eps below 80: else the grid
+    # would turn back up to s(eps), or spend a step on a sliver whose slope amplifies round-off.
+    if num_steps > 1 and s_eps < EDM_SIGMA_MAX and lam_max - lam_T > math.log(1.1):
         above = _steps_above_sigma_max(num_steps, (lam_max - lam_T) / (lam_eps - lam_T))
         lam = torch.linspace(lam_T, lam_max, above + 1, dtype=torch.float64)[:-1]
         levels = torch.cat([torch.exp(-lam), _edm_levels(EDM_SIGMA_MAX, s_eps,

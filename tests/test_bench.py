@@ -329,9 +329,10 @@ def test_edm_grid_convergence_share_zero_is_one_step_and_the_default_converges(t
 @pytest.mark.parametrize("args, message", [
     (["--sdes", "vp,edm"], "unknown SDE(s) ['edm']"),
     (["--steps", "10,x"], "--steps must be comma-separated numbers"),
-    (["--steps", "0,10"], "--steps values must be >= 1"),
+    (["--steps", "0,10"], "--steps values must be finite and >= 1"),
     (["--orders", "4"], "--orders must be of 1, 2, 3"),
-    (["--shares", "-1"], "--shares values must be >= 0"),
+    (["--shares", "-1"], "--shares values must be finite and >= 0"),
+    (["--shares", "inf"], "--shares values must be finite and >= 0"),
     (["--num_samples", "0"], "--num_samples must be >= 1"),
 ])
 def test_edm_grid_convergence_bad_arguments_exit_2(args, message, capsys):

@@ -586,12 +586,13 @@ def test_logsnr_grid_is_uniform_in_lambda(name, method, order):
 def expected_edm_levels(name, num_steps, rho=7.0, sigma_max=80.0, share=0.25):
     """The default grid of multistep noise prediction, derived here: noise levels s = sigma /
     alpha on EDM's rho = 7 grid (Karras et al. 2022, Eq. 5) down to s(eps). Where s(T) > 80
-    (VP, sub-VP: 152; cosine: about 6000; VE: 50) the span from T to s = 80 takes k steps
+    (VP, sub-VP: 152; cosine: about 6000; VE: 50; the library requires s(T) > 88 and s(eps) <
+    80 for this) the span from T to s = 80 takes k steps
     uniform in lambda = -log s, k = round(share * num_steps * (lambda_80 - lambda_T) /
     (lambda_eps - lambda_T)) within [1, num_steps - 1], and the rest follow the grid from 80.
     Returns the num_steps + 1 levels."""
     s_T, s_eps = (float(v) for v in noise_level(name, [1.0, EPS[name]]))
-    if s_T <= sigma_max:
+    if s_T <= 1.1 * sigma_max:  # (s(eps) is below 80 here)
         start, count, above = s_T, num_steps + 1, np.empty(0)
     else:
         span = np.log(s_T / sigma_max) / np.log(s_T / s_eps)
@@ -616,6 +617,33 @@ def test_multistep_noise_prediction_steps_on_the_edm_grid(name, order, num_steps
     assert recorder.times[0] == 1.0
     np.testing.assert_allclose(noise_level(name, recorder.times).numpy(), levels[:-1],
                                rtol=1e-9)
+
+
+@pytest.mark.parametrize("name, eps", [("vp", 0.99), ("subvp", 0.97), ("cosine", 0.999)])
+def test_edm_grid_with_eps_above_sigma_max_stays_monotone(name, eps):
+    # s(eps) > 80: the span above 80 must not be split off, or the grid would turn back up.
+    recorder = TimeRecorder(gaussian_score(name))
+    sample_dpm_solver(make_sde(name), recorder, (2, 2), num_steps=4, eps=eps, dtype=F64)
+    times = recorder.times + [eps]
+    assert float(noise_level(name, [eps])[0]) > 80.0
+    assert np.all(np.diff(times) < 0) and np.all(np.diff(noise_level(name, times).numpy()) < 0)
+
+
+def test_edm_grid_starting_just_above_sigma_max_is_one_rho_grid():
+    # s(T) = 80.001: no step of its own for the sliver from 80.001 to 80 (its slope would
+    # amplify round-off); EDM's rho = 7 grid runs from s(T) down to s(eps).
+    sde, eps, num_steps, rho = score_sde.VESDE(sigma_max=80.001), 1e-5, 6, 7.0
+    recorder = TimeRecorder(lambda x, t: -x / (0.25 + sde.marginal_coeffs(t)[1] ** 2)[:, None])
+    sample_dpm_solver(sde, recorder, (2, 2), num_steps=num_steps, eps=eps, dtype=F64)
+
+    def level(t):
+        alpha, sigma = sde.marginal_coeffs(torch.tensor(t, dtype=F64))
+        return (sigma / alpha).numpy()
+
+    s_T, s_eps = level([1.0, eps])
+    i = np.arange(num_steps + 1) / num_steps
+    levels = (s_T ** (1 / rho) + i * (s_eps ** (1 / rho) - s_T ** (1 / rho))) ** rho
+    np.testing.assert_allclose(level(recorder.times), levels[:-1], rtol=1e-9)
 
 
 @pytest.mark.parametrize("order", [2, 3])
