@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import append_dims, check_batch_time, check_choice, check_int, float64_like
+from ._utils import (append_dims, check_batch_time, check_choice, check_int, check_time_range,
+                     float64_like)
 from .checkpoint import read_checkpoint, save_checkpoint
 from .checks import check_eps
 from .models.layers import (EMBEDDINGS, Downsample, ResnetBlockDDPMpp, TimeEmbedding,
@@ -243,12 +244,16 @@ def classifier_log_prob_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.T
     Raises:
         ValueError: unknown `time_input`, "std" / "noise_level" for an SDE without
             closed-form marginals, or "sigma" for one without sigma(t). The returned fn raises
-            ValueError for mismatched x / t or logits not [B, K].
+            ValueError for mismatched x / t, t outside [0, T] ((0, T] for "std" and
+            "noise_level", whose embedding takes log sigma(t)) or logits not [B, K].
     """
     to_time = time_input_fn(sde, time_input)
+    divides = time_input in ("std", "noise_level")  # log sigma(0) = -inf: (0, T] then
+    why = f" for time_input={time_input!r}: sigma(0) = 0" if divides else ""
 
     def log_prob_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         check_batch_time(x, t)
+        check_time_range(t, 0.0, sde.T, open_lo=divides, why=why)
         t_in = to_time(t.to(float64_like(t)))
         if t_in.is_floating_point():
             t_in = t_in.to(x.dtype)

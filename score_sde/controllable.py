@@ -37,6 +37,9 @@ SLERP_MIN_SIN = 1e-6
 # --- predictor-corrector sampling with a known region -----------------------------------------
 
 def _check_generator(generator, x):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got "
+                         f"{type(generator).__name__}")
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device}, but the data are on {x.device}; "
                          f"pass a generator on the data's device")
@@ -117,7 +120,8 @@ def inpaint(sde: SDE, score_fn: ScoreFn, x_known: torch.Tensor, mask: torch.Tens
     Args:
         sde: the forward SDE; needs closed-form marginals (`sde.has_marginal`).
         score_fn: score function (x [B, ...], t [B]) -> score shaped like x.
-        x_known: data [B, ...] (rank >= 2, floating); only its known region is read.
+        x_known: data [B, ...] (rank >= 2, floating); only its known region is read (and
+            must be finite), the rest may hold anything, NaN included.
         mask: 1 (or True) where x_known is known, 0 elsewhere; broadcastable to x_known.
         num_steps: predictor steps; defaults to `sde.num_steps`.
         predictor: a name in `PREDICTORS` or a `Predictor` subclass.
@@ -141,8 +145,12 @@ def inpaint(sde: SDE, score_fn: ScoreFn, x_known: torch.Tensor, mask: torch.Tens
                                    num_steps=num_steps, eps=eps, marginals_for="conditional")
     sde, predictor_cls, corrector_cls = pc_components(
         sde, predictor, corrector, corrector_steps=corrector_steps, num_steps=num_steps, eps=eps)
+    known = None
+    if isinstance(x_known, torch.Tensor) and x_known.is_floating_point() and x_known.ndim >= 2:
+        known = _check_mask(mask, x_known)  # the unknown region is never read: NaN is fine
+        x_known = torch.where(known, x_known, torch.zeros((), dtype=x_known.dtype,
+                                                          device=x_known.device))
     check_data(x_known, "x_known")
-    known = _check_mask(mask, x_known)
     _check_generator(generator, x_known)
     return _inpaint_pc(sde, score_fn, x_known, known, num_steps=num_steps,
                        predictor_cls=predictor_cls, corrector_cls=corrector_cls, snr=snr,
@@ -280,8 +288,11 @@ def classifier_guided_score(score_fn: ScoreFn, log_prob_fn, labels: torch.Tensor
         score = score_fn(x, t)
         if scale == 0:
             return score
+        # Where the caller differentiates the score itself (the likelihood's divergence), the
+        # gradient keeps its graph, so that the classifier's Hessian enters the divergence.
+        keep = torch.is_grad_enabled() and x.requires_grad
         with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
+            x_in = x if keep else x.detach().requires_grad_(True)
             logits = log_prob_fn(x_in, t)
             if not isinstance(logits, torch.Tensor) or logits.ndim != 2 \
                     or logits.shape[0] != x.shape[0]:
@@ -300,7 +311,7 @@ def classifier_guided_score(score_fn: ScoreFn, log_prob_fn, labels: torch.Tensor
                                      "torch.inference_mode() forbids; sample outside inference "
                                      "mode (torch.no_grad() is fine)")
                 raise ValueError("log_prob_fn's output does not depend differentiably on x")
-            grad, = torch.autograd.grad(selected, x_in, allow_unused=True)
+            grad, = torch.autograd.grad(selected, x_in, allow_unused=True, create_graph=keep)
         if grad is None:  # the classifier ignores x
             return score
         return score + scale * grad.to(score.dtype)

@@ -397,7 +397,9 @@ def from_reference(model_state: Mapping[str, Any], net: NCSNpp, *,
         sigmas = _geometric_sigmas(config)
         found = _check_tensor(state["sigmas"], tuple(sigmas.shape), f"{what} key",
                               prefix + "sigmas")
-        if not torch.allclose(found.double(), sigmas, rtol=1e-5, atol=0.0):
+        # Up to the rounding of the buffer's own dtype (float32: 1e-5; half precision more).
+        rtol = max(1e-5, 4 * torch.finfo(found.dtype).eps)
+        if not torch.allclose(found.double(), sigmas, rtol=rtol, atol=0.0):
             raise ValueError(f"{what} key {prefix}sigmas holds noise levels from "
                              f"{float(found[0]):g} to {float(found[-1]):g}; the config has "
                              f"sigma_max={config.sigma_max:g}, sigma_min={config.sigma_min:g}; "

@@ -31,6 +31,8 @@ Array = Union[np.ndarray, torch.Tensor]
 IMAG_RTOL = 1e-3
 # A covariance is symmetric up to the round-off of its computation (float32 included).
 SYMMETRY_RTOL = 1e-6
+# Smallest eigenvalue a covariance may have, relative to its largest in magnitude (round-off).
+PSD_RTOL = 1e-5
 
 
 def _as_float64(name: str, a: Array) -> np.ndarray:
@@ -93,13 +95,15 @@ def frechet_distance(mu1: Array, cov1: Array, mu2: Array, cov2: Array, *,
     product of two PSD matrices has real non-negative eigenvalues) is dropped when it stays
     below `IMAG_RTOL` times the largest variance. When the root is not finite or its imaginary
     part is larger (a nearly singular product), both covariances are regularised by eps I and
-    the root recomputed, with a warning (the usual remedy of FID code). This moves the result
-    by O(eps D) for well-conditioned covariances, but by up to about sqrt(eps s) (s a typical
-    variance) per direction in which a covariance is singular: keep eps small.
+    the result is the distance between the regularised Gaussians, with a warning (the usual
+    remedy of FID code, which keeps the unregularised traces and so gives -2 eps D for
+    identical statistics; here it stays 0). This moves the result by up to about sqrt(eps s)
+    (s a typical variance) per direction in which a covariance is singular: keep eps small.
 
     Args:
         mu1, mu2: means [D].
-        cov1, cov2: covariances [D, D] (symmetric positive semi-definite).
+        cov1, cov2: covariances [D, D] (symmetric positive semi-definite, up to round-off:
+            eigenvalues down to -1e-5 times the largest are accepted).
         eps: regularisation added to the diagonals in the near-singular case (> 0).
 
     Returns:
@@ -107,7 +111,8 @@ def frechet_distance(mu1: Array, cov1: Array, mu2: Array, cov2: Array, *,
         negative by round-off, about 1e-12 times the trace, for identical statistics).
 
     Raises:
-        ValueError: mismatched or wrong shapes, non-finite inputs, or eps <= 0.
+        ValueError: mismatched or wrong shapes, non-finite inputs, covariances that are not
+            symmetric positive semi-definite, or eps <= 0.
         FloatingPointError: no usable square root even after regularisation.
     """
     mu1, mu2 = _as_float64("mu1", mu1), _as_float64("mu2", mu2)
@@ -124,6 +129,10 @@ def frechet_distance(mu1: Array, cov1: Array, mu2: Array, cov2: Array, *,
         if asymmetry > SYMMETRY_RTOL * float(np.abs(cov).max(initial=0.0)):
             raise ValueError(f"{name} must be symmetric (a covariance matrix), got "
                              f"max |C - C^T| = {asymmetry:.3g}")
+        eigenvalues = np.linalg.eigvalsh(cov) if dim else np.zeros(1)
+        if eigenvalues[0] < -PSD_RTOL * max(abs(eigenvalues[0]), abs(eigenvalues[-1])):
+            raise ValueError(f"{name} must be positive semi-definite (a covariance matrix), "
+                             f"got the eigenvalue {eigenvalues[0]:.3g}")
     if not (isinstance(eps, (int, float)) and np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
@@ -131,8 +140,8 @@ def frechet_distance(mu1: Array, cov1: Array, mu2: Array, cov2: Array, *,
     if not ok:
         warnings.warn(f"frechet_distance: sqrtm(C1 C2) is singular or not real; adding "
                       f"eps I = {eps:g} I to both covariances")
-        offset = eps * np.eye(dim)
-        root, ok = _sqrtm_product(cov1 + offset, cov2 + offset)
+        cov1, cov2 = cov1 + eps * np.eye(dim), cov2 + eps * np.eye(dim)
+        root, ok = _sqrtm_product(cov1, cov2)
         if not ok:
             raise FloatingPointError("frechet_distance: sqrtm(C1 C2) is not finite or not real "
                                      f"even with eps I = {eps:g} I added to both covariances")

@@ -184,6 +184,18 @@ def test_log_prob_fn_errors():
     bad = classifier_log_prob_fn(lambda x, t: torch.zeros(x.shape[0]), VPSDE())
     with pytest.raises(ValueError, match=r"logits \[B=2, K\]"):
         bad(torch.randn(2, 1, 8, 8), torch.ones(2))
+    # Times outside the SDE's range, and t = 0 where the embedding takes log sigma(t).
+    x = torch.randn(2, 1, 8, 8)
+    for time_input, t, match in [
+            ("scaled_t", [0.5, 1.5], r"t must lie in \[0, 1\], got 1.5"),
+            ("scaled_t", [0.5, float("nan")], r"t must lie in \[0, 1\], got nan"),
+            ("std", [0.0, 0.5], r"t must lie in \(0, 1\] for time_input='std': sigma\(0\) = 0, "
+                                r"got 0")]:
+        with pytest.raises(ValueError, match=match):
+            classifier_log_prob_fn(model, VPSDE(), time_input)(x, torch.tensor(t))
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
+        noisy_classifier_loss(model, VPSDE(), x, torch.tensor([0, 1]), time_input="std",
+                              t=torch.tensor([0.0, 0.5]))
 
 
 def test_noisy_classifier_loss():

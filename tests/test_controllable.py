@@ -17,7 +17,7 @@ import torch
 
 import score_sde
 from score_sde import (classifier_free_score, classifier_guided_score, colorize, inpaint,
-                       interpolate, sample_pc)
+                       interpolate, log_likelihood, sample_pc)
 from score_sde.controllable import slerp
 from tests.problems import KERNELS, GaussianMixture, exact_score_fn, ring_mixture
 from tests.test_sde import OrnsteinUhlenbeck
@@ -145,6 +145,13 @@ def test_inpaint_reproducible_and_bool_mask_equals_float_mask():
             for mask in (torch.tensor([0.0, 1.0]), torch.tensor([False, True]),
                          torch.tensor([0, 1]))]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    # Only the known region is read: NaN or anything else in the rest changes nothing.
+    for fill in (float("nan"), 1e30):
+        x_filled = x_known.clone()
+        x_filled[:, 0] = fill
+        filled, _ = inpaint(score_sde.VESDE(), score_fn, x_filled, torch.tensor([0.0, 1.0]),
+                            num_steps=FEW_STEPS, eps=EPS["ve"], generator=gen(7))
+        assert torch.equal(filled, runs[0])
 
 
 def test_inpaint_rediscretizes_the_chain_to_num_steps():
@@ -377,6 +384,32 @@ def test_classifier_guided_score_with_scale_one_is_the_class_score(name, logits)
     assert not x.requires_grad and not guided.requires_grad
 
 
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_guided_log_likelihood_is_the_class_density(name):
+    # With scale 1 and the exact classifier the guided score is component y's score, so the
+    # likelihood's divergence of it must be that component's: log p_eps(x | y) = log N(x;
+    # a mu_y, (a^2 s_y^2 + v) I). Differentiating the guided score must keep the classifier's
+    # Hessian.
+    mixture, kernel, eps = three_blobs(), KERNELS[name], 1e-5
+    labels = torch.tensor([0, 1, 2])
+    x = mixture.means + torch.tensor([0.1, -0.2], dtype=F64)
+    guided = classifier_guided_score(exact_score_fn(mixture, kernel),
+                                     exact_classifier(mixture, kernel), labels)
+    sde = SDES[name]()
+    logp, z, _ = log_likelihood(sde, guided, x, divergence="exact", eps=eps, rtol=1e-9,
+                                atol=1e-9)
+
+    def log_density(y, t):  # log N(y; a mu_label, (a^2 s_label^2 + v) I) at time t
+        a, v = kernel(torch.tensor(t, dtype=F64))
+        var = a ** 2 * mixture.stds[labels] ** 2 + v
+        return (-0.5 * ((y - a * mixture.means[labels]) ** 2).sum(1) / var
+                - torch.log(2 * math.pi * var))
+
+    # The flow carries p_eps(. | y) to p_T(. | y); the likelihood starts from the prior instead.
+    flow = logp - sde.prior_logp(z) + log_density(z, sde.T)
+    torch.testing.assert_close(flow, log_density(x, eps), rtol=0, atol=1e-5)
+
+
 GUIDE_N = 3000  # 1000 per class
 
 
@@ -518,6 +551,9 @@ def small_problem():
                                   r"with rank >= 2, got \(3,\)"),
     (dict(x_known=torch.zeros((3, 2), dtype=torch.long)), "x_known must be a floating tensor"),
     (dict(x_known=torch.full((3, 2), float("nan"))), "x_known contains non-finite values"),
+    (dict(x_known=torch.tensor([[0.0, 1.0], [float("inf"), 1.0], [0.0, 1.0]], dtype=F64)),
+     "x_known contains non-finite values"),  # in the known region (mask [1, 0])
+    (dict(generator=0), "generator must be a torch.Generator or None, got int"),
     (dict(sde=OrnsteinUhlenbeck()), "forward marginal, which OrnsteinUhlenbeck does not"),
     (dict(sde="vp"), "sde must be an instance of score_sde.SDE"),
     (dict(score_fn=None), "score_fn must be callable"),
@@ -555,6 +591,12 @@ def test_inpaint_bad_arguments_raise(kwargs, match):
 def test_colorize_bad_gray_raises(gray, match):
     with pytest.raises(ValueError, match=match):
         colorize(score_sde.VESDE(), lambda x, t: -x, gray, num_steps=FEW_STEPS)
+
+
+def test_colorize_generator_that_is_not_a_generator_raises():
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got int"):
+        colorize(score_sde.VESDE(), lambda x, t: -x, torch.zeros((2, 1, 2, 2)),
+                 num_steps=FEW_STEPS, generator=0)
 
 
 def test_colorize_without_marginal_raises():

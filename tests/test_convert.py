@@ -515,6 +515,16 @@ def test_sigmas_buffer_tells_church_from_bedroom():
     assert REFERENCE_CONFIGS["ve/bedroom_ncsnpp_continuous"].network == church.network
 
 
+def test_sigmas_buffer_in_half_precision_is_accepted(tiny_config):
+    # The right table stored in float16 differs from it by the dtype's rounding (up to 5e-4),
+    # more than float32's 1e-5: accepted up to the buffer's own precision.
+    ref = REFERENCE_CONFIGS[tiny_config]
+    model = random_reference(ref)["model"]
+    model["module.sigmas"] = model["module.sigmas"].half()
+    state = from_reference(model, ref.meta_network(), config=ref)
+    network(ref, state)  # loads
+
+
 # --- command line and the tools on a converted run --------------------------------------------
 
 TINY = variant("ve/cifar10_ncsnpp_continuous", nf=8, num_res_blocks=1, ch_mult=(1, 2),

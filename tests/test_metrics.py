@@ -137,6 +137,11 @@ def test_regularisation_when_sqrtm_fails(monkeypatch):
     assert len(calls) == 2
     np.testing.assert_allclose(calls[1], (c1 + 1e-6 * np.eye(8)) @ (c2 + 1e-6 * np.eye(8)))
     assert abs(got - exact) < TOL["regularised"]
+    # Identical statistics stay at distance 0 when regularised: both traces include eps I.
+    calls.clear()
+    with pytest.warns(UserWarning, match="eps I"):
+        same = frechet_distance(mu, c1, mu, c1, eps=1e-3)
+    assert abs(same) < 1e-9 * np.trace(c1)
 
     monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) * 1j)
     with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match="not real"):
@@ -162,6 +167,10 @@ def test_finite_sample_bias():
     ((np.zeros(2), np.eye(2), np.zeros(2), np.ones(2)), "cov2 must have shape"),
     ((np.zeros(2), np.array([[1.0, 5.0], [0.0, 1.0]]), np.zeros(2), np.eye(2)),
      r"cov1 must be symmetric \(a covariance matrix\), got max \|C - C\^T\| = 5"),
+    ((np.zeros(2), -np.eye(2), np.zeros(2), -np.eye(2)),
+     r"cov1 must be positive semi-definite \(a covariance matrix\), got the eigenvalue -1"),
+    ((np.zeros(2), np.eye(2), np.zeros(2), np.array([[1.0, 2.0], [2.0, 1.0]])),
+     "cov2 must be positive semi-definite"),
     ((np.zeros((2, 1)), np.eye(2), np.zeros((2, 1)), np.eye(2)), "vectors"),
     ((np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2)), "mu1 contains 1 non-finite"),
     ((np.zeros(2), np.eye(2), np.zeros(2), np.diag([np.inf, 1])), "cov2 contains"),
