@@ -264,6 +264,7 @@ def classifier_log_prob_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.T
             raise ValueError(f"the classifier must return logits [B={x.shape[0]}, K], got {got}")
         return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
 
+    log_prob_fn.takes_float64_time = True  # casts its time input itself
     return log_prob_fn
 
 

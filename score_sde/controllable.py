@@ -316,7 +316,13 @@ def classifier_guided_score(score_fn: ScoreFn, log_prob_fn, labels: torch.Tensor
             return score
         return score + scale * grad.to(score.dtype)
 
+    guided_score_fn.takes_float64_time = _take_float64_time(score_fn, log_prob_fn)
     return guided_score_fn
+
+
+def _take_float64_time(*fns) -> bool:
+    """Whether every one of `fns` takes float64 t (`score_sde.score.CountingScore`)."""
+    return all(getattr(fn, "takes_float64_time", False) for fn in fns)
 
 
 def classifier_free_score(cond_score_fn: ScoreFn, uncond_score_fn: ScoreFn,
@@ -348,6 +354,7 @@ def classifier_free_score(cond_score_fn: ScoreFn, uncond_score_fn: ScoreFn,
             return cond
         return (1 + scale) * cond - scale * uncond_score_fn(x, t)
 
+    guided_score_fn.takes_float64_time = _take_float64_time(cond_score_fn, uncond_score_fn)
     return guided_score_fn
 
 

@@ -82,6 +82,8 @@ class CudaGraphed:
                 and max_graphs >= 1):
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
         self.fn = fn
+        # A score function that takes float64 t still does when replayed (CountingScore).
+        self.takes_float64_time = getattr(fn, "takes_float64_time", False)
         self.max_graphs = max_graphs
         self.strict = bool(strict)
         self.recordings: Dict[Hashable, Any] = {}

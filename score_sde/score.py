@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._utils import append_dims, check_batch_time, check_choice, check_time_range
+from ._utils import append_dims, check_batch_time, check_choice, check_time_range, float64_like
 from .sde import SDE, ScoreFn
 
 __all__ = ["make_score_fn", "time_input_fn", "PREDICTIONS", "TIME_INPUTS"]
@@ -142,13 +142,19 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         return to_score(out, x, append_dims(alpha.to(x.dtype), x.ndim),
                         append_dims(sigma.to(x.dtype), x.ndim))
 
+    score_fn.takes_float64_time = True  # see CountingScore
     return score_fn
 
 
 class CountingScore:
     """Internal wrapper: calls the user's score with x in `model_dtype` (default: x's own)
     and t in the same dtype, clamps t into the integration interval against round-off, checks
-    the output shape, returns the score in x's dtype and counts calls (NFE)."""
+    the output shape, returns the score in x's dtype and counts calls (NFE).
+
+    A score function marked `takes_float64_time` (`make_score_fn`'s, and the guided ones built
+    only from such) gets t in float64 instead and casts its time input itself: a discrete
+    network's step index floor(t (N - 1) / T) lies i eps / T above an integer near T, below
+    a float32 rounding of t."""
 
     def __init__(self, score_fn: ScoreFn, t_lo: float, t_hi: float, *,
                  model_dtype: Optional[torch.dtype] = None):
@@ -159,7 +165,8 @@ class CountingScore:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = x if self.model_dtype is None else x.to(self.model_dtype)
-        t = _time_in_interval(t, self.t_lo, self.t_hi, x_in.dtype)
+        wide = getattr(self.score_fn, "takes_float64_time", False)
+        t = _time_in_interval(t, self.t_lo, self.t_hi, float64_like(t) if wide else x_in.dtype)
         self.nfe += 1
         score = self.score_fn(x_in, t)
         if not isinstance(score, torch.Tensor) or score.shape != x.shape:

@@ -957,6 +957,45 @@ def test_reverse_diffusion_walks_each_chain_step_once(name, num_steps, sde_steps
     torch.testing.assert_close(G ** 2, chain_coefficients(name, num_steps), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, num_steps", [("ve", 2000), ("ve", 1000), ("vp", 1000)])
+def test_index_networks_see_each_chain_step_in_low_precision(name, num_steps, dtype):
+    # A discrete-time network (time_input="index") reads floor(t (N - 1) / T). Near T the
+    # grid's t (N - 1) lies only i eps / T above an integer, far below a float32 (let alone
+    # bfloat16) rounding of t: the index must come from the sampler's float64 time.
+    indices = []
+
+    def model(x, index):
+        assert not index.is_floating_point()
+        indices.append(int(index[0]))
+        return torch.zeros_like(x)
+
+    sde = make_sde(name, num_steps)
+    score_fn = score_sde.make_score_fn(model, sde, prediction="score", time_input="index")
+    sample_pc(sde, score_fn, (2, 3), predictor="reverse_diffusion", corrector="none",
+              eps=1e-5, denoise=False, dtype=dtype, generator=gen(0))
+    assert indices == list(range(num_steps - 1, -1, -1))
+    # Guidance built from such functions keeps the float64 time for the network inside.
+    indices.clear()
+    guided = score_sde.classifier_free_score(score_fn, score_fn, 1.0)
+    sample_pc(sde, guided, (2, 3), predictor="reverse_diffusion", corrector="none",
+              eps=1e-5, denoise=False, dtype=dtype, generator=gen(0))
+    assert indices[0::2] == list(range(num_steps - 1, -1, -1))
+    indices.clear()
+
+    def classifier(x, index):  # logits that depend on x; records the index as model does
+        indices.append(int(index[0]))
+        return x.flatten(1)[:, :2].float()
+
+    from score_sde.classifier import classifier_log_prob_fn
+    guided = score_sde.classifier_guided_score(
+        score_fn, classifier_log_prob_fn(classifier, sde, time_input="index"),
+        torch.zeros(2, dtype=torch.long))
+    sample_pc(sde, guided, (2, 3), predictor="reverse_diffusion", corrector="none",
+              eps=1e-5, denoise=False, dtype=dtype, generator=gen(0))
+    assert indices[0::2] == indices[1::2] == list(range(num_steps - 1, -1, -1))
+
+
 @pytest.mark.parametrize("num_steps", [25, 100, 1000])
 def test_langevin_corrector_uses_each_ddpm_alpha_once(num_steps):
     # Song et al. 2021, Algorithm 5: alpha_i = 1 - beta_i of the chain's step at the corrector's
