@@ -146,7 +146,7 @@ class SDE(abc.ABC):
         Returns:
             f shaped like x and G of shape [B].
         """
-        drift, diffusion = self.sde(x, t)
+        drift, diffusion = _checked_terms(self, "sde", x, self.sde(x, t))
         if dt is None:
             dt = torch.full_like(diffusion, self.T / self.num_steps)
         dt = dt.to(x.dtype)
@@ -293,11 +293,14 @@ class VPSDE(_LinearBeta):
     Args:
         beta_min: beta(0).
         beta_max: beta(1).
-        num_steps: discretization steps; the DDPM chain uses betas beta_min/N ... beta_max/N.
+        num_steps: discretization steps (>= 2); the DDPM chain uses betas beta_min/N ... beta_max/N.
     """
 
     def _build_chain(self):
         n = self.num_steps
+        if n < 2:  # linspace(beta_min, beta_max, 1) would be beta_min alone
+            raise ValueError(f"the DDPM chain needs num_steps >= 2 (its betas run from "
+                             f"beta_min / N to beta_max / N), got {n}")
         if self.beta_max / n >= 1:
             raise ValueError(f"beta_max / num_steps must be < 1 for the DDPM chain, got "
                              f"{self.beta_max} / {n}")
@@ -396,7 +399,7 @@ class VESDE(SDE):
     Args:
         sigma_min: noise scale at t = 0.
         sigma_max: noise scale at t = 1.
-        num_steps: discretization steps; the SMLD chain uses geometric sigmas.
+        num_steps: discretization steps (>= 2); the SMLD chain uses geometric sigmas.
     """
 
     indexes_chain = True
@@ -413,6 +416,9 @@ class VESDE(SDE):
         self._build_chain()
 
     def _build_chain(self):
+        if self.num_steps < 2:  # one level would be sigma_min alone
+            raise ValueError(f"the SMLD chain needs num_steps >= 2 (its noise levels run from "
+                             f"sigma_min to sigma_max), got {self.num_steps}")
         self.discrete_sigmas = torch.exp(torch.linspace(
             math.log(self.sigma_min), math.log(self.sigma_max), self.num_steps,
             dtype=torch.float64))
@@ -456,6 +462,23 @@ def check_sde(sde) -> None:
         raise ValueError(f"sde must be an instance of score_sde.SDE, got {type(sde).__name__}")
 
 
+def _checked_terms(sde: SDE, method: str, x: torch.Tensor, terms) -> Tuple[torch.Tensor,
+                                                                            torch.Tensor]:
+    """(drift, diffusion) returned by `sde.<method>(x, ...)`, checked against the contract
+    (drift shaped like x, diffusion a tensor [B]) so that a user SDE that breaks it gets a
+    clear error rather than a broadcasting failure, or wrong steps, further on."""
+    ok = isinstance(terms, tuple) and len(terms) == 2
+    drift, diffusion = terms if ok else (None, None)
+    if not (ok and isinstance(drift, torch.Tensor) and drift.shape == x.shape
+            and isinstance(diffusion, torch.Tensor) and diffusion.shape == x.shape[:1]):
+        got = (", ".join(str(tuple(v.shape)) if isinstance(v, torch.Tensor)
+                         else type(v).__name__ for v in terms) if ok else type(terms).__name__)
+        raise ValueError(f"{type(sde).__name__}.{method} must return (drift shaped like x "
+                         f"{tuple(x.shape)}, diffusion of shape [B] = ({x.shape[0]},)), got "
+                         f"({got})")
+    return drift, diffusion
+
+
 class ReverseSDE:
     """The reverse-time SDE of `sde` (Eq. 6) or its probability-flow ODE (Eq. 13).
 
@@ -494,7 +517,8 @@ class ReverseSDE:
             t: times [B].
             score: the score at (x, t) if already computed; otherwise `score_fn` is called.
         """
-        drift, diffusion = self.forward_sde.sde(x, t)
+        drift, diffusion = _checked_terms(self.forward_sde, "sde", x,
+                                          self.forward_sde.sde(x, t))
         if score is None:
             score = self.score_fn(x, t)
         g2 = append_dims(diffusion ** 2, x.ndim)
@@ -507,7 +531,8 @@ class ReverseSDE:
                    dt: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reverse step x_{i-1} = x_i - rev_f + rev_G z built from the forward discretization
         (`dt` as in `SDE.discretize`)."""
-        f, G = self.forward_sde.discretize(x, t, dt=dt)
+        f, G = _checked_terms(self.forward_sde, "discretize", x,
+                              self.forward_sde.discretize(x, t, dt=dt))
         if score is None:
             score = self.score_fn(x, t)
         rev_f = f - self._c * append_dims(G ** 2, x.ndim) * score

@@ -417,7 +417,8 @@ class _DriftOnlySDE(SDE):
     (lambda: SMLDLoss(VPSDE()), "discrete_sigmas"),
     (lambda: SMLDLoss(VESDE(), reduction="none"), "reduction"),
     (lambda: HybridLoss(VESDE()), "discrete_betas"),
-    (lambda: HybridLoss(VPSDE(num_steps=1, beta_max=0.5)), "2 steps"),
+    (lambda: HybridLoss(CosineVPSDE(num_steps=1)), "2 steps"),
+    (lambda: HybridLoss(VPSDE(num_steps=1, beta_max=0.5)), "chain needs num_steps >= 2"),
     (lambda: HybridLoss(VPSDE(), lambda_vlb=-1.0), "lambda_vlb"),
 ])
 def test_bad_construction_raises(make, match):

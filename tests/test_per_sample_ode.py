@@ -148,8 +148,9 @@ def test_an_empty_interval_returns_the_start():
 def test_a_rejected_final_step_is_never_retried_unchanged(amplitude):
     # dy/dt = a (1 - cos(a (t - 0.95))) y for t > 0.95, 0 before: y(1) = y0 exp(0.05 a -
     # sin(0.05 a)). The step grows over the flat part and is cut to the rest of the interval
-    # when it reaches it; the last steps are rejected there. A retry that still covers the rest would take the
-    # same cut step again (same stages, same error): the solver must never evaluate it twice.
+    # when it reaches it; the last steps are rejected there. A retry that still covers the
+    # rest would take the same cut step again (same stages, same error): the solver must never
+    # evaluate it twice.
     attempts = []
 
     def rhs(t, y, idx):

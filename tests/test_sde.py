@@ -5,12 +5,14 @@ Every expected value is derived here from the paper's definitions (Song et al. 2
 `tests/problems.py`, never from the library's own output.
 """
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 from scipy import integrate, optimize, stats
 
+import score_sde
 from score_sde import make_score_fn
 from score_sde._utils import append_dims
 from score_sde.sde import SDE, CosineVPSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE
@@ -621,6 +623,34 @@ class OrnsteinUhlenbeck(SDE):
 
     def prior_logp(self, z):
         return torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("diffusion, got", [
+    (lambda x, t: 1.0, "float"), (lambda x, t: torch.ones_like(x), "(3, 2)"),
+    (lambda x, t: torch.ones(x.shape[0], 1, dtype=x.dtype), "(3, 1)")])
+def test_user_sde_breaking_the_contract_gets_one_clear_error(diffusion, got):
+    # g(t) must be a tensor [B]; other shapes broadcast in some samplers and not in others.
+    class Broken(OrnsteinUhlenbeck):
+        def sde(self, x, t):
+            return -x, diffusion(x, t)
+
+    score = lambda x, t: -x  # noqa: E731
+    for kwargs in (dict(predictor="euler_maruyama"), dict(predictor="reverse_diffusion")):
+        with pytest.raises(ValueError, match=rf"Broken\.sde must return \(drift shaped like x "
+                                             rf"\(3, 2\), diffusion of shape \[B\] = \(3,\)\), "
+                                             rf"got \(\(3, 2\), {re.escape(got)}\)"):
+            score_sde.sample_pc(Broken(), score, (3, 2), corrector="none", num_steps=4,
+                                denoise=False, **kwargs)
+    with pytest.raises(ValueError, match=r"Broken\.sde must return"):
+        score_sde.sample_ode(Broken(), score, (3, 2), denoise=False)
+
+
+@pytest.mark.parametrize("make", [lambda: VPSDE(num_steps=1, beta_max=0.5),
+                                  lambda: VESDE(num_steps=1), lambda: VESDE().with_num_steps(1)])
+def test_one_step_chains_are_refused(make):
+    # linspace(a, b, 1) = [a]: one DDPM beta of beta_min, one SMLD level of sigma_min.
+    with pytest.raises(ValueError, match=r"chain needs num_steps >= 2"):
+        make()
 
 
 def test_user_defined_sde():
