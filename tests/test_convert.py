@@ -627,6 +627,8 @@ def test_command_line_and_tools_on_a_converted_run(tiny_config, tiny_checkpoint,
      "garbage.pth is a file; give a folder"),
     (["{garbage}", "--config", "ve/tiny_test", "--workdir", "{garbage}/run"],
      "lies under"),
+    (["{tmp}/checkpoint.pt", "--config", "ve/tiny_test", "--workdir", "{tmp}", "--overwrite"],
+     "would replace CHECKPOINT {tmp}/checkpoint.pt itself"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tiny_config, tiny_checkpoint, tmp_path,
                                          capsys):
@@ -635,7 +637,7 @@ def test_bad_input_exits_2_with_one_line(args, message, tiny_config, tiny_checkp
     args = [a.format(tmp=tmp_path, ckpt=tiny_checkpoint[0], garbage=garbage) for a in args]
     assert convert_tool.main(["convert_checkpoint.py", *args]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err and err.count("\n") == 1, err
     assert not (tmp_path / "w" / "checkpoint.pt").exists()
 
 

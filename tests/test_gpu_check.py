@@ -5,6 +5,7 @@ parts that need no GPU run at smoke sizes, and the pieces that decide what the r
 (test counts from pytest's JUnit XML, a part stopped at its time limit) are checked on
 inputs whose answers are known.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -52,6 +53,22 @@ def test_smoke_run_writes_both_reports(tmp_path):
                     "Likelihood evaluation cost", "Sampling calls", "Training, batch 8",
                     "Training step profiles: self CPU time", "Costliest kernels: ddpmpp_tiny"):
         assert heading in text
+
+
+def test_gpu_tests_all_skipped_pass_the_cpu_smoke_run_only(tmp_path, monkeypatch):
+    # Without CUDA every gpu test skips: the CPU smoke run's tests part is then fine, while on
+    # a GPU machine a run that passed nothing means CUDA was not seen.
+    module = _module()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    args = argparse.Namespace(device="cpu", test_workers=1, part_limit=600)
+    result = module.part_tests(args, tmp_path)
+    assert result["counts"]["passed"] == 0 and result["counts"]["skipped"] > 0
+    assert result["ok"], result
+    kept = module.junit_results(tmp_path / "gpu_tests.xml")  # the same results on "cuda"
+    monkeypatch.setattr(module, "_run_logged", lambda cmd, log, limit: (0, None))
+    monkeypatch.setattr(module, "junit_results", lambda xml: kept)
+    assert not module.part_tests(argparse.Namespace(device="cuda", test_workers=1,
+                                                    part_limit=600), tmp_path)["ok"]
 
 
 def test_test_counts_come_from_the_junit_file(tmp_path):

@@ -308,6 +308,34 @@ def test_interpolation_endpoints(toy_run, tmp_path):
     assert np.allclose(frames[:, -1], src[1::2], atol=1e-2)
 
 
+def test_interpolation_reports_the_ode_sampler(toy_run, tmp_path):
+    # Interpolation encodes and decodes with the probability-flow ODE, whatever --sampler's
+    # default: the summary names the solver that ran, not the PC settings.
+    assert _main("--workdir", toy_run, "--task", "interpolate", "--num_samples", 1,
+                 "--num_interp", 3, "--rtol", 1e-3, "--atol", 1e-3, "--output_dir",
+                 tmp_path) == 0
+    summary, _ = _result(tmp_path)
+    assert summary["sampler"] == "ode"
+    assert summary["predictor"] is None and summary["corrector"] is None
+    assert summary["num_steps"] is None and summary["snr"] is None
+
+
+def test_outputs_that_are_inputs_exit_2_and_leave_them_whole(gray_run, tmp_path, capsys):
+    data = tmp_path / "samples.npz"  # an array data file named as one of the outputs
+    np.savez(data, x=np.zeros((4, 1, 28, 28), dtype=np.float32))
+    before = data.read_bytes()
+    cases = [
+        (["--task", "inpaint", "--dataset", "array", "--data_path", data, "--output_dir",
+          tmp_path], "is a file of the array data it reads"),
+        (["--task", "inpaint", "--mask", tmp_path / "out" / "samples.npz", "--output_dir",
+          tmp_path / "out"], "--output_dir (samples.npz) and --mask are the same file"),
+    ]
+    for args, message in cases:
+        assert _main("--workdir", gray_run, "--num_samples", 1, *args) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert data.read_bytes() == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workdir", "{toy}", "--task", "inpaint"], "needs image data"),
     (["--workdir", "{gray}", "--task", "colorize"], "needs RGB data"),

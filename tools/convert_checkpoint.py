@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from score_sde.cli import run_tool, sha256_file
+from score_sde.cli import InputError, run_tool, sha256_file
 from score_sde.convert import (REFERENCE_CONFIGS, check_run_folder, convert_checkpoint,
                                load_reference_checkpoint, reference_config, write_run)
 
@@ -59,6 +59,10 @@ def run(fv, checkpoint: str) -> Dict[str, object]:
     ref = reference_config(fv.config)  # an unknown name fails before the file is read
     check_run_folder(fv.workdir, overwrite=fv.overwrite)  # ... and so does the run folder
     path = Path(checkpoint)
+    if (Path(fv.workdir) / "checkpoint.pt").resolve() == path.resolve():
+        # --overwrite replaces an earlier conversion, never the checkpoint being converted.
+        raise InputError(f"--workdir {fv.workdir} would replace CHECKPOINT {path} itself; "
+                         f"choose another --workdir")
     source = load_reference_checkpoint(path)
     state = convert_checkpoint(source, fv.config, source={
         "checkpoint": str(path.resolve()), "sha256": sha256_file(path)})

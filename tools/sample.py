@@ -58,13 +58,14 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from score_sde._utils import stderr_line
-from score_sde.cli import InputError, check_path, run_tool, write_atomic, write_json
+from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
+                           write_atomic, write_json)
 from score_sde.config import from_dict
 from score_sde.datasets import DATASETS, SPLITS, from_model_range, load_dataset, to_model_range
 from score_sde.distributed import resolve_device
@@ -186,12 +187,33 @@ def _check_flags(fv, run) -> None:
         raise InputError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}")
 
 
+def _data_source(fv, cfg) -> Tuple[str, Optional[str], Optional[str]]:
+    """(dataset, data_dir, data_path) the data tasks read: the flags, else the run's data."""
+    dataset = fv.dataset or cfg.data.dataset
+    same = dataset == cfg.data.dataset
+    return (dataset, fv.data_dir or (cfg.data.data_dir if same else None),
+            fv.data_path or (cfg.data.data_path if same else None))
+
+
+def _check_outputs(fv, cfg, checkpoint: Path) -> None:
+    """Refuses output files that are inputs: the checkpoint, the classifier, the mask file or
+    a file of the data (the run's, or the one --dataset names)."""
+    out_dir = _output_dir(fv)
+    outputs = {f"output_dir ({name})": out_dir / name
+               for name in ("samples.npz", "samples.png", "summary.json")}
+    mask = fv.mask if fv.task == "inpaint" and fv.mask not in MASKS else None
+    check_distinct({**outputs, "checkpoint": checkpoint, "classifier": fv.classifier,
+                    "mask": mask})
+    for dataset, data_dir, data_path in {_data_source(fv, cfg), (cfg.data.dataset,
+                                                                cfg.data.data_dir,
+                                                                cfg.data.data_path)}:
+        check_not_data(outputs, dataset, data_dir=data_dir, data_path=data_path)
+
+
 def _source_images(fv, run, n: int) -> torch.Tensor:
     """The first n data samples of the split, in the model's range."""
     cfg = run.cfg
-    dataset = fv.dataset or cfg.data.dataset
-    data_dir = fv.data_dir or (cfg.data.data_dir if dataset == cfg.data.dataset else None)
-    data_path = fv.data_path or (cfg.data.data_path if dataset == cfg.data.dataset else None)
+    dataset, data_dir, data_path = _data_source(fv, cfg)
     split = "train" if data_path and not fv.data_path else fv.split
     ds, info = load_dataset(dataset, split=split, data_dir=data_dir, data_path=data_path,
                             seed=cfg.training.seed, num_samples=None)
@@ -237,6 +259,7 @@ def run(fv) -> Dict[str, object]:
     device = resolve_device(fv.device)
     run_ = load_trained(checkpoint, device=device, use_ema=fv.use_ema)
     _check_flags(fv, run_)
+    _check_outputs(fv, run_.cfg, checkpoint)
     sde, info = run_.sde, run_.info
     eps = fv.eps if fv.eps is not None else sde.sampling_eps
     classifier = None
@@ -329,6 +352,7 @@ def run(fv) -> Dict[str, object]:
             outputs["labels"].append(labels.cpu().numpy())
         nfes.append(int(nfe))
     out_dir = _output_dir(fv)
+    sampler = "ode" if fv.task == "interpolate" else fv.sampler  # interpolation's encoder
     out_dir.mkdir(parents=True, exist_ok=True)
     # Each file is replaced whole (temporary file, then rename), and summary.json, which
     # describes the others, goes first and comes back last: an interrupted run never leaves
@@ -348,7 +372,7 @@ def run(fv) -> Dict[str, object]:
     else:
         picture = torch.from_numpy(picture)
     # An interpolation's frames fill one row per pair.
-    image = samples_picture(picture, title=f"step {run_.step}, {fv.sampler} sampler",
+    image = samples_picture(picture, title=f"step {run_.step}, {sampler} sampler",
                             cols=arrays["frames"].shape[1] if "frames" in arrays else None)
     png = out_dir / "samples.png"
     if image is not None:
@@ -358,16 +382,16 @@ def run(fv) -> Dict[str, object]:
         png = None
     summary = {
         "checkpoint": str(checkpoint.resolve()), "step": run_.step, "use_ema": fv.use_ema,
-        "sde": run_.cfg.sde.name, "task": fv.task, "sampler": fv.sampler,
-        "predictor": pc.get("predictor") if fv.sampler in ("pc", "ald") else None,
-        "corrector": pc.get("corrector") if fv.sampler in ("pc", "ald") else None,
+        "sde": run_.cfg.sde.name, "task": fv.task, "sampler": sampler,
+        "predictor": pc.get("predictor") if sampler in ("pc", "ald") else None,
+        "corrector": pc.get("corrector") if sampler in ("pc", "ald") else None,
         "num_steps": fv.num_steps or {"ddim": 50, "dpm_solver": 20, "heun": 18, "ode": None}.get(
-            fv.sampler, sde.num_steps),
+            sampler, sde.num_steps),
         "eta": fv.eta if fv.sampler == "ddim" else None,
         "order": fv.order if fv.sampler == "dpm_solver" else None,
         "dpm_method": fv.dpm_method if fv.sampler == "dpm_solver" else None,
         "dpm_solver_type": fv.dpm_solver_type if fv.sampler == "dpm_solver" else None,
-        "snr": fv.snr if fv.sampler in ("pc", "ald") else None, "rtol": fv.rtol, "atol": fv.atol,
+        "snr": fv.snr if sampler in ("pc", "ald") else None, "rtol": fv.rtol, "atol": fv.atol,
         "eps": eps, "num_samples": n, "batch_size": bs, "seed": fv.seed,
         "class_label": fv.class_label, "guidance": fv.guidance,
         "guidance_scale": fv.guidance_scale if fv.guidance != "none" else None,
