@@ -275,12 +275,34 @@ def test_array_npy(tmp_path, dtype):
     ({"a": np.zeros(3), "x": np.ones((4, 3)), "data": np.zeros((2, 2))}, "x"),
     ({"a": np.zeros(3), "data": np.ones((4, 3))}, "data"),
     ({"arr_0": np.ones((4, 3))}, "arr_0"),
-    ({"first": np.ones((4, 3)), "second": np.zeros(3)}, "first"),
+    ({"samples": np.ones((4, 3)), "labels": np.zeros(4)}, "samples"),  # tools/sample.py's
+    ({"only": np.ones((4, 3))}, "only"),
 ])
 def test_array_npz_key_choice(tmp_path, arrays, key):
     np.savez(tmp_path / "a.npz", **arrays)
     x = load_dataset("array", data_path=str(tmp_path / "a.npz"))[0].tensors[0]
     np.testing.assert_array_equal(x.numpy(), arrays[key])
+
+
+def test_array_npz_with_several_unnamed_arrays_is_refused(tmp_path):
+    # Which of test / train is the data? Taking the first would train on the wrong one.
+    np.savez(tmp_path / "a.npz", test=np.full((5, 2), 100.0), train=np.zeros((50, 2)))
+    with pytest.raises(ValueError, match=r"holds the arrays \['test', 'train'\] and none is "
+                                         r"named x, data, arr_0, samples"):
+        load_dataset("array", data_path=str(tmp_path / "a.npz"))
+
+
+def test_array_damaged_files_give_one_line_errors(tmp_path):
+    np.savez_compressed(tmp_path / "z.npz", x=np.random.default_rng(0).normal(size=(400, 2)))
+    raw = bytearray((tmp_path / "z.npz").read_bytes())
+    raw[200:260] = bytes(60)  # inside the compressed stream: zlib fails
+    (tmp_path / "z.npz").write_bytes(bytes(raw))
+    np.save(tmp_path / "h.npy", np.zeros((4, 2), np.float32))
+    raw = (tmp_path / "h.npy").read_bytes()
+    (tmp_path / "h.npy").write_bytes(raw.replace(b"(4, 2)", b"(4, 2 "))  # header unclosed
+    for name in ("z.npz", "h.npy"):
+        with pytest.raises(ValueError, match=f"could not read .*{name} as a numeric array"):
+            load_dataset("array", data_path=str(tmp_path / name))
 
 
 def test_array_big_endian_and_images(tmp_path):

@@ -52,8 +52,9 @@ def load_dataset(name: str, *, split: str = "train", data_dir: Optional[str] = N
       dataset-fashion-mnist). 60000 train / 10000 test images.
     - "cifar10": the python pickle batches data_batch_1..5 (train) and test_batch (test) from
       `data_dir` or its cifar-10-batches-py/ subfolder. 50000 / 10000 images.
-    - "array": a float .npy, or the array "x", "data" or "arr_0" (first found; otherwise the
-      archive's first array) of an .npz, at `data_path`. The same file serves every split;
+    - "array": a float .npy, or the array "x", "data", "arr_0" or "samples" (first found;
+      otherwise the archive's only array: several others are refused) of an .npz, at
+      `data_path`. The same file serves every split;
       hold data out yourself for evaluation.
     - "toy_8gaussians", "toy_checkerboard", "toy_swissroll", "toy_moons": `num_samples` 2-D
       points (default 100000 train / 10000 test) drawn with a generator seeded by (`seed`,

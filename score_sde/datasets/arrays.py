@@ -1,6 +1,8 @@
 """User data: a float array from an .npy or .npz file, used as is."""
 import os
+import tokenize
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -8,7 +10,8 @@ import torch
 from .common import DataInfo, finish, reject_unused
 
 
-_ARRAY_KEYS = ("x", "data", "arr_0")  # preferred .npz keys, in order; else the first array
+# Preferred .npz keys, in order (samples: tools/sample.py's output); else its only array.
+_ARRAY_KEYS = ("x", "data", "arr_0", "samples")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
@@ -25,9 +28,16 @@ def _read_array(path: str) -> np.ndarray:
                 with loaded:
                     if not loaded.files:
                         raise ValueError("the archive holds no arrays")
-                    loaded = loaded[next((k for k in _ARRAY_KEYS if k in loaded.files),
-                                         loaded.files[0])]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                    key = next((k for k in _ARRAY_KEYS if k in loaded.files), None)
+                    if key is None and len(loaded.files) > 1:
+                        raise ValueError(f"the archive holds the arrays {loaded.files} and "
+                                         f"none is named {', '.join(_ARRAY_KEYS)}; save the "
+                                         f"data as x (np.savez(path, x=data))")
+                    loaded = loaded[key or loaded.files[0]]
+    # A damaged file can also fail in decompression (zlib), in parsing its header (tokenize,
+    # SyntaxError) or by declaring a shape larger than memory.
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError,
+            SyntaxError, MemoryError) as e:
         raise ValueError(f"could not read {path} as a numeric array: {e}") from None
     return loaded
 
