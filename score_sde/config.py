@@ -107,6 +107,18 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def as_stored(value: Any) -> Any:
+    """`value` (a config, section or setting) as config.json stores it: tuples become lists.
+    A config rebuilt from a run's config.json then compares equal to the one it came from."""
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: as_stored(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_stored(v) for v in value]
+    return value
+
+
 def from_dict(d: Dict[str, Any]) -> Config:
     """Rebuilds a Config from `to_dict` output; unknown keys raise ValueError."""
     parts = {}
@@ -126,6 +138,7 @@ def from_dict(d: Dict[str, Any]) -> Config:
 
 
 LR_DECAYS = ("none", "cosine")
+MAX_SEED = 2 ** 64 - 1  # the largest seed torch's generators take
 # Samplers of the sample grids written during training.
 GRID_SAMPLERS = ("dpm_solver", "pc")
 # torch.compile's modes; "reduce-overhead" replays CUDA graphs, cutting per-kernel launch cost.
@@ -261,8 +274,16 @@ def check_config(cfg: Config) -> None:
                  "snapshot_every", "keep_snapshots", "eval_batches", "num_samples"):
         if getattr(tc, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(tc, name)}")
+    if not 0 <= tc.seed <= MAX_SEED:
+        raise ValueError(f"seed must lie in [0, 2^64 - 1] (torch's generators), got {tc.seed}")
     if not tc.lr > 0:
         raise ValueError(f"lr must be > 0, got {tc.lr}")
+    if not tc.adam_eps > 0:  # Adam divides by sqrt(v) + eps, 0 where a gradient is 0
+        raise ValueError(f"adam_eps must be > 0, got {tc.adam_eps}")
+    if not 0 <= tc.adam_beta1 < 1:
+        raise ValueError(f"adam_beta1 must lie in [0, 1), got {tc.adam_beta1}")
+    if not tc.weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {tc.weight_decay}")
     if tc.warmup < 0 or tc.sample_every < 0:
         name = "warmup" if tc.warmup < 0 else "sample_every"
         raise ValueError(f"{name} must be >= 0, got {getattr(tc, name)}")
@@ -339,6 +360,6 @@ def changed_settings(saved: Dict[str, Any], current: Dict[str, Any], *,
             if section == "data" and name in ("data_dir", "data_path"):
                 if where_saved["data"].get(name) == where_now["data"].get(name):
                     continue
-            if key not in neutral and old != value:
+            if key not in neutral and as_stored(old) != as_stored(value):
                 changes.append(f"{key} {old!r} -> {value!r}")
     return changes

@@ -161,8 +161,12 @@ def export_weights(checkpoint: Union[str, Path], output: Union[str, Path], *,
 
     Raises:
         FileNotFoundError, CheckpointError: no such file, or a corrupt one.
-        ValueError: not a training checkpoint, or a weight beyond float16's range with `half`.
+        ValueError: not a training checkpoint, a weight beyond float16's range with `half`, or
+            `output` the checkpoint itself.
     """
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"output {output} is the checkpoint itself; exporting over it would "
+                         f"lose the raw weights and optimizer state the run resumes from")
     state, path = _read_trained(checkpoint)
     cfg = from_dict(state["config"])
     dtype = torch.float16 if half else torch.float32

@@ -57,8 +57,8 @@ from typing import Optional
 from . import datasets as data_lib
 from ._utils import stderr_line
 from .cli import EXIT_BAD_INPUT, EXIT_NUMERICAL
-from .config import (COMPILE_MODES, COMPILE_SCOPES, GRID_SAMPLERS, LR_DECAYS, apply_overrides,
-                     check_config, find_config, load_config_file, to_dict)
+from .config import (COMPILE_MODES, COMPILE_SCOPES, GRID_SAMPLERS, LR_DECAYS, MAX_SEED,
+                     apply_overrides, check_config, find_config, load_config_file, to_dict)
 from .distributed import DistInfo, dist_from_env
 from .models import MODELS
 from .optim import EMA_RATES
@@ -98,7 +98,7 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", None, "Global batch size.", lower_bound=1)
     flags.DEFINE_float("lr", None, "Adam learning rate.", lower_bound=0.0)
     flags.DEFINE_enum("lr_decay", None, list(LR_DECAYS), "Learning-rate decay after warm-up.")
-    flags.DEFINE_integer("seed", None, "Random seed.", lower_bound=0)
+    flags.DEFINE_integer("seed", None, "Random seed.", lower_bound=0, upper_bound=MAX_SEED)
     flags.DEFINE_string("device", None, "auto, cpu, cuda or cuda:N.")
     flags.DEFINE_boolean("likelihood_weighting", None, "Weight the loss by g(t)^2.")
     flags.DEFINE_boolean("importance_sampling", None, "Sample t by g^2/sigma^2 "

@@ -30,8 +30,8 @@ from .build import (build_model, build_sde, compile_model, load_splits, model_sc
                     with_labels)
 from .checkpoint import (FolderLock, load_checkpoint, prune_snapshots,
                          remove_stale_temporaries, save_checkpoint)
-from .config import (Config, TrainingConfig, changed_settings, check_config, from_dict,
-                     to_dict)
+from .config import (Config, TrainingConfig, as_stored, changed_settings, check_config,
+                     from_dict, to_dict)
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
                           process_group_backend, resolve_device)
 from .fast_sampling import sample_dpm_solver
@@ -257,7 +257,8 @@ class Trainer:
             raise TrainingError(f"{where} is not a training checkpoint (it lacks "
                                 f"{', '.join(missing)}); use a new --workdir")
         saved = from_dict(state["config"])
-        if saved.model != self.cfg.model or saved.sde != self.cfg.sde:
+        if (as_stored(saved.model) != as_stored(self.cfg.model)
+                or as_stored(saved.sde) != as_stored(self.cfg.sde)):
             raise TrainingError(
                 f"{where} was written for a different model or SDE configuration "
                 f"({saved.model.name}, {saved.sde.name}); use a new --workdir")
@@ -357,6 +358,9 @@ class Trainer:
                     self.write_samples(report)
                 if due.save:
                     self.save(snapshot=due.snapshot)
+            signum = self.stop_requested()  # one that abandoned the last step's evaluation
+            if signum is not None:
+                self.interrupt(signum, report)
             report.line(f"done at step {self.step}")
         except TrainingError as err:
             try:  # the command line prints the error itself
@@ -556,7 +560,8 @@ class Trainer:
         """Skips the update of `step` (with skip_nonfinite) or raises TrainingError."""
         tc = self.cfg.training
         problem = f"non-finite {what} at step {step}"
-        keep = f"the last good checkpoint is kept in {self.workdir}"
+        keep = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.workdir}"
+                if self.saved_step is not None else "no checkpoint was written before")
         if not tc.skip_nonfinite:
             raise NonFiniteError(f"{problem}; {keep} (--skip_nonfinite skips such steps)")
         self.skipped += 1

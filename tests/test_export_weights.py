@@ -116,6 +116,15 @@ def test_weights_beyond_float16_are_refused(toy_run, tmp_path):
     assert not (tmp_path / "w.pt").exists()
 
 
+def test_exporting_over_the_checkpoint_itself_is_refused(toy_run, tmp_path):
+    import shutil
+    shutil.copy(toy_run / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="is the checkpoint itself"):
+        export_weights(tmp_path / "checkpoint.pt", tmp_path / "." / "checkpoint.pt")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
 def test_half_precision_keeps_buffers_such_as_fourier_frequencies_in_float32(tmp_path):
     """NCSN++'s Fourier frequencies (std 16) enter the time embedding as a phase
     2 pi w log(sigma): rounding them to float16 shifted it by up to 0.4 rad."""

@@ -437,6 +437,9 @@ CONFIGS = {
     "eval_fraction_1": dict(RUN, **{"data.eval_fraction": 1.0}),
     "beta_max_small": {"sde.beta_min": 1.0, "sde.beta_max": 0.5},
     "sde_num_steps_0": {"sde.num_steps": 0},
+    "adam_eps_0": {"training.adam_eps": 0.0},
+    "adam_beta1_1": {"training.adam_beta1": 1.0},
+    "weight_decay_neg": {"training.weight_decay": -0.1},
     "mlp_dim_5": dict(RUN, **{"model.kwargs": dict(hidden=16, dim=5)}),
     "small_unet": {"model.name": "small_unet", "model.kwargs": dict(nf=8, ch_mult=(1,))},
 }
@@ -550,7 +553,8 @@ BAD_INPUTS = [
     ("batch_size 0", TOY + ["--batch_size", "0"], "--batch_size=0: 0 is not a positive integer"),
     ("negative lr", TOY + ["--lr", "-1e-3"], "--lr=-1e-3: -0.001 is not a non-negative number"),
     ("lr 0", TOY + ["--lr", "0"], "lr must be > 0, got 0.0"),
-    ("negative seed", TOY + ["--seed", "-1"], "--seed=-1: -1 is not a non-negative integer"),
+    ("negative seed", TOY + ["--seed", "-1"], "--seed=-1: -1 is not an integer in the range [0, "),
+    ("seed beyond 64 bits", TOY + ["--seed", str(2 ** 64)], "--seed=18446744073709551616"),
     ("checkpoint_every 0", TOY + ["--checkpoint_every", "0"], "--checkpoint_every=0"),
     ("label dropout above 1", TOY + ["--class_conditional", "--label_dropout", "1.5"],
      "--label_dropout=1.5"),
@@ -568,6 +572,11 @@ BAD_INPUTS = [
     ("beta_max < beta_min", ["--config", "{configs}/beta_max_small.py"],
      "beta_max must be >= beta_min"),
     ("SDE with 0 steps", ["--config", "{configs}/sde_num_steps_0.py"], "num_steps"),
+    ("adam_eps 0", ["--config", "{configs}/adam_eps_0.py"], "adam_eps must be > 0, got 0.0"),
+    ("adam_beta1 1", ["--config", "{configs}/adam_beta1_1.py"],
+     "adam_beta1 must lie in [0, 1), got 1.0"),
+    ("negative weight_decay", ["--config", "{configs}/weight_decay_neg.py"],
+     "weight_decay must be >= 0, got -0.1"),
 ]
 
 
@@ -639,7 +648,8 @@ score_sde.checkpoint.os = _FullDisk()
 
 
 @pytest.mark.parametrize("patch, status, message", [
-    (_NAN_LOSS_AT_STEP_3, 3, "non-finite loss at step 3; the last good checkpoint is kept"),
+    (_NAN_LOSS_AT_STEP_3, 3, "non-finite loss at step 3; the last good checkpoint (step 2) is "
+                             "kept"),
     (_DISK_FULL_AT_3RD_WRITE, 4, "checkpoint.pt at step 6: [Errno 28] No space left on device; "
                                  "the last good checkpoint (step 4) is kept"),
 ], ids=["non-finite loss", "disk full"])

@@ -181,6 +181,29 @@ def test_a_signal_abandons_a_sample_grid_or_held_out_loss(tmp_path, monkeypatch,
     assert log.splitlines()[-1] == "stopped at step 4 (SIGTERM); run the same command to resume"
 
 
+@pytest.mark.parametrize("where", ["sample_grid", "eval_loss"])
+def test_a_signal_during_the_last_steps_work_is_still_a_stop(tmp_path, monkeypatch, where):
+    # At step n_iters there is no next step to honour the stop before: the run must still
+    # end as stopped (exit 130, the stop line), not as done with the work silently dropped.
+    work = getattr(Trainer, where)
+
+    def interrupted(self):
+        if self.step == FAST["n_iters"]:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+            raise AssertionError(f"{where} was not abandoned")
+        return work(self)
+
+    monkeypatch.setattr(Trainer, where, interrupted)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(_toy_cfg(**FAST), str(tmp_path), quiet=True)
+    assert info.value.step == 8 and info.value.exit_status == 130
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 8
+    log = (tmp_path / "log.txt").read_text()
+    assert "done at step" not in log
+    assert log.splitlines()[-1] == "stopped at step 8 (SIGINT); run the same command to resume"
+
+
 def test_a_signal_before_training_writes_nothing(tmp_path, monkeypatch):
     load = trainer_module.load_splits
 

@@ -200,6 +200,27 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
         train(other, str(tmp_path))
 
 
+def test_a_config_rebuilt_from_config_json_resumes(tmp_path):
+    # config.json stores the U-Net's ch_mult (1, 2) as [1, 2]: a config read back from it is
+    # the same configuration, not a different model.
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 1, 8, 8))
+            .astype(np.float32))
+    unet = dict(image_size=8, in_channels=1, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                attn_resolutions=(), dropout=0.0)
+    cfg = apply_overrides(_toy_cfg(n_iters=2, batch_size=8, eval_every=2, sample_every=0,
+                                   checkpoint_every=2), {
+        "data.dataset": "array", "data.data_path": str(tmp_path / "x.npy"),
+        "data.num_samples": None, "model.name": "small_unet", "model.kwargs": unet})
+    workdir = tmp_path / "run"
+    train(cfg, str(workdir))
+    again = from_dict(json.loads((workdir / "config.json").read_text()))
+    assert again.model.kwargs["ch_mult"] == [1, 2]
+    train(apply_overrides(again, {"training.n_iters": 4}), str(workdir))
+    log = (workdir / "log.txt").read_text()
+    assert "resuming from step 2 " in log and "settings changed" not in log
+    assert read_checkpoint(workdir / "checkpoint.pt")["step"] == 4
+
+
 def test_resume_past_n_iters_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     train(_toy_cfg(n_iters=10), str(tmp_path))
     config, weights = (tmp_path / "config.json").read_text(), read_checkpoint(
@@ -449,7 +470,8 @@ def _poison(monkeypatch, bad_steps):
 def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
     _poison(monkeypatch, {2: "loss", 3: "grad", 6: "loss"})
     fast = dict(n_iters=8, sample_every=0, eval_every=8, log_every=4, num_samples=10)
-    with pytest.raises(TrainingError, match="non-finite loss at step 2; .*--skip_nonfinite"):
+    with pytest.raises(TrainingError, match="non-finite loss at step 2; no checkpoint was "
+                                            "written before .*--skip_nonfinite"):
         train(_toy_cfg(**fast), str(tmp_path / "stop"))
     assert not (tmp_path / "stop" / "checkpoint.pt").exists()  # no checkpoint after step 2
 
