@@ -24,7 +24,9 @@ the device, versions and commands), plus each part's own files. Parts:
   (benchmarks/train_speed.py --profile_steps).
 
 The tests and graphs parts run side by side (neither is timed); the timed parts run alone
-after them. The whole command stays within --budget seconds (default 480).
+after them, training first. The whole command stays within --budget seconds (default 480):
+a part gets its own limit or what is left of the budget, whichever is less. summary.json is
+rewritten after every part, so a command cut short keeps what finished.
 Exit status: 0 when every part finished and every test passed, 1 otherwise.
 """
 import argparse
@@ -47,6 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 PARTS = ("tests", "graphs", "likelihood", "samplers", "train")
+TIMED_ORDER = ("train", "likelihood", "samplers")  # run one at a time, after tests and graphs
 # Time limits per part in seconds: (full run on CUDA, --quick); the budget trims them further.
 LIMITS = {"tests": (210, 600), "graphs": (150, 300), "likelihood": (75, 120),
           "samplers": (45, 120), "train": (200, 300)}
@@ -56,15 +59,19 @@ LIMITS = {"tests": (210, 600), "graphs": (150, 300), "likelihood": (75, 120),
 
 def part_tests(args, out: Path) -> Dict:
     xml = out / "gpu_tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
-           f"--junitxml={xml}", "-rfE", "--durations=10"]
+    # -v: a line per finished test, so a part stopped at its limit (pytest writes the JUnit
+    # file only at the end) still reports what passed and failed; faulthandler dumps the
+    # stacks of a test that hangs.
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "tests", "-p", "no:cacheprovider",
+           f"--junitxml={xml}", "-rfE", "--durations=10", "-o",
+           f"faulthandler_timeout={int(max(30, args.part_limit / 3))}"]
     if args.device != "cpu" and _has("xdist"):
         cmd += ["-n", str(args.test_workers)]
     if _has("pytest_timeout"):  # a hung test fails alone instead of stopping the part
         cmd += [f"--timeout={int(max(60, args.part_limit - 25))}"]
     code, error = _run_logged(cmd, out / "gpu_tests.log", args.part_limit)
     counts, failures, slowest = junit_results(xml) if xml.exists() else (
-        dict(passed=0, failed=0, errors=0, skipped=0), [], [])
+        *log_results(out / "gpu_tests.log"), [])
     # On a GPU a run that passed nothing (all skipped: CUDA not seen) is a failure; on the CPU
     # smoke run every GPU test skips, and that is its success.
     ran = counts["passed"] > 0 or (args.device == "cpu" and counts["failed"] == 0
@@ -95,7 +102,7 @@ def _run_logged(cmd: List[str], log: Path, limit: float):
 def _json_lines(log: Path) -> List[Dict]:
     """The JSON objects a benchmark printed one per line (what it finished before a stop)."""
     rows = []
-    for line in log.read_text().splitlines():
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
         if line.startswith("{"):
             try:
                 rows.append(json.loads(line))
@@ -124,6 +131,31 @@ def junit_results(path: Path):
             counts["passed"] += 1
     timings.sort(key=lambda r: -r["seconds"])
     return counts, failures, timings
+
+
+_OUTCOME = re.compile(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+_TEST_ID = re.compile(r"(tests/\S+::\S+)")
+
+
+def log_results(log: Path):
+    """(counts, failures) from the per-test lines of `pytest -v` (with or without xdist),
+    for a run stopped before it wrote its JUnit file."""
+    counts = dict(passed=0, failed=0, errors=0, skipped=0)
+    failures: List[Dict] = []
+    seen = set()
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        outcome, test = _OUTCOME.search(line), _TEST_ID.search(line)
+        if not (outcome and test) or line.startswith(("FAILED ", "ERROR ")) or \
+                (test.group(1), outcome.group(1)) in seen:
+            continue  # not a result line, or the short summary repeating one
+        seen.add((test.group(1), outcome.group(1)))
+        key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors",
+               "SKIPPED": "skipped", "XFAIL": "skipped"}[outcome.group(1)]
+        counts[key] += 1
+        if key in ("failed", "errors"):
+            failures.append(dict(test=test.group(1), message="(from the log: the run was "
+                                                             "stopped before its report)"))
+    return counts, failures
 
 
 def _has(module: str) -> bool:
@@ -171,6 +203,9 @@ def part_graphs(args, out: Path) -> Dict:
         (out / "part_graphs.json").write_text(json.dumps(result, indent=1) + "\n")
 
     result["syncs"] = _sync_counts(device, args.quick)
+    # The training-step count turned TF32 on (train_speed's "tf32" mode): the solves below
+    # compare strict-fp32 graphed and eager calls.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     save()
     # (label, model, batch, tolerance): DDPM++ with random weights is a stiff flow that takes
     # minutes at 1e-5, so it is solved at 1e-3; rows that would start past half the part's
@@ -306,7 +341,13 @@ def part_samplers(args, out: Path) -> Dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     sde, score_fn, shape = _random_model("ddpmpp_tiny" if args.quick else "ddpmpp", device)
-    rows = []
+    rows: List[Dict] = []
+    result = dict(model=("DDPM++ tiny" if args.quick else "DDPM++ cont.") +
+                  ", random weights, TF32", rows=rows, ok=False)
+
+    def save():  # after every row, so a stop at the time limit keeps what was measured
+        (out / "part_samplers.json").write_text(json.dumps(result, indent=1) + "\n")
+
     plan = [("dpm_solver, 20 evaluations", lambda s, b: sample_dpm_solver(
                 sde, s, (b,) + tuple(shape), num_steps=20, device=device)),
             ("pc, euler_maruyama, 50 steps", lambda s, b: sample_pc(
@@ -315,25 +356,30 @@ def part_samplers(args, out: Path) -> Dict:
     for label, run in plan:
         for batch in ((4,) if args.quick else (16, 128)):
             row = dict(sampler=label, batch=batch)
-            for mode in ("eager", "cuda_graph"):
-                score = score_fn if mode == "eager" else CudaGraphed(
-                    score_fn, strict=device.type == "cuda")
-                run(score, batch)  # warm-up (and the recording)
-                _sync(device)
-                t0 = time.perf_counter()
-                _, nfe = run(score, batch)
-                _sync(device)
-                row[f"seconds_{mode}"] = time.perf_counter() - t0
-                row["nfe"] = nfe
-                if mode == "cuda_graph":
-                    row["cuda_graph"] = score.stats()
-                    row["replayed"] = score.replays > 0 and not score.failures
-            row["speedup"] = row["seconds_eager"] / row["seconds_cuda_graph"]
+            try:
+                for mode in ("eager", "cuda_graph"):
+                    score = score_fn if mode == "eager" else CudaGraphed(
+                        score_fn, strict=device.type == "cuda")
+                    run(score, batch)  # warm-up (and the recording)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    _, nfe = run(score, batch)
+                    _sync(device)
+                    row[f"seconds_{mode}"] = time.perf_counter() - t0
+                    row["nfe"] = nfe
+                    if mode == "cuda_graph":
+                        row["cuda_graph"] = score.stats()
+                        row["replayed"] = score.replays > 0 and not score.failures
+                row["speedup"] = row["seconds_eager"] / row["seconds_cuda_graph"]
+            except Exception as err:  # noqa: BLE001 - keep the eager timing, go on
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             rows.append(row)
+            save()
             print(json.dumps(row), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
-    return dict(model=("DDPM++ tiny" if args.quick else "DDPM++ cont.") + ", random weights, TF32",
-                rows=rows, ok=True)
+    torch.backends.cudnn.allow_tf32 = False
+    result["ok"] = all("error" not in r for r in rows)
+    return result
 
 
 def part_train(args, out: Path) -> Dict:
@@ -383,7 +429,8 @@ def _finish(name: str, proc: subprocess.Popen, limit: float, started: float,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         partial = out / f"part_{name}.json"  # what the part saved before it was stopped
-        result = json.loads(partial.read_text()) if partial.exists() else {}
+        result = json.loads(partial.read_text()) if partial.exists() else dict(
+            rows=_json_lines(out / f"part_{name}.log"))  # else the rows it printed
         result.update(ok=False, error=f"stopped at its time limit of {limit:.0f} s",
                       seconds=time.perf_counter() - started)
         return result
@@ -415,14 +462,21 @@ def run_all(args) -> int:
     for name in side:
         lim = limit(name)
         running[name] = (_launch(name, args, out, lim), time.perf_counter(), lim)
+    def write_summary() -> Dict:  # after every part: a driver cut short keeps the finished
+        summary = dict(meta=_meta(args, time.perf_counter() - t_start), parts=results)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
     for name, (proc, started, lim) in running.items():
         results[name] = _finish(name, proc, lim, started, out)
-    for name in (p for p in parts if p not in side):
+        write_summary()
+    # Training first: its compile warm-up needs the time, and the budget trims the last part.
+    for name in sorted((p for p in parts if p not in side), key=TIMED_ORDER.index):
         lim = limit(name)
         started = time.perf_counter()
         results[name] = _finish(name, _launch(name, args, out, lim), lim, started, out)
-    summary = dict(meta=_meta(args, time.perf_counter() - t_start), parts=results)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_summary()
+    summary = write_summary()
     text = render(summary)
     (out / "summary.md").write_text(text)
     print(text)
@@ -482,9 +536,9 @@ def render(summary: Dict) -> str:
         lines += _table(f"Likelihood evaluation cost: {lk.get('model')}",
                         ["run", "batch", "ms/eval", "image-evals/s", "x paper code", "replayed",
                          "max rel. diff. to eager"],
-                        [[r["run"], r["batch"], f"{r['ms_per_eval']:.1f}",
-                          f"{r['image_evals_per_s']:.0f}",
-                          f"{r.get('speedup_vs_paper_code', float('nan')):.2f}",
+                        [[r.get("run"), r.get("batch"), _cell(r, "ms_per_eval", ".1f"),
+                          _cell(r, "image_evals_per_s", ".0f"),
+                          _cell(r, "speedup_vs_paper_code", ".2f"),
                           r.get("replayed", "-"),
                           f"{r['max_rel_diff_vs_eager']:.1e}" if "max_rel_diff_vs_eager" in r
                           else "-"] for r in lk["rows"]])
@@ -495,26 +549,32 @@ def render(summary: Dict) -> str:
                             [[r["state"], r["batch"], f"{r['nfe']:.0f}",
                               f"{r['ms_per_eval']:.3f}"] for r in lk["solver_rows"]])
     sm = parts.get("samplers")
-    if sm and "rows" in sm:
-        lines += _table(f"Sampling calls: {sm['model']}",
+    if sm and sm.get("rows"):
+        lines += _table(f"Sampling calls: {sm.get('model', 'DDPM++ (partial)')}",
                         ["sampler", "batch", "NFE", "s eager", "s graphed", "speed-up",
                          "replayed"],
-                        [[r["sampler"], r["batch"], r["nfe"], f"{r['seconds_eager']:.3f}",
-                          f"{r['seconds_cuda_graph']:.3f}", f"{r['speedup']:.2f}",
-                          r["replayed"]] for r in sm["rows"]])
+                        [[r.get("sampler"), r.get("batch"), r.get("nfe", "-"),
+                          _cell(r, "seconds_eager", ".3f"), _cell(r, "seconds_cuda_graph", ".3f"),
+                          _cell(r, "speedup", ".2f"),
+                          f"error: {r['error'][:120]}" if "error" in r else r.get("replayed")]
+                         for r in sm["rows"]])
     tr = parts.get("train")
     if tr and "rows" in tr:
         batches = sorted({r["batch_size"] for r in tr["rows"] if "batch_size" in r})
         lines += _table(f"Training, batch {', '.join(map(str, batches))}",
                         ["model", "mode", "images/s", "ms/step", "peak GiB", "warm-up s"],
-                        [[r["model"], r["mode"], f"{r['images_per_s']:.0f}",
-                          f"{r['ms_per_step']:.1f}",
-                          "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}",
-                          f"{r['warmup_s']:.0f}"] for r in tr["rows"]])
+                        [[r.get("model"), r.get("mode"), _cell(r, "images_per_s", ".0f"),
+                          _cell(r, "ms_per_step", ".1f"), _cell(r, "peak_gib", ".1f"),
+                          _cell(r, "warmup_s", ".0f")] for r in tr["rows"]])
         profiled = [r for r in tr["rows"] if "profile" in r]
         if profiled:
             lines += _profile_tables(profiled)
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: Dict, key: str, fmt: str) -> str:
+    """row[key] formatted, or "-" where a row cut short lacks it."""
+    return format(row[key], fmt) if isinstance(row.get(key), (int, float)) else "-"
 
 
 def _profile_tables(rows: List[Dict]) -> List[str]:

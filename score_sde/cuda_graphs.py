@@ -162,8 +162,10 @@ class CudaGraphed:
             except Exception as err:  # noqa: BLE001 - any failure to record: run eagerly
                 # A failed recording can leave the recording stream current (torch.cuda.graph
                 # raises before restoring it) and the random number generator marked.
+                # The half-recorded graph is freed when this block ends (the traceback holds
+                # torch.cuda.graph's frame, which holds it): after the synchronisation and the
+                # generator's repair, the order the GPU tests passed with.
                 torch.cuda.set_stream(caller_stream)
-                graph = None  # drops the half-recorded graph before the synchronisation
                 torch.cuda.synchronize(device)
                 _restore_generator(device)
                 return self._failed(f"recording failed ({_first_line(err)})")

@@ -80,16 +80,20 @@ def test_bf16_channels_last_forward_matches_fp32(model_fn):
     ch = 1 if isinstance(model, SmallUNet) else 3
     x = torch.randn(8, ch, size, size, device="cuda")
     t = torch.rand(8, device="cuda") * 999
-    with torch.no_grad():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        ref = model(x, t).float()
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        cl = model.to(memory_format=torch.channels_last)(
-            x.contiguous(memory_format=torch.channels_last), t)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            bf = model(x.contiguous(memory_format=torch.channels_last), t)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:  # the TF32 flags are process-wide: later tests in this worker must not inherit them
+        with torch.no_grad():
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            ref = model(x, t).float()
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            cl = model.to(memory_format=torch.channels_last)(
+                x.contiguous(memory_format=torch.channels_last), t)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                bf = model(x.contiguous(memory_format=torch.channels_last), t)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     assert torch.isfinite(bf).all() and bf.dtype == torch.bfloat16
     assert _relerr(cl.float(), ref) < 3e-3  # TF32 rounding only
     assert _relerr(bf.float(), ref) < 3e-2  # bf16 operands

@@ -71,6 +71,25 @@ def test_gpu_tests_all_skipped_pass_the_cpu_smoke_run_only(tmp_path, monkeypatch
                                                     part_limit=600), tmp_path)["ok"]
 
 
+def test_test_counts_come_from_the_log_when_the_run_was_cut_off(tmp_path):
+    # pytest writes its JUnit file only at the end: a tests part stopped at its limit counts
+    # the per-test lines of -v instead (xdist's and plain pytest's forms), once each.
+    (tmp_path / "gpu_tests.log").write_text(textwrap.dedent("""
+        [gw0] [ 25%] PASSED tests/test_cuda.py::test_a[vp-1]
+        [gw1] [ 50%] FAILED tests/test_cuda.py::test_b
+        tests/test_cuda_graphs.py::test_c SKIPPED (needs two GPUs)   [ 75%]
+        tests/test_cuda_graphs.py::test_d ERROR                      [100%]
+        FAILED tests/test_cuda.py::test_b - AssertionError: 2 > 1
+        ERROR tests/test_cuda_graphs.py::test_d - RuntimeError
+        Timeout +++++++ stack of MainThread +++++++
+    """))
+    counts, failures = _module().log_results(tmp_path / "gpu_tests.log")
+    assert counts == dict(passed=1, failed=1, errors=1, skipped=1)
+    assert [f["test"] for f in failures] == ["tests/test_cuda.py::test_b",
+                                             "tests/test_cuda_graphs.py::test_d"]
+    assert _module().log_results(tmp_path / "missing.log")[0]["passed"] == 0
+
+
 def test_test_counts_come_from_the_junit_file(tmp_path):
     (tmp_path / "test_four.py").write_text(textwrap.dedent("""
         import pytest
@@ -110,11 +129,17 @@ def test_a_part_past_its_limit_is_stopped_with_its_children(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                              "subprocess.Popen([sys.executable, '-c', 'import time; "
                              "time.sleep(60)']); time.sleep(60)"], start_new_session=True)
+    # What it printed before the stop (it saved no part_*.json) is kept.
+    (tmp_path / "part_samplers.log").write_text('{"sampler": "pc", "batch": 16}\nnot json\n')
     started = time.perf_counter()
-    result = gc._finish("tests", proc, 2.0, started, tmp_path)
+    result = gc._finish("samplers", proc, 2.0, started, tmp_path)
     assert time.perf_counter() - started < 20
     assert result["ok"] is False and "time limit of 2 s" in result["error"]
+    assert result["rows"] == [{"sampler": "pc", "batch": 16}]
     assert proc.poll() is not None
+    assert "| pc | 16 | - | - | - | - |" in gc.render(dict(meta=dict(
+        date="d", gpu=None, device="cpu", torch="t", cuda=None, python="p", command="c",
+        seconds=1.0), parts={"samplers": result}))
 
 
 @pytest.mark.parametrize("args, message", [
