@@ -3,6 +3,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -149,14 +150,16 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """A finite real number > 0 (>= 0 with `allow_zero`): Python's or NumPy's, not a bool."""
     bound = ">= 0" if allow_zero else "> 0"
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or not (value >= 0 if allow_zero else value > 0):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) \
+            or not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def check_int(name: str, value: int, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    """An integer >= minimum: Python's or NumPy's (np.prod of a shape), not a bool."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 

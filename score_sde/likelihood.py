@@ -15,8 +15,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._utils import check_choice, check_int, checks_times_on_host, flat_sum, float64_like
-from .checks import check_data, check_solve_inputs
+from ._utils import (check_choice, check_int, check_positive, checks_times_on_host, flat_sum,
+                     float64_like)
+from .checks import check_data, check_solve_inputs, sample_device
 from .ode import (ADAPTIVE_METHODS, ERROR_NORMS, MAX_SOLVER_STEPS, _check_finite,
                   odeint_interval)
 from .cuda_graphs import CudaGraphed
@@ -50,10 +51,17 @@ def _vjps(out: torch.Tensor, inp: torch.Tensor, cotangents: torch.Tensor,
                             for c in cotangents])
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a divergence is summed in: at least float32 (a half-precision sum of a few
+    thousand terms of 100 overflows float16 and rounds away bfloat16's last digits)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _hutchinson_divergence(drift, x, probes):
     """Mean over probes of probe^T J probe, [B]."""
     grads = _vjps(drift, x, probes, retain_graph=False)
-    return flat_sum((grads * probes).sum(0)) / probes.shape[0]
+    acc = _accumulator(grads.dtype)
+    return flat_sum((grads.to(acc) * probes.to(acc)).sum(0)) / probes.shape[0]
 
 
 def _exact_divergence(drift, x):
@@ -64,7 +72,7 @@ def _exact_divergence(drift, x):
     batch, dim = x.shape[0], x[0].numel()
     chunk = max(1, min(dim, _EXACT_CHUNK_ELEMENTS // max(1, batch * dim)))
     columns = torch.arange(dim, device=x.device)
-    div = torch.zeros(batch, dtype=x.dtype, device=x.device)
+    div = torch.zeros(batch, dtype=_accumulator(x.dtype), device=x.device)
     for start in range(0, dim, chunk):
         idx = columns[start:start + chunk]
         basis = (columns[None, :] == idx[:, None]).to(x.dtype)  # [k, dim] rows of the identity
@@ -73,7 +81,7 @@ def _exact_divergence(drift, x):
         grads = _vjps(drift, x, basis.reshape((len(idx),) + x.shape), retain_graph=not last)
         # The diagonal entries d drift_i / d x_i of the chunk's columns, summed per sample.
         rows = torch.arange(len(idx), device=x.device)
-        div = div + grads.reshape(len(idx), batch, dim)[rows, :, idx].sum(0)
+        div = div + grads.reshape(len(idx), batch, dim)[rows, :, idx].to(div.dtype).sum(0)
     return div
 
 
@@ -152,7 +160,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
         step_control: "batch" (one torchdiffeq solve for the batch; its step size is set by
             the hardest sample) or "per_sample" (Dormand–Prince with a time and step size per
             sample, `score_sde.per_sample_ode`; `method` must be "dopri5"): each result is the
-            one the sample would get alone, and easy samples stop early.
+            one the sample would get alone with the same probes, and easy samples stop early.
         probes: explicit Hutchinson probes [K, B, ...] (K probes per sample, on x's device)
             instead of drawing them; for comparing solvers, precisions or batch sizes on the
             same estimator. Not allowed with divergence="exact"; `num_probes` and `generator`
@@ -186,6 +194,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     check_solve_inputs(sde, score_fn, rtol=rtol, atol=atol, method=method, eps=eps,
                        error_norm=error_norm, methods=ADAPTIVE_METHODS, error_norms=ERROR_NORMS)
     check_data(x, "x")
+    sample_device(x.device, generator)  # a torch.Generator on x's kind of device, or None
     check_choice("divergence", divergence, DIVERGENCES)
     check_int("num_probes", num_probes, minimum=1)
     check_choice("step_control", step_control, STEP_CONTROLS)
@@ -235,9 +244,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     finally:
         if cuda_graph and cuda_graph_stats is not None:
             cuda_graph_stats.update(graphed.stats())
+    prior = sde.prior_logp(z).to(wide)  # of the solver's z, before it is rounded to x's dtype
     z = z.to(dtype)
     _check_finite(z, "the latent z")
-    logp = (sde.prior_logp(z).to(wide) + delta).to(torch.promote_types(dtype, torch.float32))
+    logp = (prior + delta).to(torch.promote_types(dtype, torch.float32))
     _check_finite(logp, "the log-likelihood")
     # Replayed evaluations bypass CountingScore; each call of the right-hand side is one.
     return logp, z, calls if cuda_graph else counting.nfe
@@ -267,6 +277,5 @@ def bits_per_dim(logp: torch.Tensor, num_dims: int, *, data_width: float = 2.0,
     """
     check_int("num_dims", num_dims, minimum=1)
     check_int("num_levels", num_levels, minimum=2)
-    if not (isinstance(data_width, (int, float)) and data_width > 0 and math.isfinite(data_width)):
-        raise ValueError(f"data_width must be a finite number > 0, got {data_width!r}")
+    check_positive("data_width", data_width)
     return -logp / (num_dims * math.log(2)) - math.log2(data_width) + math.log2(num_levels)

@@ -1,6 +1,7 @@
 """log_likelihood and bits_per_dim against closed forms (tests/problems.py)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -323,6 +324,45 @@ def test_float32_data_are_integrated_in_float64(error_norm):
         assert logp.dtype == dtype
         results[dtype] = bits_per_dim(logp.double(), 32, data_width=1.0, num_levels=1 << 30)
     assert (results[torch.float32] - results[torch.float64]).abs().max() < 1e-5
+
+
+def test_numpy_numbers_and_bad_generators():
+    # np.prod(shape) is an np.int64: the counts and widths take NumPy numbers (not bools).
+    logp = torch.tensor([-1000.0])
+    expected = bits_per_dim(logp, 784, data_width=2.0)
+    assert torch.equal(bits_per_dim(logp, np.prod((1, 28, 28)), data_width=np.float32(2)),
+                       expected)
+    with pytest.raises(ValueError, match="data_width must be a finite number > 0, got True"):
+        bits_per_dim(logp, 784, data_width=True)
+    sde, x = score_sde.VPSDE(), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got int"):
+        log_likelihood(sde, lambda y, t: -y, x, generator=123)
+
+
+@pytest.mark.parametrize("divergence", ["rademacher", "exact"])
+def test_half_precision_divergence_is_summed_in_float32(divergence):
+    """Data N(0, 0.02^2 I) of 3x16x16 under VP: near eps each of the 768 terms of the
+    divergence is about 125, their sum about 96000, beyond float16's 65504, which summed in
+    float16 stopped the solve. The log-density of float16 data must match float32 data's with
+    the same probes, up to the network's float16 rounding."""
+    dtype = torch.float16
+    std, shape = 0.02, (2, 3, 16, 16)
+    sde = score_sde.VPSDE()
+
+    def score_fn(y, t):
+        alpha, sigma = sde.marginal_coeffs(t)
+        var = (alpha ** 2 * std ** 2 + sigma ** 2).float().reshape(-1, 1, 1, 1)
+        return (-y.float() / var).to(y.dtype)
+
+    x = (std * torch.randn(shape, generator=torch.Generator().manual_seed(0))).to(dtype)
+    probes = None if divergence == "exact" else torch.randint(
+        0, 2, (1,) + shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+    kw = dict(eps=1e-3, rtol=1e-5, atol=1e-5, divergence=divergence)
+    low, _, _ = log_likelihood(sde, score_fn, x, **kw,
+                               probes=None if probes is None else probes.to(dtype))
+    full, _, _ = log_likelihood(sde, score_fn, x.float(), **kw, probes=probes)
+    assert low.dtype == torch.float32
+    assert ((low - full).abs() / (768 * math.log(2))).max() < 2e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -23,7 +23,11 @@ Data. The dataset of the saved config, split "test", unless --dataset / --split 
 - "array": --data_path FILE is evaluated whole (--split does not apply). Without it, the saved
   config's training file is split exactly as training did (`score_sde.build.load_train_eval`:
   the seeded `eval_fraction` share) and --split test selects that held-out part.
---num_samples N keeps the first N samples. Batches are consecutive blocks of --batch_size.
+--num_samples N keeps the first N samples (2-D toys: the split is drawn with N points).
+Batches are consecutive blocks of --batch_size; the probes and dequantization noise are drawn
+per batch, so with --step_control per_sample a sample's result does not depend on its
+batch-mates for given probes and noise (--divergence exact of continuous data: at all), but a
+different --batch_size draws other probes.
 
 Statistics. Each (sample, pass) gives one value -log p in nats. nll_nats is their mean over all
 n = num_data * num_repeats values; stderr is their sample standard deviation (ddof 1) divided by
@@ -358,14 +362,14 @@ def define_flags(fv) -> None:
     f.DEFINE_string("data_path", None, ".npy/.npz evaluation array (--dataset array).", **kw)
     f.DEFINE_enum("split", "test", list(SPLITS),
                   "Split (array data: the held-out or the training part).", **kw)
-    f.DEFINE_integer("num_samples", None, "Evaluate the first N samples; default all.",
-                     lower_bound=1, **kw)
+    f.DEFINE_integer("num_samples", None, "Evaluate the first N samples (2-D toys: a split "
+                     "of N points); default all.", lower_bound=1, **kw)
     f.DEFINE_integer("batch_size", 128, "Samples per ODE solve.", lower_bound=1, **kw)
     f.DEFINE_enum("divergence", "rademacher", list(DIVERGENCES), "Divergence estimator.", **kw)
     f.DEFINE_integer("num_probes", 1, "Hutchinson probes per solve.", lower_bound=1, **kw)
     f.DEFINE_enum("step_control", "batch", ["batch", "per_sample"], "batch: one step size per "
-                  "batch (the paper); per_sample: each sample its own (results independent of "
-                  "batch-mates).", **kw)
+                  "batch (the paper); per_sample: each sample its own (its steps independent "
+                  "of its batch-mates; the probes are still drawn per batch).", **kw)
     f.DEFINE_boolean("cuda_graph", False, "Replay each function evaluation (network and "
                      "divergence) from a CUDA graph (CUDA; no effect on the CPU).", **kw)
     f.DEFINE_enum("error_norm", "max", list(ERROR_NORMS), "Step error per sample: max over its "
