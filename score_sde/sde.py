@@ -298,12 +298,12 @@ class VPSDE(_LinearBeta):
 
     def _build_chain(self):
         n = self.num_steps
-        if n < 2:  # linspace(beta_min, beta_max, 1) would be beta_min alone
-            raise ValueError(f"the DDPM chain needs num_steps >= 2 (its betas run from "
-                             f"beta_min / N to beta_max / N), got {n}")
         if self.beta_max / n >= 1:
             raise ValueError(f"beta_max / num_steps must be < 1 for the DDPM chain, got "
                              f"{self.beta_max} / {n}")
+        if n < 2:  # linspace(beta_min, beta_max, 1) would be beta_min alone
+            raise ValueError(f"the DDPM chain needs num_steps >= 2 (its betas run from "
+                             f"beta_min / N to beta_max / N), got {n}")
         self.discrete_betas = torch.linspace(self.beta_min / n, self.beta_max / n, n,
                                              dtype=torch.float64)
 
