@@ -133,28 +133,35 @@ def junit_results(path: Path):
     return counts, failures, timings
 
 
-_OUTCOME = re.compile(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
-_TEST_ID = re.compile(r"(tests/\S+::\S+)")
+_OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+# The result lines of `pytest -v`: "tests/f.py::test_x[id] PASSED [ 10%]" without xdist,
+# "[gw0] [ 10%] PASSED tests/f.py::test_x[id]" with it (test ids may hold spaces).
+_PLAIN_RESULT = re.compile(rf"^(?P<test>tests/\S.*) (?P<outcome>{_OUTCOMES})(?: \(.*\))?"
+                           rf"\s*\[\s*\d+%\]\s*$")
+_XDIST_RESULT = re.compile(rf"^\[gw\d+\] \[\s*\d+%\] (?P<outcome>{_OUTCOMES}) "
+                           rf"(?P<test>tests/.*?)\s*$")
 
 
 def log_results(log: Path):
-    """(counts, failures) from the per-test lines of `pytest -v` (with or without xdist),
-    for a run stopped before it wrote its JUnit file."""
+    """(counts, failures) from the per-test result lines of `pytest -v` (with or without
+    xdist), for a run stopped before it wrote its JUnit file; the report sections at the end
+    (tracebacks, the short summary) are not read."""
     counts = dict(passed=0, failed=0, errors=0, skipped=0)
     failures: List[Dict] = []
-    seen = set()
     for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
-        outcome, test = _OUTCOME.search(line), _TEST_ID.search(line)
-        if not (outcome and test) or line.startswith(("FAILED ", "ERROR ")) or \
-                (test.group(1), outcome.group(1)) in seen:
-            continue  # not a result line, or the short summary repeating one
-        seen.add((test.group(1), outcome.group(1)))
+        if line.startswith("=") and re.search(r"\b(FAILURES|ERRORS|short test summary)\b",
+                                              line):
+            break
+        match = _PLAIN_RESULT.match(line) or _XDIST_RESULT.match(line)
+        if not match:
+            continue
         key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors",
-               "SKIPPED": "skipped", "XFAIL": "skipped"}[outcome.group(1)]
+               "SKIPPED": "skipped", "XFAIL": "skipped"}[match.group("outcome")]
         counts[key] += 1
         if key in ("failed", "errors"):
-            failures.append(dict(test=test.group(1), message="(from the log: the run was "
-                                                             "stopped before its report)"))
+            failures.append(dict(test=match.group("test"), message="(from the log: the run "
+                                                                   "was stopped before its "
+                                                                   "report)"))
     return counts, failures
 
 

@@ -71,22 +71,48 @@ def test_gpu_tests_all_skipped_pass_the_cpu_smoke_run_only(tmp_path, monkeypatch
                                                     part_limit=600), tmp_path)["ok"]
 
 
-def test_test_counts_come_from_the_log_when_the_run_was_cut_off(tmp_path):
+@pytest.mark.parametrize("workers", [None, 2])
+def test_test_counts_come_from_the_log_when_the_run_was_cut_off(tmp_path, workers):
     # pytest writes its JUnit file only at the end: a tests part stopped at its limit counts
-    # the per-test lines of -v instead (xdist's and plain pytest's forms), once each.
-    (tmp_path / "gpu_tests.log").write_text(textwrap.dedent("""
-        [gw0] [ 25%] PASSED tests/test_cuda.py::test_a[vp-1]
-        [gw1] [ 50%] FAILED tests/test_cuda.py::test_b
-        tests/test_cuda_graphs.py::test_c SKIPPED (needs two GPUs)   [ 75%]
-        tests/test_cuda_graphs.py::test_d ERROR                      [100%]
-        FAILED tests/test_cuda.py::test_b - AssertionError: 2 > 1
-        ERROR tests/test_cuda_graphs.py::test_d - RuntimeError
-        Timeout +++++++ stack of MainThread +++++++
+    # the result lines of -v instead (plain and xdist forms). Ids and assertion texts that
+    # hold "PASSED" or a test id must not count.
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_log.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.parametrize("x", ["a b PASSED", "c"])
+        def test_passes(x):
+            pass
+
+        def test_fails():
+            assert "tests/x.py::y PASSED" == "ERROR"
+
+        @pytest.mark.skip(reason="not here")
+        def test_skipped():
+            pass
+
+        @pytest.mark.xfail
+        def test_xfails():
+            assert False
+
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("fixture broke")
+
+        def test_errors(broken):
+            pass
     """))
-    counts, failures = _module().log_results(tmp_path / "gpu_tests.log")
-    assert counts == dict(passed=1, failed=1, errors=1, skipped=1)
-    assert [f["test"] for f in failures] == ["tests/test_cuda.py::test_b",
-                                             "tests/test_cuda_graphs.py::test_d"]
+    if workers and not _module()._has("xdist"):
+        pytest.skip("pytest-xdist is not installed")
+    log = tmp_path / "gpu_tests.log"
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"]
+                       + (["-n", str(workers)] if workers else []), cwd=tmp_path, stdout=f,
+                       stderr=subprocess.STDOUT, timeout=300)
+    counts, failures = _module().log_results(log)
+    assert counts == dict(passed=2, failed=1, errors=1, skipped=2)  # xfail counts as skipped
+    assert sorted(f["test"] for f in failures) == ["tests/test_log.py::test_errors",
+                                                   "tests/test_log.py::test_fails"]
     assert _module().log_results(tmp_path / "missing.log")[0]["passed"] == 0
 
 
