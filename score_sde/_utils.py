@@ -150,17 +150,28 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    """A finite real number > 0 (>= 0 with `allow_zero`): Python's or NumPy's, not a bool."""
+    """A finite Python number > 0 (>= 0 with `allow_zero`), not a bool. Settings are stored
+    and written to JSON as given, so NumPy numbers are converted by the few callers that take
+    them (`python_number`)."""
     bound = ">= 0" if allow_zero else "> 0"
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) \
-            or not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def check_int(name: str, value: int, *, minimum: int) -> None:
-    """An integer >= minimum: Python's or NumPy's (np.prod of a shape), not a bool."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def python_number(value):
+    """A NumPy integer or real scalar as the Python int or float it holds (np.prod of a shape
+    is an np.int64); anything else unchanged, for the checks above to judge."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
 
 
 def check_shape(shape) -> Tuple[int, ...]:

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._utils import (check_choice, check_int, check_positive, checks_times_on_host, flat_sum,
-                     float64_like)
+                     float64_like, python_number)
 from .checks import check_data, check_solve_inputs, sample_device
 from .ode import (ADAPTIVE_METHODS, ERROR_NORMS, MAX_SOLVER_STEPS, _check_finite,
                   odeint_interval)
@@ -244,7 +244,9 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     finally:
         if cuda_graph and cuda_graph_stats is not None:
             cuda_graph_stats.update(graphed.stats())
-    prior = sde.prior_logp(z).to(wide)  # of the solver's z, before it is rounded to x's dtype
+    # The prior of the solver's z in at least float32, not of z rounded to half precision (a
+    # user SDE's prior may hold float32 tensors, so not float64 either).
+    prior = sde.prior_logp(z.to(torch.promote_types(dtype, torch.float32))).to(wide)
     z = z.to(dtype)
     _check_finite(z, "the latent z")
     logp = (prior + delta).to(torch.promote_types(dtype, torch.float32))
@@ -275,6 +277,8 @@ def bits_per_dim(logp: torch.Tensor, num_dims: int, *, data_width: float = 2.0,
     Returns:
         bits/dim with the shape of `logp`.
     """
+    num_dims, num_levels, data_width = (python_number(v) for v in
+                                        (num_dims, num_levels, data_width))
     check_int("num_dims", num_dims, minimum=1)
     check_int("num_levels", num_levels, minimum=2)
     check_positive("data_width", data_width)

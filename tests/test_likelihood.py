@@ -326,6 +326,20 @@ def test_float32_data_are_integrated_in_float64(error_norm):
     assert (results[torch.float32] - results[torch.float64]).abs().max() < 1e-5
 
 
+def test_a_user_sde_whose_prior_holds_float32_tensors():
+    # prior_logp gets z in the data's dtype (at least float32), not the solver's float64.
+    class Rotated(score_sde.VPSDE):
+        rotation = torch.eye(2)  # float32
+
+        def prior_logp(self, z):
+            return super().prior_logp(z @ self.rotation)
+
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    logp, _, _ = log_likelihood(Rotated(), lambda y, t: -y, x, divergence="exact")
+    plain, _, _ = log_likelihood(score_sde.VPSDE(), lambda y, t: -y, x, divergence="exact")
+    torch.testing.assert_close(logp, plain)
+
+
 def test_numpy_numbers_and_bad_generators():
     # np.prod(shape) is an np.int64: the counts and widths take NumPy numbers (not bools).
     logp = torch.tensor([-1000.0])
