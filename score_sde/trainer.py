@@ -173,6 +173,9 @@ class Trainer:
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or loaded
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.nonfinite_streak = 0  # ... of which the latest, in a row
+        # A stop abandoned the held-out loss or sample grid of the last step (n_iters): a
+        # resume at that step does them before it reports done.
+        self.final_work_pending = False
         # (step, [loss finite, gradient finite]) on the device, not yet read by `settle`.
         self.unsettled: List[Tuple[int, torch.Tensor]] = []
         self.lock = FolderLock(self.workdir)  # held by rank 0 while it runs (`lock_workdir`)
@@ -243,6 +246,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "skipped": self.skipped, "nonfinite_streak": self.nonfinite_streak,
+                "final_work_pending": self.final_work_pending,
                 "config": to_dict(self.cfg), "data_info": dataclasses.asdict(self.info)}
 
     def restore(self, state: Dict[str, Any]) -> None:
@@ -279,6 +283,7 @@ class Trainer:
         self.saved_step = self.step
         self.skipped = int(state.get("skipped", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.final_work_pending = bool(state.get("final_work_pending", False))
 
     def save(self, *, snapshot: bool) -> None:
         """Rank 0 writes checkpoint.pt (and a snapshot); every process waits for it.
@@ -335,6 +340,8 @@ class Trainer:
         metrics: Dict[str, float] = {}
         self.model.train()
         try:
+            if self.final_work_pending:
+                metrics.update(self.finish_final_work(report))
             while self.step < tc.n_iters:
                 signum = self.stop_requested()
                 if signum is not None:
@@ -360,6 +367,8 @@ class Trainer:
                     self.save(snapshot=due.snapshot)
             signum = self.stop_requested()  # one that abandoned the last step's evaluation
             if signum is not None:
+                self.final_work_pending = True
+                self.save(snapshot=False)  # the flag, for the resume to redo that work
                 self.interrupt(signum, report)
             report.line(f"done at step {self.step}")
         except TrainingError as err:
@@ -416,6 +425,25 @@ class Trainer:
                     f"parameters, batch {tc.batch_size}")
         self.last_log = (time.time(), self.step)
         return report
+
+    def finish_final_work(self, report: Reporter) -> Dict[str, float]:
+        """The held-out loss and sample grid due at step n_iters that a stop abandoned, done on
+        resuming there (a longer run makes its own); returns the held-out loss metrics."""
+        metrics: Dict[str, float] = {}
+        if self.step == self.cfg.training.n_iters:
+            report.line(f"step {self.step}: the held-out loss and samples a stop abandoned")
+            due = due_after(self.step, self.cfg.training)
+            if self.dist.is_main and due.evaluate:
+                metrics = self.log_eval_loss(report)
+            if self.dist.is_main and due.sample:
+                self.write_samples(report)
+            signum = self.stop_requested()
+            if signum is not None:  # stopped again: still pending
+                self.interrupt(signum, report)
+            self.final_work_pending = False
+            self.save(snapshot=False)
+        self.final_work_pending = False
+        return metrics
 
     def lock_workdir(self) -> None:
         """Rank 0 takes the run folder's lock (`FolderLock`, on train.lock) for the whole run,

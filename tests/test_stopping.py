@@ -203,6 +203,18 @@ def test_a_signal_during_the_last_steps_work_is_still_a_stop(tmp_path, monkeypat
     log = (tmp_path / "log.txt").read_text()
     assert "done at step" not in log
     assert log.splitlines()[-1] == "stopped at step 8 (SIGINT); run the same command to resume"
+    # Running the same command again does the abandoned work, then reports done.
+    monkeypatch.setattr(Trainer, where, work)
+    metrics = train(_toy_cfg(**FAST), str(tmp_path), quiet=True)
+    log = (tmp_path / "log.txt").read_text().splitlines()
+    assert log[-1] == "done at step 8"
+    if where == "eval_loss":
+        assert "eval_loss" in metrics and any("step 8 eval_loss_ema=" in line for line in log)
+    else:
+        assert (tmp_path / "samples" / "samples_00000008.png").exists()
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] is False
+    again = train(_toy_cfg(**FAST), str(tmp_path), quiet=True)  # nothing left to do
+    assert "eval_loss" not in again
 
 
 def test_a_signal_before_training_writes_nothing(tmp_path, monkeypatch):
