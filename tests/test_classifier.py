@@ -321,6 +321,29 @@ def test_train_noisy_classifier(data_dir, tmp_path, capsys):
     assert torch.isfinite(grad).all() and grad.abs().max() > 0
 
 
+def test_train_noisy_classifier_for_the_cosine_sde(data_dir, tmp_path, capsys):
+    # score_sde.train trains cosine VP runs; their guidance needs a classifier of that SDE.
+    out = tmp_path / "cosine.pt"
+    assert _train("--kind", "noisy", "--sde", "cosine", "--data_dir", data_dir, "--output",
+                  out, "--eval_times", "0.001", *TINY_TRAINING) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sde_config"]["name"] == "cosine" and summary["time_input"] == "scaled_t"
+    assert summary["test_accuracy_at_t"]["0.001"] > 0.6  # chance: 1/3
+
+
+def test_train_classifier_refuses_what_would_end_non_finite(data_dir, tmp_path, capsys):
+    # Adam's first step is 10 lr: beyond float32 it is refused up front. An update that blows
+    # the network up on the last step ends with exit 3 and writes nothing.
+    assert _train("--kind", "clean", "--data_dir", data_dir, "--output", tmp_path / "a.pt",
+                  *TINY_TRAINING, "--lr", "1e38") == 2
+    assert "--lr must be a number in (0, 3.4e+37]" in capsys.readouterr().err
+    status = _train("--kind", "clean", "--data_dir", data_dir, "--output", tmp_path / "b.pt",
+                    *TINY_TRAINING, "--n_iters", "1", "--lr", "1e30")
+    err = capsys.readouterr().err
+    assert status == 3 and "non-finite" in err, err
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "b.json").exists()
+
+
 def test_train_noisy_ve_defaults_to_the_noise_level(data_dir, tmp_path, capsys):
     out = tmp_path / "ve.pt"
     assert _train("--kind", "noisy", "--sde", "ve", "--data_dir", data_dir, "--output", out,
@@ -337,7 +360,7 @@ def test_train_noisy_ve_defaults_to_the_noise_level(data_dir, tmp_path, capsys):
     (["--kind", "noisy", "--eval_times", "0.1,x"], "--eval_times must be comma-separated"),
     (["--kind", "noisy", "--eval_times", "0"], r"--eval_times must be numbers in \(0, 1\]"),
     (["--kind", "clean", "--lr", "0"], "--lr must be"),
-    (["--kind", "clean", "--lr", "1e39"], r"--lr must be a number in \(0, 3.4e\+38\]"),
+    (["--kind", "clean", "--lr", "1e39"], r"--lr must be a number in \(0, 3.4e\+37\]"),
     (["--kind", "clean", "--summary", "{out}"], "are the same file"),
     (["--kind", "clean", "--summary", "{folder}"], "--summary .* is a folder; give a file name"),
     (["--kind", "clean", "--summary", "{data}/train-labels-idx1-ubyte"],
@@ -471,10 +494,22 @@ def _bad_files(folder):
     damaged[2000] ^= 0xFF  # inside the stored array: its CRC-32 no longer matches
     (folder / "crc.npz").write_bytes(bytes(damaged))
     save_classifier(folder / "noisy.pt", _tiny_noisy(in_channels=1))
+    (folder / "empty.npz").write_bytes(b"")
+    np.savez(folder / "long.npz", samples=np.zeros((4, 28, 28), np.longdouble))
+    np.savez(folder / "other.npz", samples=np.zeros((4, 28, 28), np.uint8))  # not a cache
 
 
 @pytest.mark.parametrize("args, match", [
     (["--samples", "{t}/missing.npz", "--classifier", "{f}/clf.pt"], "does not exist"),
+    (["--samples", "{t}/empty.npz", "--classifier", "{f}/clf.pt"], "not a readable .npz"),
+    (["--samples", "{t}/long.npz", "--classifier", "{f}/clf.pt"],
+     "must be uint8 or floats \\(float16, float32 or float64\\)"),
+    (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--ref_stats",
+      "{t}/empty.npz"], "--ref_stats .* is not a readable"),
+    (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--ref_stats",
+      "{t}/plain.npy"], "--ref_stats .* is not a readable .npz archive \\(a plain .npy"),
+    (["--samples", "{f}/test.npz", "--classifier", "{f}/clf.pt", "--ref_stats",
+      "{t}/other.npz"], "holds arrays that are not reference statistics \\(samples\\)"),
     (["--samples", "{t}/plain.npy", "--classifier", "{f}/clf.pt"], "plain .npy"),
     (["--samples", "{t}/junk.npz", "--classifier", "{f}/clf.pt"], "not a readable .npz"),
     (["--samples", "{t}/crc.npz", "--classifier", "{f}/clf.pt"], "'samples' is unreadable"),
@@ -526,6 +561,17 @@ def test_fid_errors(fid_files, data_dir, tmp_path, capsys, args, match):
     assert all(p.read_bytes() == data for p, data in before.items())  # inputs untouched
     line = _one_line(capsys)
     assert line.startswith("error: ") and re.search(match, line), line
+
+
+def test_fid_big_endian_samples_are_the_same_samples(fid_files, data_dir, tmp_path, capsys):
+    floats = np.load(fid_files / "floats.npz")["samples"]
+    np.savez(tmp_path / "be.npz", samples=floats.astype(">f4"))
+    results = []
+    for path in (fid_files / "floats.npz", tmp_path / "be.npz"):
+        assert _fid("--samples", path, "--classifier", fid_files / "clf.pt", "--data_dir",
+                    data_dir) == 0
+        results.append(_result(capsys))
+    assert results[0]["classifier_fd"] == results[1]["classifier_fd"]
 
 
 def test_fid_inception_that_rejects_the_images(fid_files, data_dir, tmp_path, capsys):

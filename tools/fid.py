@@ -47,7 +47,7 @@ ref_stats_status, notes (e.g. fewer samples than feature dimensions: singular co
 a regularised matrix square root), device, seconds.
 
 Exit status: 0 done; 2 bad input (flags, missing or malformed files, keys, shapes), one line
-on stderr; 3 numerical failure (no usable matrix square root).
+on stderr; 3 numerical failure (no usable matrix square root); 130 Ctrl-C, one line.
 """
 import hashlib
 import os
@@ -71,6 +71,7 @@ from score_sde.metrics import feature_statistics, frechet_distance
 
 DATASETS = ("fashion_mnist", "cifar10")
 SAMPLES_KEY = "samples"
+REF_STATS_SUFFIXES = ("_key", "_mu", "_cov")  # the arrays of each feature space in the cache
 FID_NOTE = ("not computed: pass --inception_weights PATH (the TorchScript "
             "inception-2015-12-05.pt of the StyleGAN2-ADA metrics); nothing is downloaded")
 
@@ -92,7 +93,7 @@ def load_samples(path: Path, num_samples: Optional[int] = None
         raise InputError(f"--samples {path} does not exist")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # EOFError: empty
         raise InputError(f"--samples {path} is not a readable .npz archive ({err})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise InputError(f"--samples {path} is a plain .npy array; expected an .npz archive "
@@ -115,15 +116,16 @@ def load_samples(path: Path, num_samples: Optional[int] = None
     clipped = 0
     if x.dtype == np.uint8:
         images = torch.from_numpy(x)
-    elif np.issubdtype(x.dtype, np.floating):
+    elif x.dtype.type in (np.float16, np.float32, np.float64):
+        x = x.astype(x.dtype.newbyteorder("="), copy=False)  # big-endian files are valid
         bad = int((~np.isfinite(x)).sum())
         if bad:
             raise InputError(f"--samples {path}: {bad} non-finite values in {SAMPLES_KEY!r}")
         clipped = int(((x < -1) | (x > 1)).sum())
         images = from_model_range(torch.from_numpy(x))
     else:
-        raise InputError(f"--samples {path}: {SAMPLES_KEY!r} must be uint8 or floats in "
-                         f"[-1, 1], got dtype {x.dtype}")
+        raise InputError(f"--samples {path}: {SAMPLES_KEY!r} must be uint8 or floats "
+                         f"(float16, float32 or float64) in [-1, 1], got dtype {x.dtype}")
     return images.contiguous(), str(x.dtype), clipped
 
 
@@ -179,14 +181,27 @@ def extract_features(extract: Extractor, images: torch.Tensor, *, batch_size: in
 # --- reference statistics cache -----------------------------------------------------------------
 
 def read_ref_stats(path: Optional[Path]) -> Dict[str, np.ndarray]:
+    """The cached arrays of --ref_stats ({} for none yet).
+
+    Raises:
+        InputError: an unreadable file, or one that holds anything but this cache's arrays
+            (another file given by mistake, which the cache must not rewrite)."""
     if path is None or not path.exists():
         return {}
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, AttributeError) as err:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a plain .npy array")
+        with loaded as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise InputError(f"--ref_stats {path} is not a readable .npz archive ({err}); delete "
                          f"it or pass another path") from None
+    foreign = [k for k in arrays if not k.endswith(REF_STATS_SUFFIXES)]
+    if foreign:
+        raise InputError(f"--ref_stats {path} holds arrays that are not reference statistics "
+                         f"({', '.join(foreign[:3])}); pass a file of its own")
+    return arrays
 
 
 def write_ref_stats(path: Path, arrays: Dict[str, np.ndarray]) -> None:

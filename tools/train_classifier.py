@@ -40,9 +40,11 @@ num_test, train_loss (mean of the last 100 steps), test_accuracy (clean: the acc
 the mean over --eval_times), test_accuracy_at_t and test_loss_at_t (noisy only), seconds.
 
 Exit status: 0 done; 2 bad input (flags, missing or malformed data), one line on stderr;
-3 a non-finite training loss, one line naming the step.
+3 a non-finite training loss (one line naming the step) or test loss after the last step
+(nothing is written); 130 Ctrl-C, one line.
 """
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -62,9 +64,9 @@ from score_sde.sde import SDE
 from score_sde.build import build_sde
 
 DATASETS = ("fashion_mnist", "cifar10")
-SDES = ("vp", "subvp", "ve")
+SDES = ("vp", "subvp", "ve", "cosine")
 TIME_INPUTS = ("scaled_t", "std")
-DEFAULT_TIME_INPUT = {"vp": "scaled_t", "subvp": "scaled_t", "ve": "std"}
+DEFAULT_TIME_INPUT = {"vp": "scaled_t", "subvp": "scaled_t", "ve": "std", "cosine": "scaled_t"}
 # The time input decides the embedding: sinusoidal features of 999 t, Fourier of log sigma.
 EMBEDDINGS = {"scaled_t": "positional", "std": "fourier"}
 NOISY_ONLY = ("sde", "time_input", "eps", "eval_times")
@@ -74,6 +76,8 @@ LOSS_WINDOW = 100  # steps averaged for the reported training loss
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 # Adam keeps lr in float32: a larger value overflows there.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# Adam's first step moves a weight by up to lr / (1 - beta1) = 10 lr, which must stay finite.
+MAX_LR = FLOAT32_MAX / 10
 
 
 class TrainingError(RuntimeError):
@@ -169,9 +173,9 @@ def define_flags(fv) -> None:
     f.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "auto: CUDA if available.", **kw)
     f.DEFINE_string("output", None, "Classifier checkpoint to write.", **kw)
     f.DEFINE_string("summary", None, "JSON summary; default: --output with suffix .json.", **kw)
-    flags.register_validator("lr", lambda v: 0 < v <= FLOAT32_MAX,
-                             message=f"--lr must be a number in (0, {FLOAT32_MAX:.3g}] (float32)",
-                             flag_values=fv)
+    flags.register_validator("lr", lambda v: 0 < v <= MAX_LR,
+                             message=f"--lr must be a number in (0, {MAX_LR:.3g}] (Adam's first "
+                                     f"step, 10 lr, must fit in float32)", flag_values=fv)
     flags.register_validator("eps", lambda v: 0 < v < 1, message="--eps must lie in (0, 1)",
                              flag_values=fv)
     flags.mark_flags_as_required(["kind", "output"], flag_values=fv)
@@ -250,6 +254,9 @@ def run(fv) -> Dict[str, object]:
     metrics = evaluate(kind, model, sde, test_images, test_labels, batch_size=fv.batch_size,
                        device=device, seed=fv.seed, time_input=time_input, eps=fv.eps,
                        eval_times=eval_times)
+    if not math.isfinite(metrics["test_loss"]):  # the last step's update blew up
+        raise TrainingError(f"non-finite test loss {metrics['test_loss']} after step "
+                            f"{fv.n_iters}; nothing was written (lower --lr)")
     meta = {"kind": kind, "dataset": fv.dataset, "image_shape": list(info.shape),
             "num_classes": info.num_classes, "sde": fv.sde if sde else None,
             "sde_config": sde_config, "time_input": time_input,
