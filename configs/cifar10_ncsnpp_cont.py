@@ -1,12 +1,14 @@
 """CIFAR-10, NCSN++ cont. (VE), 62.8M parameters. The data pipeline gives [-1, 1],
-so the network is told its input is already centred."""
+so the network is told its input is already centred, and the noise levels are the paper's
+for data in [0, 1] (sigma 0.01 to 50) scaled by the same factor 2: 0.02 to 100 (sigma_max
+about the largest distance between two training images, Song & Ermon 2020)."""
 from score_sde.config import Config, DataConfig, ModelConfig, SDEConfig, TrainingConfig
 from score_sde.models import paper_config
 
 
 def get_config() -> Config:
     return Config(
-        sde=SDEConfig(name="ve"),
+        sde=SDEConfig(name="ve", sigma_min=0.02, sigma_max=100.0),
         data=DataConfig(dataset="cifar10"),
         model=ModelConfig(name="ncsnpp", kwargs=dict(paper_config("ncsnpp_cont"), centered=True),
                           prediction="noise", time_input="std"),

@@ -1,11 +1,12 @@
-"""CIFAR-10, NCSN++ cont. deep (VE), 107.6M parameters; input already centred."""
+"""CIFAR-10, NCSN++ cont. deep (VE), 107.6M parameters; input already centred, so the
+paper's noise levels for data in [0, 1] (0.01 to 50) are doubled: 0.02 to 100."""
 from score_sde.config import Config, DataConfig, ModelConfig, SDEConfig, TrainingConfig
 from score_sde.models import paper_config
 
 
 def get_config() -> Config:
     return Config(
-        sde=SDEConfig(name="ve"),
+        sde=SDEConfig(name="ve", sigma_min=0.02, sigma_max=100.0),
         data=DataConfig(dataset="cifar10"),
         model=ModelConfig(name="ncsnpp", kwargs=dict(paper_config("ncsnpp_deep"), centered=True),
                           prediction="noise", time_input="std"),

@@ -253,6 +253,13 @@ def test_time_embeddings():
     assert emb.shape == (3, 9) and torch.all(emb[:, -1] == 0)
     torch.testing.assert_close(emb, positional(torch.tensor([0.0, 7.0, 999.0])))
     torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0]))
+    # float64 input gets float64-accurate features, whatever dtype the module was cast to:
+    # sin / cos of c 10000^(-i / 3), i < 4, derived here.
+    c = torch.tensor([7.0, 999.0], dtype=F64)
+    arg = c[:, None] * torch.tensor([10000.0 ** (-i / 3) for i in range(4)], dtype=F64)
+    exact = torch.cat([arg.sin(), arg.cos(), torch.zeros(2, 1, dtype=F64)], dim=1)
+    for module in (positional, TimeEmbedding("positional", 9).double()):
+        torch.testing.assert_close(module(c), exact, rtol=0, atol=1e-12)
 
 
 def test_attention_matches_formula():

@@ -78,6 +78,17 @@ def test_every_config_file_builds():
         check_config(cfg)
 
 
+@pytest.mark.parametrize("name", ["cifar10_ncsnpp_cont", "cifar10_ncsnpp_deep"])
+def test_ve_cifar_configs_scale_the_papers_noise_levels_with_the_data(name):
+    # The paper's VE models see CIFAR-10 in [0, 1] with sigma from 0.01 to 50 (sigma_max about
+    # the largest distance between two training images). Our pipeline gives [-1, 1], twice
+    # as wide, and the network is told its input is centred: every sigma doubles.
+    cfg = load_config_file(str(find_config(name)))
+    paper_min, paper_max, width = 0.01, 50.0, 2.0  # width of [-1, 1] over that of [0, 1]
+    assert cfg.model.kwargs["centered"] is True and cfg.sde.name == "ve"
+    assert (cfg.sde.sigma_min, cfg.sde.sigma_max) == (width * paper_min, width * paper_max)
+
+
 def test_train_writes_run_folder_and_is_finite(tmp_path):
     metrics = train(_toy_cfg(), str(tmp_path))
     assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_loss"])

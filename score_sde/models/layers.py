@@ -137,6 +137,10 @@ class TimeEmbedding(nn.Module):
             else c.float()
         if self.embedding == "fourier":
             arg = torch.log(c)[:, None] * (2 * math.pi) * self.freqs.to(c.dtype)
+        elif c.dtype == torch.float64:  # the float32 buffer's rounding would show (1e-5)
+            half = self.freqs.numel()
+            exponent = torch.arange(half, device=c.device, dtype=c.dtype) / max(half - 1, 1)
+            arg = c[:, None] * torch.exp(-math.log(10000.0) * exponent)
         else:
             arg = c[:, None] * self.freqs.to(c.dtype)
         emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
