@@ -331,6 +331,28 @@ def test_train_noisy_classifier_for_the_cosine_sde(data_dir, tmp_path, capsys):
     assert summary["test_accuracy_at_t"]["0.001"] > 0.6  # chance: 1/3
 
 
+def test_noisy_classifier_takes_a_runs_sde_settings(data_dir, tmp_path, capsys):
+    # A run trained with non-default SDE parameters (a config file) is guided only by a
+    # classifier of that exact SDE (tools/sample.py compares them): --sde_of copies it.
+    from score_sde.config import Config, SDEConfig, from_dict, to_dict
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = Config(sde=SDEConfig(name="subvp", beta_max=10.0, num_steps=500))
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    out = tmp_path / "clf.pt"
+    assert _train("--kind", "noisy", "--sde_of", run, "--data_dir", data_dir, "--output", out,
+                  "--eval_times", "0.5", *TINY_TRAINING) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sde"] == "subvp" and summary["time_input"] == "scaled_t"
+    assert from_dict({"sde": load_classifier(out)[1]["sde_config"]}).sde == cfg.sde
+    for args, message in [(["--sde", "vp"], "give --sde or --sde_of, not both"),
+                          (["--sde_of", tmp_path], "is not a run folder (it has no config.json)")]:
+        extra = [] if "--sde_of" in args else ["--sde_of", run]
+        assert _train("--kind", "noisy", *extra, *args, "--data_dir", data_dir, "--output",
+                      tmp_path / "x.pt", *TINY_TRAINING) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_train_classifier_refuses_what_would_end_non_finite(data_dir, tmp_path, capsys):
     # Adam's first step is 10 lr: beyond float32 it is refused up front. An update that blows
     # the network up on the last step ends with exit 3 and writes nothing.

@@ -18,8 +18,9 @@ Kinds.
 - noisy: a `NoiseConditionalClassifier` for classifier guidance, trained by
   `noisy_classifier_loss`: uniformly dequantized images (as the score models see them), then
   x_t = alpha(t) x + sigma(t) z with t ~ U(--eps, 1) under the --sde with its default
-  parameters (those of `score_sde.config.SDEConfig`), cross-entropy of the classifier at
-  x_t. --time_input is the conversion of t fed to the network: "scaled_t" (999 t, sinusoidal
+  parameters (those of `score_sde.config.SDEConfig`), or under the SDE of the run folder
+  --sde_of with its parameters (what tools/sample.py needs to guide that run),
+  cross-entropy of the classifier at x_t. --time_input is the conversion of t fed to the network: "scaled_t" (999 t, sinusoidal
   embedding; default for vp and subvp) or "std" (sigma(t), Fourier embedding; default for ve),
   the conventions of the paper's score models. Read it back with
   `score_sde.classifier.classifier_log_prob_fn(model, sde, time_input=meta["time_input"])`.
@@ -44,6 +45,7 @@ Exit status: 0 done; 2 bad input (flags, missing or malformed data), one line on
 (nothing is written); 130 Ctrl-C, one line.
 """
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -57,7 +59,7 @@ from score_sde.cli import (InputError, check_distinct, check_not_data, check_pat
                            write_json)
 from score_sde.classifier import (FeatureClassifier, NoiseConditionalClassifier,
                                   noisy_classifier_loss, save_classifier)
-from score_sde.config import Config, SDEConfig
+from score_sde.config import Config, SDEConfig, from_dict
 from score_sde.datasets import BatchOrder, DataInfo, load_dataset, mix_seed, to_model_range
 from score_sde.distributed import resolve_device
 from score_sde.sde import SDE
@@ -69,7 +71,7 @@ TIME_INPUTS = ("scaled_t", "std")
 DEFAULT_TIME_INPUT = {"vp": "scaled_t", "subvp": "scaled_t", "ve": "std", "cosine": "scaled_t"}
 # The time input decides the embedding: sinusoidal features of 999 t, Fourier of log sigma.
 EMBEDDINGS = {"scaled_t": "positional", "std": "fourier"}
-NOISY_ONLY = ("sde", "time_input", "eps", "eval_times")
+NOISY_ONLY = ("sde", "sde_of", "time_input", "eps", "eval_times")
 CLEAN_ONLY = ("feature_dim",)
 LOSS_WINDOW = 100  # steps averaged for the reported training loss
 # Independent random streams derived from --seed.
@@ -152,7 +154,11 @@ def define_flags(fv) -> None:
                   "guidance; clean: feature classifier for tools/fid.py.", **kw)
     f.DEFINE_enum("dataset", "fashion_mnist", list(DATASETS), "Labelled image dataset.", **kw)
     f.DEFINE_string("data_dir", None, "Dataset folder; default: the loader's.", **kw)
-    f.DEFINE_enum("sde", "vp", list(SDES), "Forward SDE of the noisy data (noisy).", **kw)
+    f.DEFINE_enum("sde", "vp", list(SDES), "Forward SDE of the noisy data (noisy), with its "
+                  "default parameters.", **kw)
+    f.DEFINE_string("sde_of", None, "A run folder (its config.json) whose SDE, parameters "
+                    "included, the classifier takes instead of --sde (noisy): the one "
+                    "tools/sample.py needs to guide that run.", **kw)
     f.DEFINE_enum("time_input", None, list(TIME_INPUTS), "Network time input (noisy); "
                   "default scaled_t for vp/subvp, std for ve.", **kw)
     f.DEFINE_float("eps", 1e-5, "Smallest training time, in (0, 1) (noisy).", **kw)
@@ -179,6 +185,23 @@ def define_flags(fv) -> None:
     flags.register_validator("eps", lambda v: 0 < v < 1, message="--eps must lie in (0, 1)",
                              flag_values=fv)
     flags.mark_flags_as_required(["kind", "output"], flag_values=fv)
+
+
+def _sde_of(fv) -> SDEConfig:
+    """The SDE settings of the run folder --sde_of (its config.json)."""
+    if fv["sde"].present:
+        raise InputError("give --sde or --sde_of, not both")
+    path = Path(fv.sde_of) / "config.json"
+    if not path.is_file():
+        raise InputError(f"--sde_of {fv.sde_of} is not a run folder (it has no config.json)")
+    try:
+        sde_cfg = from_dict(json.loads(path.read_text())).sde
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise InputError(f"--sde_of {path} is not a run's config ({err})") from None
+    if sde_cfg.name not in SDES:
+        raise InputError(f"--sde_of {fv.sde_of} uses the SDE {sde_cfg.name!r}; classifiers "
+                         f"train for {', '.join(SDES)}")
+    return sde_cfg
 
 
 def _eval_times(values: List[str]) -> List[float]:
@@ -224,9 +247,10 @@ def run(fv) -> Dict[str, object]:
     sde = sde_config = time_input = None
     eval_times: List[float] = []
     if kind == "noisy":
-        sde_config = dataclasses.asdict(SDEConfig(name=fv.sde))
-        sde = build_sde(Config(sde=SDEConfig(name=fv.sde)))
-        time_input = fv.time_input or DEFAULT_TIME_INPUT[fv.sde]
+        sde_cfg = _sde_of(fv) if fv.sde_of else SDEConfig(name=fv.sde)
+        sde_config = dataclasses.asdict(sde_cfg)
+        sde = build_sde(Config(sde=sde_cfg))
+        time_input = fv.time_input or DEFAULT_TIME_INPUT[sde_cfg.name]
         eval_times = _eval_times(fv.eval_times)
     torch.manual_seed(fv.seed)  # the weight initialisation
     model = build_classifier(kind, info, width=fv.width, feature_dim=fv.feature_dim,
@@ -258,7 +282,7 @@ def run(fv) -> Dict[str, object]:
         raise TrainingError(f"non-finite test loss {metrics['test_loss']} after step "
                             f"{fv.n_iters}; nothing was written (lower --lr)")
     meta = {"kind": kind, "dataset": fv.dataset, "image_shape": list(info.shape),
-            "num_classes": info.num_classes, "sde": fv.sde if sde else None,
+            "num_classes": info.num_classes, "sde": sde_config["name"] if sde else None,
             "sde_config": sde_config, "time_input": time_input,
             "eps": fv.eps if sde else None, "n_iters": fv.n_iters, "seed": fv.seed,
             "test_accuracy": metrics["test_accuracy"],
