@@ -10,7 +10,7 @@ samples from or evaluates a trained model:
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -49,6 +49,17 @@ class TrainedModel:
         if labels is not None and self.num_classes is None:
             raise ValueError("labels given, but the checkpoint's model is not class-conditional")
         return model_score_fn(with_labels(self.model, labels), self.sde, self.cfg)
+
+
+def data_source(cfg: Config, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                data_path: Optional[str] = None
+                ) -> Tuple[str, Optional[str], Optional[str]]:
+    """(dataset, data_dir, data_path) that a tool reads for a run: the ones given, else the
+    run's; the run's folder and file count only for the run's own dataset."""
+    dataset = dataset or cfg.data.dataset
+    same = dataset == cfg.data.dataset
+    return (dataset, data_dir or (cfg.data.data_dir if same else None),
+            data_path or (cfg.data.data_path if same else None))
 
 
 def data_info_of(state: Dict[str, Any], cfg: Config) -> DataInfo:

@@ -306,9 +306,8 @@ class Trainer:
                     save_checkpoint(state, path)
                     prune_snapshots(snaps, keep=self.cfg.training.keep_snapshots)
             except OSError as err:
-                kept = ("no checkpoint was written before" if self.saved_step is None else
-                        f"the last good checkpoint (step {self.saved_step}) is kept")
-                failure = (f"could not write {path} at step {self.step}: {err}; {kept}; free "
+                failure = (f"could not write {path} at step {self.step}: {err}; "
+                           f"{self.kept_checkpoint()}; free "
                            f"disk space or fix permissions, then rerun the same command to "
                            f"resume")
         # Doubles as the barrier, so the other processes stop too instead of waiting.
@@ -429,20 +428,21 @@ class Trainer:
     def finish_final_work(self, report: Reporter) -> Dict[str, float]:
         """The held-out loss and sample grid due at step n_iters that a stop abandoned, done on
         resuming there (a longer run makes its own); returns the held-out loss metrics."""
-        metrics: Dict[str, float] = {}
-        if self.step == self.cfg.training.n_iters:
-            report.line(f"step {self.step}: the held-out loss and samples a stop abandoned")
-            due = due_after(self.step, self.cfg.training)
-            if self.dist.is_main and due.evaluate:
-                metrics = self.log_eval_loss(report)
-            if self.dist.is_main and due.sample:
-                self.write_samples(report)
-            signum = self.stop_requested()
-            if signum is not None:  # stopped again: still pending
-                self.interrupt(signum, report)
+        if self.step != self.cfg.training.n_iters:  # a longer run: its own last step does it
             self.final_work_pending = False
-            self.save(snapshot=False)
+            return {}
+        report.line(f"step {self.step}: the held-out loss and samples a stop abandoned")
+        due = due_after(self.step, self.cfg.training)
+        metrics: Dict[str, float] = {}
+        if self.dist.is_main and due.evaluate:
+            metrics = self.log_eval_loss(report)
+        if self.dist.is_main and due.sample:
+            self.write_samples(report)
+        signum = self.stop_requested()
+        if signum is not None:  # stopped again: still pending
+            self.interrupt(signum, report)
         self.final_work_pending = False
+        self.save(snapshot=False)  # the checkpoint no longer asks for the work
         return metrics
 
     def lock_workdir(self) -> None:
@@ -584,12 +584,17 @@ class Trainer:
             else:
                 self.skip_nonfinite(step, "loss" if not loss_ok else "gradient norm", report)
 
+    def kept_checkpoint(self) -> str:
+        """What a failure leaves to resume from, for its message."""
+        if self.saved_step is None:
+            return "no checkpoint was written before"
+        return f"the last good checkpoint (step {self.saved_step}) is kept in {self.workdir}"
+
     def skip_nonfinite(self, step: int, what: str, report: Reporter) -> None:
         """Skips the update of `step` (with skip_nonfinite) or raises TrainingError."""
         tc = self.cfg.training
         problem = f"non-finite {what} at step {step}"
-        keep = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.workdir}"
-                if self.saved_step is not None else "no checkpoint was written before")
+        keep = self.kept_checkpoint()
         if not tc.skip_nonfinite:
             raise NonFiniteError(f"{problem}; {keep} (--skip_nonfinite skips such steps)")
         self.skipped += 1

@@ -93,7 +93,8 @@ from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_see
 from score_sde.distributed import dist_from_env, resolve_device
 from score_sde.likelihood import DIVERGENCES, bits_per_dim, log_likelihood
 from score_sde.ode import ERROR_NORMS
-from score_sde.runs import check_trained_state, model_from_state, with_trained_range
+from score_sde.runs import (check_trained_state, data_source, model_from_state,
+                            with_trained_range)
 from score_sde.sde import SDE, ScoreFn
 from score_sde.build import build_sde, load_train_eval, model_score_fn
 
@@ -432,11 +433,8 @@ def run(fv) -> Dict[str, object]:
     state = read_checkpoint(checkpoint)
     check_trained_state(state, checkpoint)
     cfg = from_dict(state["config"])
-    dataset = fv.dataset or cfg.data.dataset
-    same = dataset == cfg.data.dataset  # then the run's data settings are the defaults
-    check_not_data({"output": fv.output}, dataset,
-                   data_dir=fv.data_dir or (cfg.data.data_dir if same else None),
-                   data_path=fv.data_path or (cfg.data.data_path if same else None))
+    dataset, data_dir, data_path = data_source(cfg, fv.dataset, fv.data_dir, fv.data_path)
+    check_not_data({"output": fv.output}, dataset, data_dir=data_dir, data_path=data_path)
     data, info, source = load_eval_data(cfg, dataset=dataset, split=fv.split,
                                         data_dir=fv.data_dir, data_path=fv.data_path,
                                         num_samples=fv.num_samples)

@@ -58,7 +58,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ from score_sde.distributed import resolve_device
 from score_sde.cuda_graphs import CudaGraphed
 from score_sde.fast_sampling import sample_ddim, sample_dpm_solver, sample_heun
 from score_sde.ode import sample_ode
-from score_sde.runs import load_trained
+from score_sde.runs import data_source, load_trained
 from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
 from score_sde.build import build_sde
 from score_sde.visualize import samples_picture
@@ -187,14 +187,6 @@ def _check_flags(fv, run) -> None:
         raise InputError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}")
 
 
-def _data_source(fv, cfg) -> Tuple[str, Optional[str], Optional[str]]:
-    """(dataset, data_dir, data_path) the data tasks read: the flags, else the run's data."""
-    dataset = fv.dataset or cfg.data.dataset
-    same = dataset == cfg.data.dataset
-    return (dataset, fv.data_dir or (cfg.data.data_dir if same else None),
-            fv.data_path or (cfg.data.data_path if same else None))
-
-
 def _check_outputs(fv, cfg, checkpoint: Path) -> None:
     """Refuses output files that are inputs: the checkpoint, the classifier, the mask file or
     a file of the data (the run's, or the one --dataset names)."""
@@ -204,16 +196,16 @@ def _check_outputs(fv, cfg, checkpoint: Path) -> None:
     mask = fv.mask if fv.task == "inpaint" and fv.mask not in MASKS else None
     check_distinct({**outputs, "checkpoint": checkpoint, "classifier": fv.classifier,
                     "mask": mask})
-    for dataset, data_dir, data_path in {_data_source(fv, cfg), (cfg.data.dataset,
-                                                                cfg.data.data_dir,
-                                                                cfg.data.data_path)}:
+    # The data a task reads, and the run's own (never written over either).
+    for dataset, data_dir, data_path in {data_source(cfg, fv.dataset, fv.data_dir, fv.data_path),
+                                         data_source(cfg)}:
         check_not_data(outputs, dataset, data_dir=data_dir, data_path=data_path)
 
 
 def _source_images(fv, run, n: int) -> torch.Tensor:
     """The first n data samples of the split, in the model's range."""
     cfg = run.cfg
-    dataset, data_dir, data_path = _data_source(fv, cfg)
+    dataset, data_dir, data_path = data_source(cfg, fv.dataset, fv.data_dir, fv.data_path)
     split = "train" if data_path and not fv.data_path else fv.split
     ds, info = load_dataset(dataset, split=split, data_dir=data_dir, data_path=data_path,
                             seed=cfg.training.seed, num_samples=None)

@@ -20,9 +20,10 @@ Kinds.
   x_t = alpha(t) x + sigma(t) z with t ~ U(--eps, 1) under the --sde with its default
   parameters (those of `score_sde.config.SDEConfig`), or under the SDE of the run folder
   --sde_of with its parameters (what tools/sample.py needs to guide that run),
-  cross-entropy of the classifier at x_t. --time_input is the conversion of t fed to the network: "scaled_t" (999 t, sinusoidal
-  embedding; default for vp and subvp) or "std" (sigma(t), Fourier embedding; default for ve),
-  the conventions of the paper's score models. Read it back with
+  cross-entropy of the classifier at x_t. --time_input is the conversion of t fed to the
+  network: "scaled_t" (999 t, sinusoidal embedding; default for vp, subvp and cosine) or
+  "std" (sigma(t), Fourier embedding; default for ve), the conventions of the paper's score
+  models. Read it back with
   `score_sde.classifier.classifier_log_prob_fn(model, sde, time_input=meta["time_input"])`.
 
 Training. Adam at a constant --lr for --n_iters steps of --batch_size images drawn by
