@@ -463,3 +463,13 @@ def test_numpy_settings_build_the_same_network():
     a, b = plain.state_dict(), numpy.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert repr(plain) == repr(numpy)
+
+
+def test_widths_groupnorm_cannot_divide_are_refused_naming_nf():
+    # nf = 48 with ch_mult (1, 2): the decoder's first block sees 96 + 48 = 144 channels, and
+    # min(144 // 4, 32) = 32 groups do not divide 144; nf = 32 gives only multiples of 32.
+    for build in (lambda nf: NCSNpp(**{**TINY, "nf": nf}),
+                  lambda nf: SmallUNet(image_size=8, in_channels=1, nf=nf, ch_mult=(1, 2))):
+        with pytest.raises(ValueError, match=r"144 channels .* 32 groups.*nf a multiple of 32"):
+            build(48)
+        build(32)

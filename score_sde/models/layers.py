@@ -75,7 +75,15 @@ def linear(in_dim: int, out_dim: int, *, init_scale: float = 1.0) -> nn.Linear:
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with min(channels // 4, 32) groups, eps 1e-6 (Song et al. 2021)."""
-    return nn.GroupNorm(num_groups=min(channels // 4, 32), num_channels=channels, eps=1e-6)
+    groups = min(channels // 4, 32)
+    if groups < 1 or channels % groups:
+        # Every width a network normalises is a sum of multiples of its base width nf (levels
+        # and the skips concatenated to them); multiples of 32 always divide.
+        raise ValueError(f"a layer of {channels} channels cannot take GroupNorm's "
+                         f"min(channels // 4, 32) = {groups} groups: the base width nf times "
+                         f"ch_mult (and the skip concatenations) must give widths those groups "
+                         f"divide; choose nf a multiple of 32 (e.g. 64 or 128)")
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6)
 
 
 def residual_sum(x: torch.Tensor, h: torch.Tensor, *, skip_rescale: bool) -> torch.Tensor:
