@@ -193,6 +193,12 @@ def float64_like(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.device.type == "mps" else torch.float64
 
 
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes, else `dtype`: the dtype of sums and large weights,
+    which overflow float16 (65504) or lose bfloat16's few digits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def flat_sum(x: torch.Tensor) -> torch.Tensor:
     """Sums over all non-batch dimensions: [B, ...] -> [B]."""
     return x.reshape(x.shape[0], -1).sum(dim=1)

@@ -15,8 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._utils import (check_choice, check_int, check_positive, checks_times_on_host, flat_sum,
-                     float64_like, python_number)
+from ._utils import (at_least_float32, check_choice, check_int, check_positive,
+                     checks_times_on_host, flat_sum, float64_like, python_number)
 from .checks import check_data, check_solve_inputs, sample_device
 from .ode import (ADAPTIVE_METHODS, ERROR_NORMS, MAX_SOLVER_STEPS, _check_finite,
                   odeint_interval)
@@ -51,16 +51,10 @@ def _vjps(out: torch.Tensor, inp: torch.Tensor, cotangents: torch.Tensor,
                             for c in cotangents])
 
 
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a divergence is summed in: at least float32 (a half-precision sum of a few
-    thousand terms of 100 overflows float16 and rounds away bfloat16's last digits)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _hutchinson_divergence(drift, x, probes):
     """Mean over probes of probe^T J probe, [B]."""
     grads = _vjps(drift, x, probes, retain_graph=False)
-    acc = _accumulator(grads.dtype)
+    acc = at_least_float32(grads.dtype)
     return flat_sum((grads.to(acc) * probes.to(acc)).sum(0)) / probes.shape[0]
 
 
@@ -72,7 +66,7 @@ def _exact_divergence(drift, x):
     batch, dim = x.shape[0], x[0].numel()
     chunk = max(1, min(dim, _EXACT_CHUNK_ELEMENTS // max(1, batch * dim)))
     columns = torch.arange(dim, device=x.device)
-    div = torch.zeros(batch, dtype=_accumulator(x.dtype), device=x.device)
+    div = torch.zeros(batch, dtype=at_least_float32(x.dtype), device=x.device)
     for start in range(0, dim, chunk):
         idx = columns[start:start + chunk]
         basis = (columns[None, :] == idx[:, None]).to(x.dtype)  # [k, dim] rows of the identity
@@ -246,10 +240,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             cuda_graph_stats.update(graphed.stats())
     # The prior of the solver's z in at least float32, not of z rounded to half precision (a
     # user SDE's prior may hold float32 tensors, so not float64 either).
-    prior = sde.prior_logp(z.to(torch.promote_types(dtype, torch.float32))).to(wide)
+    prior = sde.prior_logp(z.to(at_least_float32(dtype))).to(wide)
     z = z.to(dtype)
     _check_finite(z, "the latent z")
-    logp = (prior + delta).to(torch.promote_types(dtype, torch.float32))
+    logp = (prior + delta).to(at_least_float32(dtype))
     _check_finite(logp, "the log-likelihood")
     # Replayed evaluations bypass CountingScore; each call of the right-hand side is one.
     return logp, z, calls if cuda_graph else counting.nfe

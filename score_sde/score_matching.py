@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._utils import (append_dims, cached_on, check_choice, check_int, check_time_range,
-                     checks_times_on_host, flat_sum, float64_like)
+from ._utils import (append_dims, at_least_float32, cached_on, check_choice, check_int,
+                     check_time_range, checks_times_on_host, flat_sum, float64_like)
 from .checks import check_eps, check_sde, sample_device
 from .score import _time_in_interval
 from .sde import SDE, ScoreFn
@@ -181,9 +181,12 @@ class ScoreMatchingLoss:
         x_t = alpha * x + sigma * noise
         score = score_fn(x_t, t.to(x.dtype))
         _check_output("score_fn", score, x)
-        score = score.to(x.dtype)  # the loss is in x's dtype, whatever the network returns
-        factor = self._factor(self.sde, t64, sigma64).to(x.dtype)
-        return factor * self._reduce((sigma * score + noise) ** 2)
+        score = score.to(x.dtype)  # the residual is in x's dtype, whatever the network returns
+        # The weights and the sums are at least float32: the likelihood weight g^2 / sigma^2 is
+        # about 1 / t, 1e5 at t = 1e-5, beyond float16's 65504.
+        acc = at_least_float32(x.dtype)
+        factor = self._factor(self.sde, t64, sigma64).to(acc)
+        return factor * self._reduce((sigma * score + noise).to(acc) ** 2)
 
     def per_sample(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor) -> torch.Tensor:
@@ -196,7 +199,8 @@ class ScoreMatchingLoss:
             noise: z shaped like x, in x's dtype.
 
         Returns:
-            lambda(t) reduce((s(x_t, t) + z / sigma(t))^2), shape [B], in x's dtype.
+            lambda(t) reduce((s(x_t, t) + z / sigma(t))^2), shape [B], in x's dtype or float32
+            for half-precision x (whose range the weight can exceed).
 
         Raises:
             ValueError: malformed x, t or noise, or a score of the wrong shape.
@@ -228,7 +232,8 @@ class ScoreMatchingLoss:
                 this shard's slice is kept, so every process sees the draws one process would.
 
         Returns:
-            Scalar in x's dtype: the batch mean of (importance weight x) per-sample loss.
+            Scalar in x's dtype (float32 for half-precision x): the batch mean of (importance
+            weight x) per-sample loss.
 
         Raises:
             ValueError: malformed x or shard, or a score of the wrong shape.
@@ -253,6 +258,6 @@ class ScoreMatchingLoss:
         t = _time_in_interval(t64[keep], self.eps, self.sde.T, x.dtype)
         losses = self._per_sample(score_fn, x, t, noise)
         if self.importance_sampling:
-            losses = weight[keep].to(x.dtype) * losses
+            losses = weight[keep].to(losses.dtype) * losses
         return losses.mean()
 

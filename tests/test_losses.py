@@ -236,16 +236,20 @@ def _linear_score_objective(name, weighting, c):
 
 
 @pytest.mark.parametrize("name", ["vp", "ve"])
-@pytest.mark.parametrize("weighting, importance_sampling",
-                         [("sigma2", False), ("likelihood", True)])
-def test_call_is_unbiased_for_the_uniform_time_objective(name, weighting, importance_sampling):
+@pytest.mark.parametrize("weighting, importance_sampling, dtype",
+                         [("sigma2", False, torch.float32), ("likelihood", True, torch.float32),
+                          ("likelihood", True, torch.float16)])
+def test_call_is_unbiased_for_the_uniform_time_objective(name, weighting, importance_sampling,
+                                                         dtype):
     # Uniform t with likelihood weighting is unbiased too but has variance ~ 1/eps; it is
-    # checked through per_sample in test_likelihood_weighting_is_g2_over_sigma2.
+    # checked through per_sample in test_likelihood_weighting_is_g2_over_sigma2. In float16
+    # the likelihood weight (about 1 / t, 1e5 at t = 1e-5) exceeds the dtype's range: the loss
+    # must still be the float32 one, not inf.
     c, batches, batch = 0.5, 40, 2000
     loss = ScoreMatchingLoss(SDES[name](), weighting=weighting, reduction="sum", eps=EPS,
                              importance_sampling=importance_sampling)
     g = torch.Generator().manual_seed(7)
-    values = [loss(lambda y, s: -c * y, _data(batch, 100 + k, torch.float32), generator=g).item()
+    values = [loss(lambda y, s: -c * y, _data(batch, 100 + k, dtype), generator=g).item()
               for k in range(batches)]
     assert abs(_z(values, _linear_score_objective(name, weighting, c))) < Z_CRIT
 
@@ -357,8 +361,8 @@ def test_image_shaped_input_matches_flat_input():
         torch.testing.assert_close(img, flat, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_call_returns_scalar_in_x_dtype_and_passes_t_in_x_dtype(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16, torch.bfloat16])
+def test_call_returns_a_scalar_and_passes_t_in_x_dtype(dtype):
     seen = []
 
     def score(y, s):
@@ -370,7 +374,9 @@ def test_call_returns_scalar_in_x_dtype_and_passes_t_in_x_dtype(dtype):
                                    eps=EPS)):
         out = loss(score, torch.randn(300, 3, dtype=dtype),
                    generator=torch.Generator().manual_seed(0))
-        assert out.shape == () and out.dtype == dtype and torch.isfinite(out)
+        # Half-precision data give a float32 loss (the likelihood weight exceeds float16).
+        wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        assert out.shape == () and out.dtype == wide and torch.isfinite(out)
         s = seen[-1]
         assert s.dtype == dtype and s.shape == (300,)
         assert (s.double() >= EPS).all() and (s.double() <= 1).all()
