@@ -233,6 +233,7 @@ def colorize(sde: SDE, score_fn: ScoreFn, gray: torch.Tensor, *,
     def decoupled_score(y, t):
         return _mix_channels(basis, score_fn(_mix_channels(basis.T, y), t))
 
+    decoupled_score.takes_float64_time = _take_float64_time(score_fn)
     y, nfe = _inpaint_pc(sde, decoupled_score, y_known, known, num_steps=num_steps,
                          predictor_cls=predictor_cls, corrector_cls=corrector_cls, snr=snr,
                          corrector_steps=corrector_steps, eps=eps, generator=generator,

@@ -994,6 +994,16 @@ def test_index_networks_see_each_chain_step_in_low_precision(name, num_steps, dt
     sample_pc(sde, guided, (2, 3), predictor="reverse_diffusion", corrector="none",
               eps=1e-5, denoise=False, dtype=dtype, generator=gen(0))
     assert indices[0::2] == indices[1::2] == list(range(num_steps - 1, -1, -1))
+    # So do the controllable samplers, which wrap or pass on the score function.
+    opts = dict(predictor="reverse_diffusion", corrector="none", eps=1e-5)
+    mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).expand(1, 1, 2, 2)
+    for run in (lambda: score_sde.inpaint(sde, score_fn, torch.zeros(2, 3, 2, 2, dtype=dtype),
+                                          mask, generator=gen(0), **opts),
+                lambda: score_sde.colorize(sde, score_fn, torch.zeros(2, 1, 2, 2, dtype=dtype),
+                                           generator=gen(0), **opts)):
+        indices.clear()
+        run()
+        assert indices == list(range(num_steps - 1, -1, -1))
 
 
 @pytest.mark.parametrize("num_steps", [25, 100, 1000])
