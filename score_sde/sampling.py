@@ -292,7 +292,7 @@ def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int, num_s
     predictor_cls = _resolve("predictor", predictor, PREDICTORS, Predictor)
     corrector_cls = _resolve("corrector", corrector, CORRECTORS, Corrector)
     chain_users = [c.__name__ for c in (predictor_cls, corrector_cls)
-                   if c.uses_chain and (c is predictor_cls or corrector_steps > 0)]
+                   if _reads_chain(c, sde) and (c is predictor_cls or corrector_steps > 0)]
     if num_steps != sde.num_steps and chain_users:
         # Steps of the SDE's discrete chain must follow the sampler's grid.
         try:
@@ -306,6 +306,15 @@ def pc_components(sde: SDE, predictor, corrector, *, corrector_steps: int, num_s
                     f"discrete chain and use others twice ({' and '.join(chain_users)}); "
                     f"lower eps or num_steps")
     return sde, predictor_cls, corrector_cls
+
+
+def _reads_chain(component: type, sde: SDE) -> bool:
+    """Whether a predictor or corrector class steps `sde`'s discrete chain (`uses_chain`). The
+    Langevin correctors read it only through alpha_i = `sde.langevin_scale`, which SDEs that
+    keep the base class's (VE's 1) do not take from a chain."""
+    if issubclass(component, (LangevinCorrector, AnnealedLangevinCorrector)):
+        return type(sde).langevin_scale is not SDE.langevin_scale
+    return component.uses_chain
 
 
 def normal_noise(generator: Optional[torch.Generator]) -> NoiseFn:

@@ -1051,6 +1051,27 @@ def test_eps_too_large_for_the_chain_warns():
                   corrector="langevin", num_steps=101, eps=1e-2, generator=gen(0))
 
 
+@pytest.mark.parametrize("corrector", ["langevin", "ald"])
+def test_langevin_correctors_step_the_chain_only_where_alpha_comes_from_it(corrector):
+    # The Langevin correctors read the chain only through alpha_i: 1 - beta_i on VP, 1 on VE.
+    # On VE they take any grid (one step; eps beyond T / (N - 1)) without refusal or warning.
+    counter = Counter(gaussian_score("ve"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for num_steps, eps in ((1, EPS["ve"]), (20, 0.1)):
+            sample_pc(make_sde("ve"), counter, (2, 3), predictor="euler_maruyama",
+                      corrector=corrector, num_steps=num_steps, eps=eps, generator=gen(0))
+    with pytest.raises(ValueError, match=f"{'Annealed' if corrector == 'ald' else ''}"
+                                         f"LangevinCorrector use the SDE's discrete chain"):
+        sample_pc(make_sde("vp"), Counter(gaussian_score("vp")), (2, 3),
+                  predictor="euler_maruyama", corrector=corrector, num_steps=1,
+                  generator=gen(0))
+    with pytest.warns(UserWarning, match=r"eps=0.1 >= T / \(num_steps - 1\)"):
+        sample_pc(make_sde("vp"), Counter(gaussian_score("vp")), (2, 3),
+                  predictor="euler_maruyama", corrector=corrector, num_steps=30, eps=0.1,
+                  generator=gen(0))
+
+
 @pytest.mark.parametrize("num_steps", [10, 100, 1000])
 def test_reverse_diffusion_on_the_cosine_chain_of_its_own_step_count(num_steps):
     # sample_pc re-discretizes a 1000-step cosine SDE to num_steps, and the clip of its betas
