@@ -21,7 +21,9 @@ EDM_SIGMA_MAX = 80.0  # EDM's largest noise level, where sample_heun's grid star
 EDM_RHO = 7.0  # EDM's exponent of the noise-level grid
 # The "edm" time grid's steps above sigma_max, as a share of those a logSNR grid puts there.
 EDM_SHARE_ABOVE_SIGMA_MAX = 0.25
-BISECTION_STEPS = 100  # halvings of [0, T]: t(lambda) to float64 round-off
+# Halvings of [0, T] enough to reach adjacent floats at any positive t, down to the smallest
+# double 2^-1074 (a root near 0.5 takes about 53; the loop stops once all are adjacent).
+BISECTION_STEPS = 1100
 MONOTONE_CHECK_POINTS = 1001  # where lambda(t) must be strictly decreasing
 
 

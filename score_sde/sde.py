@@ -379,10 +379,13 @@ class CosineVPSDE(_VPFamily):
         return torch.where(t64 < self.t_cap, beta, torch.full_like(t64, self.beta_cap))
 
     def _log_alpha(self, t64):
-        u = self._u(t64.clamp(max=self.t_cap))
+        t_in = t64.clamp(max=self.t_cap)
+        u = self._u(t_in)
         u0 = self.s / (1 + self.s) * math.pi / 2
-        # log(cos u / cos u0) without cancellation: cos u - cos u0 = -2 sin((u+u0)/2) sin((u-u0)/2).
-        log_f = torch.log1p(-2 * torch.sin((u + u0) / 2) * torch.sin((u - u0) / 2) / math.cos(u0))
+        # log(cos u / cos u0) without cancellation: cos u - cos u0 = -2 sin((u+u0)/2) sin((u-u0)/2),
+        # with u - u0 = t pi / (2 (1 + s)) from t itself (u - u0 loses t's digits at tiny t).
+        half_gap = t_in / (1 + self.s) * (math.pi / 4)
+        log_f = torch.log1p(-2 * torch.sin((u + u0) / 2) * torch.sin(half_gap) / math.cos(u0))
         return log_f - 0.5 * self.beta_cap * (t64 - self.t_cap).clamp(min=0)
 
 

@@ -269,6 +269,23 @@ def time_of_lambda(name, lam):
     return 0.5 * (lo + hi)
 
 
+@pytest.mark.parametrize("name", list(SDES))
+def test_logsnr_grid_is_uniform_in_lambda_down_to_tiny_eps(name):
+    # t(lambda) must resolve times far below 1e-15 (bisection of [0, T] then needs more than
+    # a hundred halvings): at eps = 1e-35 the grid repeated times and the solver divided by 0.
+    # (lambda is the schedule's own: this test's kernels lose their digits at such t; the
+    # cosine schedule's are checked there in tests/test_sde.py.)
+    from score_sde._fast_common import _logsnr_grid, _Schedule
+    for eps in (1e-20, 1e-35):
+        schedule = _Schedule(make_sde(name))
+        grid = _logsnr_grid(schedule, 50, eps)
+        lam = schedule.lam(grid[1:-1])
+        ends = schedule.lam(torch.tensor([1.0, eps], dtype=F64))
+        want = torch.linspace(float(ends[0]), float(ends[1]), 51, dtype=F64)[1:-1]
+        torch.testing.assert_close(lam, want, rtol=0, atol=1e-11)
+        assert (grid[1:] < grid[:-1]).all()
+
+
 def transport(name, t_from, t_to, prediction):
     """The factor by which a perturbation of x at t_from reaches t_to under the flow of a
     prediction that does not depend on x: alpha ratio (noise) or sigma ratio (data)."""

@@ -217,6 +217,17 @@ def test_cosine_alpha_matches_nichol_dhariwal_below_the_cap():
     assert_close(alpha ** 2, torch.from_numpy(cosine_abar(t.numpy())), rtol=RTOL["closed_form"])
 
 
+def test_cosine_sigma_keeps_its_digits_at_tiny_t():
+    # Near t = 0, 1 - alpha^2 = t beta(0) (1 + O(t)) with beta(0) = pi tan u(0) / (1 + s): the
+    # marginal std must keep t's digits, not those of u(t) - u(0) (which lost 5 of them at
+    # t = 1e-14), or lambda(t) and the fast samplers' t(lambda) are off there.
+    sde = make_sde("cosine")
+    t = times(1e-16, 1e-14, 1e-12)
+    _, sigma = sde.marginal_coeffs(t)
+    beta0 = math.pi * math.tan(cosine_u(0.0)) / (1 + COS_S)
+    assert_close(sigma ** 2, t * beta0, rtol=1e-9, atol=0)
+
+
 def test_cosine_beta_is_capped_and_finite_at_t1():
     sde = make_sde("cosine")
     assert sde.t_cap == pytest.approx(cosine_t_cap(), rel=1e-12)
