@@ -30,7 +30,7 @@ to resume"; a sample grid or held-out loss under way is abandoned. Under torchru
 process stops at the same step.
 
 Exit status: 0 done; 2 bad input (flags, config, data, a checkpoint of another model in
---workdir); 3 a non-finite loss or gradient (without --skip_nonfinite); 4 the file system
+--workdir, a batch or sample grid too large for the memory); 3 a non-finite loss or gradient (without --skip_nonfinite); 4 the file system
 failed (disk full, no permission), e.g. while writing a checkpoint: the files written before
 stay intact and the same command resumes once that is fixed; 130 / 143 stopped by SIGINT /
 SIGTERM. Errors print one line on stderr (and, once training has started, in log.txt).
@@ -157,6 +157,11 @@ FLAG_FIELDS = {
 
 def resolve(flag_values) -> tuple:
     """(config, workdir) from parsed flags: config file, then explicitly given flags."""
+    for name in ("config", "workdir"):
+        # An empty value (an unset shell variable) would silently mean the default.
+        if flag_values[name].present and not flag_values[name].value.strip():
+            raise ValueError(f"--{name} is empty; give a {name} or leave the flag out for the "
+                             f"default")
     path = find_config(flag_values.config) if flag_values.config else \
         default_config_path(flag_values.dataset)
     cfg = load_config_file(str(path))
@@ -173,6 +178,9 @@ def resolve(flag_values) -> tuple:
     if flag_values["max_nonfinite"].present and not cfg.training.skip_nonfinite:
         raise ValueError("--max_nonfinite needs --skip_nonfinite")
     workdir = flag_values.workdir or os.path.join("runs", f"{cfg.sde.name}_{cfg.data.dataset}")
+    if os.path.islink(workdir) and not os.path.exists(workdir):
+        raise ValueError(f"--workdir {workdir} is a link to {os.readlink(workdir)}, which does "
+                         f"not exist")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} exists and is not a folder")
     for parent in Path(workdir).absolute().parents:

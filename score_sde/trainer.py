@@ -14,7 +14,7 @@ line around it is `score_sde.train`.
 import copy
 import dataclasses
 import gc
-import json
+import hashlib
 import math
 import os
 import time
@@ -30,6 +30,7 @@ from .build import (build_model, build_sde, compile_model, load_splits, model_sc
                     with_labels)
 from .checkpoint import (FolderLock, load_checkpoint, prune_snapshots,
                          remove_stale_temporaries, save_checkpoint)
+from .cli import write_json
 from .config import (Config, TrainingConfig, as_stored, changed_settings, check_config,
                      from_dict, to_dict)
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
@@ -108,6 +109,24 @@ def due_after(step: int, tc: TrainingConfig) -> Due:
                save=snapshot or step % tc.checkpoint_every == 0, snapshot=snapshot)
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says that memory ran out: a device's OutOfMemoryError, or the CPU
+    allocator's RuntimeError."""
+    return (isinstance(err, torch.OutOfMemoryError)
+            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
+
+
+def _tensors_sha256(*tensors: Optional[torch.Tensor]) -> str:
+    """Hex SHA-256 of the tensors' dtypes, shapes and bytes (None skipped): the identity of a
+    run's training data, so that a resume on other data under the same path is reported."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 class Trainer:
     """Holds the state of one training run; `run()` executes the loop.
 
@@ -139,6 +158,7 @@ class Trainer:
         self.sde = build_sde(cfg)
         data = load_splits(cfg.data, seed=tc.seed)
         self.train_x, self.train_y, self.eval_x, self.eval_y, self.info = data
+        self.data_sha256 = _tensors_sha256(self.train_x, self.train_y)
         self.num_classes = self.info.num_classes if cfg.model.class_conditional else None
         self.order = data_lib.BatchOrder(len(self.train_x), tc.batch_size, seed=tc.seed,
                                          rank=dist.rank, world_size=dist.world_size)
@@ -247,7 +267,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "skipped": self.skipped, "nonfinite_streak": self.nonfinite_streak,
                 "final_work_pending": self.final_work_pending,
-                "config": to_dict(self.cfg), "data_info": dataclasses.asdict(self.info)}
+                "config": to_dict(self.cfg), "data_info": dataclasses.asdict(self.info),
+                "data_sha256": self.data_sha256}
 
     def restore(self, state: Dict[str, Any]) -> None:
         """Loads a checkpoint's state.
@@ -339,37 +360,52 @@ class Trainer:
         metrics: Dict[str, float] = {}
         self.model.train()
         try:
-            if self.final_work_pending:
-                metrics.update(self.finish_final_work(report))
-            while self.step < tc.n_iters:
-                signum = self.stop_requested()
+            try:
+                if self.final_work_pending:
+                    metrics.update(self.finish_final_work(report))
+                while self.step < tc.n_iters:
+                    signum = self.stop_requested()
+                    if signum is not None:
+                        self.interrupt(signum, report)
+                    loss, lr, grad_norm = self.train_step(report)
+                    if report.shows_bar:
+                        smoothed.add(loss)
+                    due = due_after(self.step, tc)
+                    if due.any:  # the same steps on every process
+                        self.settle(report)
+                    if due.log:
+                        metrics = self.log_step(loss, lr, grad_norm, report)
+                    # On a GPU reading the loss waits for the device: only where settle did.
+                    refresh = report.shows_bar and (due.log or self.device.type != "cuda")
+                    report.advance(smoothed.read() if refresh else None)
+                    if main:
+                        self.report_speed(probe.tick(self.step), report)
+                    # The step's checkpoint comes before its held-out loss and samples, so a
+                    # failure there keeps it; the last step's comes after them, so a run
+                    # killed during them redoes them when resumed.
+                    save_first = due.save and self.step < tc.n_iters
+                    if save_first:
+                        self.save(snapshot=due.snapshot)
+                    if main and due.evaluate:
+                        metrics.update(self.log_eval_loss(report))
+                    if main and due.sample:
+                        self.write_samples(report)
+                    if due.save and not save_first:
+                        self.save(snapshot=due.snapshot)
+                signum = self.stop_requested()  # one that abandoned the last step's evaluation
                 if signum is not None:
+                    self.final_work_pending = True
+                    self.save(snapshot=False)  # the flag, for the resume to redo that work
                     self.interrupt(signum, report)
-                loss, lr, grad_norm = self.train_step(report)
-                if report.shows_bar:
-                    smoothed.add(loss)
-                due = due_after(self.step, tc)
-                if due.any:  # the same steps on every process
-                    self.settle(report)
-                if due.log:
-                    metrics = self.log_step(loss, lr, grad_norm, report)
-                # On a GPU reading the loss waits for the device: only where settle did.
-                refresh = report.shows_bar and (due.log or self.device.type != "cuda")
-                report.advance(smoothed.read() if refresh else None)
-                if main:
-                    self.report_speed(probe.tick(self.step), report)
-                if main and due.evaluate:
-                    metrics.update(self.log_eval_loss(report))
-                if main and due.sample:
-                    self.write_samples(report)
-                if due.save:
-                    self.save(snapshot=due.snapshot)
-            signum = self.stop_requested()  # one that abandoned the last step's evaluation
-            if signum is not None:
-                self.final_work_pending = True
-                self.save(snapshot=False)  # the flag, for the resume to redo that work
-                self.interrupt(signum, report)
-            report.line(f"done at step {self.step}")
+                report.line(f"done at step {self.step}")
+            except RuntimeError as err:
+                if isinstance(err, TrainingError) or not _out_of_memory(err):
+                    raise
+                raise TrainingError(
+                    f"out of memory on {self.device} after step {self.step} ("
+                    f"{str(err).strip().splitlines()[0][:160]}): lower --batch_size (now "
+                    f"{tc.batch_size}) or the config's num_samples (now {tc.num_samples}); "
+                    f"{self.kept_checkpoint()}") from None
         except TrainingError as err:
             try:  # the command line prints the error itself
                 report.line(f"stopped at step {self.step}: {err}", console=False)
@@ -402,6 +438,12 @@ class Trainer:
         if state is not None:
             self.restore(state)
             changed = changed_settings(state["config"], to_dict(self.cfg), step=self.step)
+            saved_data = state.get("data_sha256")
+            if (saved_data not in (None, self.data_sha256)
+                    and not any(c.startswith("data.") for c in changed)):
+                # The same data settings, other data: files replaced under the same path.
+                changed.append(f"the training data: same settings, other contents "
+                               f"({len(self.train_x)} items now)")
             if changed:
                 warn(f"warning: resuming with settings changed since the checkpoint ("
                      f"{'; '.join(changed)}): the run will differ from an uninterrupted one")
@@ -410,7 +452,12 @@ class Trainer:
                                     f"past --n_iters {tc.n_iters}; pass --n_iters "
                                     f"{self.step} or more to train on, or use a new --workdir")
         if main:
-            (self.workdir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            config_json = self.workdir / "config.json"
+            try:  # whole or not at all: tools read it (train_classifier.py --sde_of)
+                write_json(config_json, to_dict(self.cfg))
+            except OSError as err:
+                raise OSError(err.errno, f"cannot write {config_json}: "
+                                         f"{err.strerror or err}") from None
         report = Reporter(self.workdir, enabled=main, total=tc.n_iters, initial=self.step,
                           batch_size=tc.batch_size, quiet=self.quiet)
         for message in warnings:

@@ -330,6 +330,8 @@ def test_dry_run_prints_resolved_config(tmp_path):
     (["--compile", "--compile_mode", "fast"], "compile_mode"),
     (["--compile_scope", "blocks"], "--compile_scope blocks needs --compile"),
     (["--compile", "--compile_scope", "layers"], "compile_scope"),
+    (["--config", ""], "--config is empty"),  # an unset shell variable: not the default
+    (["--workdir", " "], "--workdir is empty"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message, tmp_path):
     out = _cli("--workdir", str(tmp_path / "w"), "--dataset", "toy_moons", *args)
@@ -337,6 +339,14 @@ def test_bad_command_lines_exit_2_with_one_line(args, message, tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_workdir_link_to_nowhere_exits_2_naming_its_target(tmp_path):
+    (tmp_path / "w").symlink_to(tmp_path / "gone" / "run")
+    out = _cli("--workdir", str(tmp_path / "w"), "--dataset", "toy_moons", "--n_iters", "1")
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert out.stderr.strip() == (f"error: --workdir {tmp_path / 'w'} is a link to "
+                                  f"{tmp_path / 'gone' / 'run'}, which does not exist")
 
 
 # --- class-conditional training (classifier-free guidance's label dropout) --------------------
@@ -476,6 +486,46 @@ def _poison(monkeypatch, bad_steps):
         return _NanGrad.apply(loss) if kind == "grad" else loss
 
     monkeypatch.setattr(Trainer, "train_loss", poisoned)
+
+
+def test_out_of_memory_in_a_sample_grid_keeps_that_steps_checkpoint(tmp_path, monkeypatch):
+    # The CPU allocator's error (a RuntimeError, as torch raises it) during step 20's samples:
+    # one TrainingError naming the memory and the knobs, with step 20's checkpoint written
+    # before the grid was drawn.
+    def no_memory(self, report):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "4800000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(Trainer, "write_samples", no_memory)
+    with pytest.raises(TrainingError, match=r"out of memory on cpu after step 20 \("
+                                            r"DefaultCPUAllocator.*lower --batch_size \(now 64\)"
+                                            r" or the config's num_samples \(now 200\); the "
+                                            r"last good checkpoint \(step 20\) is kept"):
+        train(_toy_cfg(n_iters=40, sample_every=20), str(tmp_path))
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 20
+    assert "out of memory" in (tmp_path / "log.txt").read_text()
+
+
+def test_config_json_is_replaced_whole_and_a_failure_names_it(tmp_path, monkeypatch):
+    import errno
+
+    import score_sde.cli
+    import score_sde.trainer
+
+    train(_toy_cfg(n_iters=10, sample_every=0), str(tmp_path))
+    before = (tmp_path / "config.json").read_text()
+
+    def full_disk(tmp):  # write_atomic's writer: a disk that fills after 100 bytes
+        tmp.write_text(before[:100])
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(score_sde.trainer, "write_json",
+                        lambda path, obj: score_sde.cli.write_atomic(path, full_disk))
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(tmp_path))}/config.json: "
+                                      rf"File too large"):
+        train(_toy_cfg(n_iters=20, sample_every=0), str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
@@ -648,6 +698,23 @@ def test_resume_with_changed_settings_warns_naming_them(tmp_path):
     assert "training.lr 0.001 -> 0.0005" in warning
     assert "data.dataset 'toy_8gaussians' -> 'toy_moons'" in warning
     assert "n_iters" not in warning and "log_every" not in warning
+
+
+def test_resume_on_other_data_under_the_same_path_warns(tmp_path):
+    # The settings name a file; replacing the file's contents changes the run all the same.
+    path = tmp_path / "points.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(400, 2)).astype(np.float32))
+    cfg = apply_overrides(_toy_cfg(n_iters=10, lr_decay="none", sample_every=0), {
+        "data.dataset": "array", "data.data_path": str(path), "data.num_samples": None})
+    workdir = tmp_path / "run"
+    train(cfg, str(workdir))
+    train(apply_overrides(cfg, {"training.n_iters": 20}), str(workdir))  # same data: silent
+    np.save(path, np.random.default_rng(1).normal(size=(1000, 2)).astype(np.float32) + 5)
+    train(apply_overrides(cfg, {"training.n_iters": 30}), str(workdir))
+    warnings = [line for line in (workdir / "log.txt").read_text().splitlines()
+                if "resuming with settings changed" in line]
+    assert len(warnings) == 1
+    assert "the training data: same settings, other contents (" in warnings[0]
 
 
 def test_changed_settings_that_change_the_run():
