@@ -30,10 +30,11 @@ to resume"; a sample grid or held-out loss under way is abandoned. Under torchru
 process stops at the same step.
 
 Exit status: 0 done; 2 bad input (flags, config, data, a checkpoint of another model in
---workdir, a batch or sample grid too large for the memory); 3 a non-finite loss or gradient (without --skip_nonfinite); 4 the file system
-failed (disk full, no permission), e.g. while writing a checkpoint: the files written before
-stay intact and the same command resumes once that is fixed; 130 / 143 stopped by SIGINT /
-SIGTERM. Errors print one line on stderr (and, once training has started, in log.txt).
+--workdir, a batch or sample grid too large for the memory); 3 a non-finite loss or gradient
+(without --skip_nonfinite); 4 the file system failed (disk full, no permission), e.g. while
+writing a checkpoint: the files written before stay intact and the same command resumes once
+that is fixed; 130 / 143 stopped by SIGINT / SIGTERM. Errors print one line on stderr (and,
+once training has started, in log.txt).
 
 Multi-process training (DistributedDataParallel) starts when torchrun's RANK, WORLD_SIZE and
 LOCAL_RANK are set: backend "nccl" on CUDA (process LOCAL_RANK on cuda:LOCAL_RANK), "gloo" on
