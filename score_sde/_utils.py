@@ -2,12 +2,13 @@
 import contextlib
 import contextvars
 import functools
+import hashlib
 import math
 import numbers
 import os
 import sys
 import warnings
-from typing import Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 
@@ -197,6 +198,17 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision dtypes, else `dtype`: the dtype of sums and large weights,
     which overflow float16 (65504) or lose bfloat16's few digits."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def tensors_sha256(*tensors: Any) -> str:
+    """Hex SHA-256 of the tensors' dtypes, shapes and bytes, in order (other values skipped):
+    the identity of data or weights, for resume keys and checks."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def flat_sum(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,9 @@ from .checkpoint import CheckpointError
 
 EXIT_BAD_INPUT = 2
 EXIT_NUMERICAL = 3
+# The file system failed (no permission, a full disk, an I/O error): the same command works
+# once that is fixed.
+EXIT_FILE_SYSTEM = 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
 
 
@@ -102,6 +105,16 @@ def _error_line(err: BaseException, prefix: str = "") -> None:
     stderr_line(f"error: {prefix}{err}")
 
 
+def check_no_empty_flags(fv) -> None:
+    """Raises InputError for a string flag given as "" (an unset shell variable, say), which
+    would otherwise silently mean the flag's default."""
+    for name in fv:
+        flag = fv[name]
+        if flag.present and isinstance(flag.value, str) and not flag.value.strip():
+            raise InputError(f"--{name} is empty; give a value or leave the flag out for its "
+                             f"default")
+
+
 def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[Any], None],
              body: Callable[[Any], Optional[Dict[str, Any]]], *,
              numerical: Tuple[Type[BaseException], ...] = (FloatingPointError,),
@@ -112,8 +125,9 @@ def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[An
     `positional` names the required non-flag arguments (in upper case in messages); other
     non-flag arguments are bad input.
 
-    `--help` prints the first paragraph of `doc` and the flags. Flag errors, InputError,
-    ValueError, FileNotFoundError and CheckpointError print one `error: ...` line and give 2;
+    `--help` prints the first paragraph of `doc` and the flags. Flag errors, empty string
+    flags, InputError, ValueError, FileNotFoundError and CheckpointError print one
+    `error: ...` line and give 2; other OSErrors (no permission, a full disk) one line and 4;
     the `numerical` exceptions print one line (after `numerical_prefix`) and give 3; Ctrl-C
     (KeyboardInterrupt) prints one line and gives 130. Anything else propagates with its
     traceback: it is a bug, not bad input.
@@ -128,6 +142,7 @@ def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[An
         return 0
     try:
         rest = fv(argv)[1:]
+        check_no_empty_flags(fv)
         if len(rest) > len(positional):
             raise InputError(f"unexpected arguments {rest[len(positional):]}")
         if len(rest) < len(positional):
@@ -140,6 +155,9 @@ def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[An
     except (flags.Error, ValueError, FileNotFoundError, CheckpointError) as err:
         _error_line(err)
         return EXIT_BAD_INPUT
+    except OSError as err:  # a file that cannot be read or written; the message names it
+        _error_line(err)
+        return EXIT_FILE_SYSTEM
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (finished work is kept)
         stderr_line("interrupted (SIGINT)")
         return EXIT_INTERRUPTED

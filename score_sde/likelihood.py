@@ -108,6 +108,16 @@ def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.T
     return rhs
 
 
+def draw_probes(divergence: str, shape, *, generator: Optional[torch.Generator],
+                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Hutchinson probes of `shape` ([K, B, ...]) as `log_likelihood` draws them: standard
+    normal ("gaussian"), or their signs with 0 counted as + ("rademacher")."""
+    probes = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if divergence == "rademacher":
+        probes = torch.ones_like(probes).masked_fill_(probes < 0, -1.0)
+    return probes
+
+
 def _check_probes(probes: torch.Tensor, x: torch.Tensor, divergence: str) -> torch.Tensor:
     if divergence == "exact":
         raise ValueError("probes are for the Hutchinson divergences ('rademacher', "
@@ -205,10 +215,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
     if probes is not None:
         probes = _check_probes(probes, x, divergence)
     elif divergence != "exact":
-        shape = (num_probes,) + tuple(x.shape)
-        probes = torch.randn(shape, generator=generator, device=x.device, dtype=dtype)
-        if divergence == "rademacher":  # the signs of the Gaussian draws, 0 counted as +
-            probes = torch.ones_like(probes).masked_fill_(probes < 0, -1.0)
+        probes = draw_probes(divergence, (num_probes,) + tuple(x.shape), generator=generator,
+                             device=x.device, dtype=dtype)
 
     rhs = augmented_rhs(rsde, dtype, probes)
     calls = 0

@@ -57,7 +57,7 @@ from typing import Optional
 
 from . import datasets as data_lib
 from ._utils import stderr_line
-from .cli import EXIT_BAD_INPUT, EXIT_NUMERICAL
+from .cli import EXIT_BAD_INPUT, EXIT_FILE_SYSTEM, EXIT_NUMERICAL, check_no_empty_flags
 from .config import (COMPILE_MODES, COMPILE_SCOPES, GRID_SAMPLERS, LR_DECAYS, MAX_SEED,
                      apply_overrides, check_config, find_config, load_config_file, to_dict)
 from .distributed import DistInfo, dist_from_env
@@ -75,7 +75,7 @@ CPU_QUICK_START = "fashion_mnist_cpu"
 # Exit status of the command line when the file system fails (disk full, no permission): the
 # run can resume once that is fixed. 2 (bad input) and 3 (non-finite) are the tools' codes;
 # a run stopped by a signal exits with 128 + its number (130 SIGINT, 143 SIGTERM).
-EXIT_WRITE_FAILED = 4
+EXIT_WRITE_FAILED = EXIT_FILE_SYSTEM
 
 
 def default_config_path(dataset: str) -> Path:
@@ -158,11 +158,7 @@ FLAG_FIELDS = {
 
 def resolve(flag_values) -> tuple:
     """(config, workdir) from parsed flags: config file, then explicitly given flags."""
-    for name in ("config", "workdir"):
-        # An empty value (an unset shell variable) would silently mean the default.
-        if flag_values[name].present and not flag_values[name].value.strip():
-            raise ValueError(f"--{name} is empty; give a {name} or leave the flag out for the "
-                             f"default")
+    check_no_empty_flags(flag_values)
     path = find_config(flag_values.config) if flag_values.config else \
         default_config_path(flag_values.dataset)
     cfg = load_config_file(str(path))

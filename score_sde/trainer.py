@@ -14,7 +14,6 @@ line around it is `score_sde.train`.
 import copy
 import dataclasses
 import gc
-import hashlib
 import math
 import os
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from . import datasets as data_lib
-from ._utils import stderr_line
+from ._utils import stderr_line, tensors_sha256
 from .build import (build_model, build_sde, compile_model, load_splits, model_score_fn,
                     with_labels)
 from .checkpoint import (FolderLock, load_checkpoint, prune_snapshots,
@@ -116,17 +115,6 @@ def _out_of_memory(err: BaseException) -> bool:
             or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
 
 
-def _tensors_sha256(*tensors: Optional[torch.Tensor]) -> str:
-    """Hex SHA-256 of the tensors' dtypes, shapes and bytes (None skipped): the identity of a
-    run's training data, so that a resume on other data under the same path is reported."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        if t is not None:
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 class Trainer:
     """Holds the state of one training run; `run()` executes the loop.
 
@@ -158,7 +146,7 @@ class Trainer:
         self.sde = build_sde(cfg)
         data = load_splits(cfg.data, seed=tc.seed)
         self.train_x, self.train_y, self.eval_x, self.eval_y, self.info = data
-        self.data_sha256 = _tensors_sha256(self.train_x, self.train_y)
+        self.data_sha256 = tensors_sha256(self.train_x, self.train_y)
         self.num_classes = self.info.num_classes if cfg.model.class_conditional else None
         self.order = data_lib.BatchOrder(len(self.train_x), tc.batch_size, seed=tc.seed,
                                          rank=dist.rank, world_size=dist.world_size)

@@ -89,3 +89,33 @@ def test_samplers_that_need_marginals_say_so(entry):
     with pytest.raises(ValueError, match="^" + re.escape(NEED_MARGINALS[entry])):
         ENTRY_POINTS[entry](OrnsteinUhlenbeck(), counter)
     assert counter.calls == 0
+
+
+# --- the tools' command-line frame (score_sde.cli.run_tool) ---------------------------------
+
+def _run_tool(argv, body, capsys):
+    from score_sde.cli import run_tool
+
+    def define(fv):
+        from absl import flags
+        flags.DEFINE_string("output", None, "an output file", flag_values=fv)
+
+    status = run_tool(["tool"] + argv, "A tool.", define, body)
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_tools_refuse_an_empty_string_flag(capsys):
+    calls = []
+    status, err = _run_tool(["--output", ""], lambda fv: calls.append(fv.output), capsys)
+    assert (status, err, calls) == (2, ["error: --output is empty; give a value or leave the "
+                                        "flag out for its default"], [])
+    assert _run_tool(["--output", "x.json"], lambda fv: calls.append(fv.output),
+                     capsys)[0] == 0 and calls == ["x.json"]
+
+
+def test_tools_report_an_unreadable_file_in_one_line(capsys):
+    def body(fv):
+        raise PermissionError(13, "Permission denied", "/data/train.bin")
+
+    status, err = _run_tool([], body, capsys)
+    assert (status, err) == (4, ["error: [Errno 13] Permission denied: '/data/train.bin'"])

@@ -351,6 +351,12 @@ def test_noisy_classifier_takes_a_runs_sde_settings(data_dir, tmp_path, capsys):
         assert _train("--kind", "noisy", *extra, *args, "--data_dir", data_dir, "--output",
                       tmp_path / "x.pt", *TINY_TRAINING) == 2
         assert message in capsys.readouterr().err
+    # The summary (--output with .json) must not replace the config it read.
+    before = (run / "config.json").read_text()
+    assert _train("--kind", "noisy", "--sde_of", run, "--data_dir", data_dir, "--output",
+                  run / "config.pt", *TINY_TRAINING) == 2
+    assert "--summary and --sde_of are the same file" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == before
 
 
 def test_train_classifier_refuses_what_would_end_non_finite(data_dir, tmp_path, capsys):

@@ -43,7 +43,7 @@ FIELDS = {"nll_nats", "stderr", "stderr_samples", "bpd", "bpd_stderr", "n", "num
           "use_ema", "sde", "model", "dataset", "split", "data_source", "data_sha256", "num_dims",
           "batch_size", "divergence", "num_probes", "method", "rtol", "atol", "eps",
           "num_repeats", "seed", "dequantization", "data_width", "num_levels", "class_labels",
-          "world_size", "device"}
+          "world_size", "device", "weights_sha256", "noise_seeding"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -256,16 +256,37 @@ def test_image_path_bits_per_dim_closed_form(zero_image_run, tmp_path):
     steps = max(rec["nfe"] for rec in lines if "batch" in rec) / DOPRI5_EVALS_PER_STEP
     solver = steps * (DEFAULT_TOL * r["nll_nats"] + DEFAULT_TOL) / (d * math.log(2))
     assert abs(r["bpd"] - expected) < 3e-5 + solver
-    # Each pass dequantizes afresh: the same images give different values in each pass.
-    first = {(rec["repeat"], rec["batch"]): rec["nll"] for rec in lines if "batch" in rec}
-    assert len(first) == 5 and first[(0, 0)] != first[(1, 0)]
+    assert len({(rec["repeat"], rec["batch"]) for rec in lines if "batch" in rec}) == 5
+
+
+def test_each_sample_draws_its_own_noise_in_each_pass():
+    # Dequantization noise and probes depend on (seed, pass, sample index) only: the same
+    # sample gets the same draws in any batch, another pass or sample other draws.
+    data = torch.randint(0, 256, (5, 1, 2, 2), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.uint8)
+
+    def draws(rows, repeat, seed=0):
+        return tool.unit_inputs(data, rows, tool._prepare_discrete, seed=seed, repeat=repeat,
+                                divergence="gaussian", num_probes=2, device=torch.device("cpu"))
+
+    x, probes = draws(slice(0, 5), 0)
+    assert x.shape == (5, 1, 2, 2) and probes.shape == (2, 5, 1, 2, 2)
+    x_alone, probes_alone = draws(slice(3, 4), 0)
+    assert torch.equal(x_alone, x[3:4]) and torch.equal(probes_alone, probes[:, 3:4])
+    for other in (draws(slice(0, 5), 1), draws(slice(0, 5), 0, seed=1)):
+        assert not torch.isclose(other[0], x).any() and not torch.isclose(other[1], probes).any()
+    # Samples with the same pixels still get their own noise.
+    same = tool.unit_inputs(data[:1].expand(2, 1, 2, 2), slice(0, 2), tool._prepare_discrete,
+                            seed=0, repeat=0, divergence="exact", num_probes=1,
+                            device=torch.device("cpu"))
+    assert same[1] is None and not torch.isclose(same[0][0], same[0][1]).any()
 
 
 # --- 4. resume --------------------------------------------------------------------------------
 
 def test_core_resume_after_interruption_gives_identical_numbers(tmp_path):
     # 8-bit 2-D data, Rademacher probes, two passes: dequantization and probes are seeded per
-    # (pass, batch), so stopping after 3 batches (with a torn line) and resuming gives the
+    # (pass, sample), so stopping after 3 batches (with a torn line) and resuming gives the
     # numbers of an uninterrupted run.
     sde = score_sde.VPSDE()
     score_fn = exact_score_fn(random_mixture(2, seed=3, scale=0.5), KERNELS["vp"])
@@ -293,6 +314,26 @@ def test_core_resume_after_interruption_gives_identical_numbers(tmp_path):
     # A rerun finds everything done and evaluates nothing.
     assert tool.evaluate(sde, counted, data, **common, partial=log) == resumed
     assert sum(r["nfe"] for r in resumed[3:]) == len(calls)
+
+
+def test_core_per_sample_results_do_not_depend_on_the_batch_size():
+    # 8-bit data, Rademacher probes, per-sample step control: each sample's dequantization
+    # noise and probes are seeded by its index in the data, so every batch size gives it the
+    # same value (they came from the batch's generators, and changed with --batch_size).
+    sde = score_sde.VPSDE()
+    score_fn = exact_score_fn(random_mixture(2, seed=3, scale=0.5), KERNELS["vp"])
+    data = torch.randint(0, 256, (7, 2), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.uint8)
+    nll = {}
+    for batch_size in (1, 3, 7):
+        records = tool.evaluate(sde, score_fn, data, prepare=tool._prepare_discrete,
+                                batch_size=batch_size, num_repeats=2, seed=5,
+                                step_control="per_sample", rtol=1e-6, atol=1e-6)
+        nll[batch_size] = torch.tensor([[v for r in records if r["repeat"] == k for v in r["nll"]]
+                                        for k in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(nll[1], nll[3], rtol=0, atol=1e-9)
+    torch.testing.assert_close(nll[1], nll[7], rtol=0, atol=1e-9)
+    assert (nll[1][0] - nll[1][1]).abs().min() > 1e-4  # the passes draw other noise
 
 
 def test_command_line_resume_with_max_batches(toy_run, tmp_path, capsys):
@@ -334,6 +375,26 @@ def test_resumed_batches_come_from_the_same_data(toy_run, tmp_path, capsys, monk
     assert _main(*args) == 0
     rerun = json.loads(capsys.readouterr().out)
     assert rerun["nll_nats"] == results["b"]["nll_nats"]  # b's data, hence b's batches
+
+
+def test_resumed_batches_come_from_the_same_weights(toy_run, tmp_path, capsys):
+    """Weights replaced under the same path and step (exported or converted again) get no
+    batches of the old weights."""
+    from score_sde.checkpoint import read_checkpoint, save_checkpoint
+
+    state = read_checkpoint(toy_run / "checkpoint.pt")
+    checkpoint = tmp_path / "weights.pt"
+    save_checkpoint(state, checkpoint)
+    args = ["--workdir", toy_run, "--checkpoint", checkpoint, "--num_samples", 8,
+            "--partial_dir", tmp_path / "partial", *FAST]
+    assert _main(*args) == 0
+    first = json.loads(capsys.readouterr().out)
+    state["ema"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in state["ema"].items()}
+    save_checkpoint(state, checkpoint)
+    assert _main(*args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["weights_sha256"] != first["weights_sha256"]
+    assert second["nll_nats"] != first["nll_nats"] and second["step"] == first["step"]
 
 
 # --- 5. bad input and numerical failure -------------------------------------------------------

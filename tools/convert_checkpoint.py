@@ -26,7 +26,7 @@ WORKDIR/checkpoint.pt is only replaced with --overwrite.
 Output: one JSON line (checkpoint written, step, reference config, SDE, parameter count,
 data range). Exit status: 0 done; 2 bad input (unknown --config, an unreadable file, or a
 checkpoint whose keys or shapes do not fit the config: one line on stderr naming the first
-mismatching key).
+mismatching key); 4 a file that cannot be read or written (no permission, a full disk), one line.
 """
 import sys
 from pathlib import Path

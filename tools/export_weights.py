@@ -17,7 +17,8 @@ network then computes in float32 as before, from weights rounded to float16.
 
 Output: one JSON line (output file, bytes, step, dtype, parameter count). Exit status: 0
 done; 2 bad input (no such checkpoint, not a training checkpoint, an existing --output
-without --overwrite, or a weight beyond float16's range with --fp16), one line on stderr.
+without --overwrite, or a weight beyond float16's range with --fp16), one line on stderr;
+4 a file that cannot be read or written (no permission, a full disk), one line.
 """
 import sys
 from pathlib import Path

@@ -46,8 +46,9 @@ num_ref, dataset, split, samples, samples_dtype, samples_clipped, ref_stats,
 ref_stats_status, notes (e.g. fewer samples than feature dimensions: singular covariance;
 a regularised matrix square root), device, seconds.
 
-Exit status: 0 done; 2 bad input (flags, missing or malformed files, keys, shapes), one line
-on stderr; 3 numerical failure (no usable matrix square root); 130 Ctrl-C, one line.
+Exit status: 0 done; 2 bad input (flags, missing or malformed files, keys, shapes), one line on
+stderr; 3 numerical failure (no usable matrix square root); 4 a file that cannot be read or
+written (no permission, a full disk), one line; 130 Ctrl-C, one line.
 """
 import hashlib
 import os

@@ -24,10 +24,10 @@ Data. The dataset of the saved config, split "test", unless --dataset / --split 
   config's training file is split exactly as training did (`score_sde.build.load_train_eval`:
   the seeded `eval_fraction` share) and --split test selects that held-out part.
 --num_samples N keeps the first N samples (2-D toys: the split is drawn with N points).
-Batches are consecutive blocks of --batch_size; the probes and dequantization noise are drawn
-per batch, so with --step_control per_sample a sample's result does not depend on its
-batch-mates for given probes and noise (--divergence exact of continuous data: at all), but a
-different --batch_size draws other probes.
+Batches are consecutive blocks of --batch_size. Each sample's dequantization noise and probes
+are seeded by (--seed, pass, its index in the data), whatever batch it is in, so with
+--step_control per_sample its result does not depend on its batch-mates nor on --batch_size
+(up to the batched network's floating-point dependence on the batch).
 
 Statistics. Each (sample, pass) gives one value -log p in nats. nll_nats is their mean over all
 n = num_data * num_repeats values; stderr is their sample standard deviation (ddof 1) divided by
@@ -69,7 +69,8 @@ checkpoint or data, weights that do not fit the data, a --batch_size too large f
 memory), one line on stderr; 3 numerical failure
 (a non-finite log-likelihood or a solve that cannot meet its tolerance), one line naming the
 pass and batch. 3 rather than 1 so that it is not mistaken for a crash (Python exits with 1 on
-an uncaught exception). 130: stopped by Ctrl-C (one line; the finished batches are kept, and
+an uncaught exception). 4: a file that cannot be read or written (no permission, a full
+disk), one line. 130: stopped by Ctrl-C (one line; the finished batches are kept, and
 the same command resumes).
 """
 import datetime
@@ -84,14 +85,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from score_sde._utils import stderr_line
+from score_sde._utils import stderr_line, tensors_sha256
 from score_sde.checkpoint import read_checkpoint
 from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
                            write_json)
 from score_sde.config import Config, from_dict
 from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_seed, to_model_range
 from score_sde.distributed import dist_from_env, resolve_device
-from score_sde.likelihood import DIVERGENCES, bits_per_dim, log_likelihood
+from score_sde.likelihood import DIVERGENCES, bits_per_dim, draw_probes, log_likelihood
 from score_sde.ode import ERROR_NORMS
 from score_sde.runs import (check_trained_state, data_source, model_from_state,
                             with_trained_range)
@@ -174,14 +175,24 @@ def batch_slices(num_items: int, batch_size: int) -> List[slice]:
     return [slice(s, min(s + batch_size, num_items)) for s in range(0, num_items, batch_size)]
 
 
-def unit_generators(seed: int, repeat: int, batch: int,
-                    device: torch.device) -> Tuple[torch.Generator, torch.Generator]:
-    """(CPU dequantization generator, probe generator on `device`) seeded from
-    (seed, repeat, batch) only, so the numbers of a batch do not depend on what ran before."""
-    data_gen = torch.Generator().manual_seed(mix_seed(seed, repeat, batch, _DEQUANT_STREAM))
-    probe_gen = torch.Generator(device=device)
-    probe_gen.manual_seed(mix_seed(seed, repeat, batch, _PROBE_STREAM))
-    return data_gen, probe_gen
+def unit_inputs(data: torch.Tensor, rows: slice, prepare, *, seed: int, repeat: int,
+                divergence: str, num_probes: int, device: torch.device
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(model-ready samples [b, ...] on `device`, Hutchinson probes [K, b, ...] or None for
+    the exact divergence) of the data rows `rows` in pass `repeat`. Each sample's
+    dequantization noise and probes come from generators seeded by (seed, repeat, its index
+    in the data) alone, so they do not depend on the batch it is evaluated in."""
+    xs, probes = [], []
+    for i in range(rows.start, rows.stop):
+        noise = torch.Generator().manual_seed(mix_seed(seed, repeat, i, _DEQUANT_STREAM))
+        x = prepare(data[i:i + 1], noise).to(device)
+        xs.append(x)
+        if divergence != "exact":
+            gen = torch.Generator(device=device)
+            gen.manual_seed(mix_seed(seed, repeat, i, _PROBE_STREAM))
+            probes.append(draw_probes(divergence, (num_probes,) + tuple(x.shape), generator=gen,
+                                      device=device, dtype=x.dtype))
+    return torch.cat(xs), torch.cat(probes, dim=1) if probes else None
 
 
 def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
@@ -204,7 +215,7 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
         data: raw samples [N, ...] on the CPU (uint8 images or floats).
         prepare: (raw batch, CPU generator) -> model-ready batch, e.g. dequantization.
         batch_size, num_repeats: batch size and number of passes over the data.
-        seed: seeds every (pass, batch) through `unit_generators`.
+        seed: seeds every (pass, sample) through `unit_inputs`.
         device: where the solves run.
         divergence, num_probes, rtol, atol, eps, step_control, error_norm, cuda_graph:
             forwarded to
@@ -239,13 +250,12 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
     bar = tqdm(total=len(mine), initial=len(records), desc="likelihood", unit="batch",
                disable=None if progress else True)
     for repeat, batch in todo:
-        data_gen, probe_gen = unit_generators(seed, repeat, batch, device)
-        x = prepare(data[slices[batch]], data_gen).to(device)
+        x, probes = unit_inputs(data, slices[batch], prepare, seed=seed, repeat=repeat,
+                                divergence=divergence, num_probes=num_probes, device=device)
         start = time.time()
         try:
             logp, _, nfe = log_likelihood(sde, score_fn, x, rtol=rtol, atol=atol, method=METHOD,
-                                          eps=eps, divergence=divergence,
-                                          num_probes=num_probes, generator=probe_gen,
+                                          eps=eps, divergence=divergence, probes=probes,
                                           step_control=step_control, error_norm=error_norm,
                                           cuda_graph=cuda_graph)
         except torch.cuda.OutOfMemoryError as err:
@@ -369,8 +379,8 @@ def define_flags(fv) -> None:
     f.DEFINE_enum("divergence", "rademacher", list(DIVERGENCES), "Divergence estimator.", **kw)
     f.DEFINE_integer("num_probes", 1, "Hutchinson probes per solve.", lower_bound=1, **kw)
     f.DEFINE_enum("step_control", "batch", ["batch", "per_sample"], "batch: one step size per "
-                  "batch (the paper); per_sample: each sample its own (its steps independent "
-                  "of its batch-mates; the probes are still drawn per batch).", **kw)
+                  "batch (the paper); per_sample: each sample its own (its result independent "
+                  "of its batch-mates and of --batch_size).", **kw)
     f.DEFINE_boolean("cuda_graph", False, "Replay each function evaluation (network and "
                      "divergence) from a CUDA graph (CUDA; no effect on the CPU).", **kw)
     f.DEFINE_enum("error_norm", "max", list(ERROR_NORMS), "Step error per sample: max over its "
@@ -450,12 +460,17 @@ def run(fv) -> Dict[str, object]:
         # What the data are, not where they were read from: a relative path run from another
         # folder, or a file rewritten in place, must not reuse another data set's batches.
         "data_sha256": hashlib.sha256(data.contiguous().numpy().tobytes()).hexdigest(),
+        # Likewise the weights evaluated: a checkpoint replaced under the same path and step
+        # (exported again, converted again) must not reuse the old weights' batches.
+        "weights_sha256": tensors_sha256(*(v for _, v in sorted(
+            state["ema" if fv.use_ema else "model"].items()))),
         "batch_size": fv.batch_size, "divergence": fv.divergence,
         "num_probes": fv.num_probes, "method": METHOD, "step_control": fv.step_control,
         "error_norm": fv.error_norm, "cuda_graph": fv.cuda_graph,
         "rtol": fv.rtol, "atol": fv.atol,
         "eps": fv.eps, "num_repeats": num_repeats, "seed": fv.seed,
         "dequantization": "uniform" if info.discrete else None,
+        "noise_seeding": "per_sample",  # (seed, pass, sample index); see `unit_inputs`
         "data_width": (info.data_range[1] - info.data_range[0]) if info.discrete else None,
         "num_levels": info.num_levels,
         # A class-conditional network is called without labels: its null label, i.e. the

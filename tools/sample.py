@@ -52,7 +52,8 @@ at every evaluation (`score_sde.cuda_graphs.CudaGraphed`), which removes most pe
 launch cost at moderate batch sizes; summary.json's "cuda_graph" counts graphs, replays and
 eager calls and lists any recording failures.
 
-Exit status: 0 done; 2 bad input (one line on stderr); 3 non-finite samples; 130 Ctrl-C.
+Exit status: 0 done; 2 bad input (one line on stderr); 3 non-finite samples; 4 a file that
+cannot be read or written (no permission, a full disk), one line; 130 Ctrl-C.
 """
 import dataclasses
 import sys
@@ -112,9 +113,11 @@ def load_mask(spec: str, shape: Sequence[int], generator: torch.Generator) -> to
         raise InputError(f"--mask {spec!r} is neither one of {', '.join(MASKS)} nor a file")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise InputError(f"--mask {path} is not a .npy array: {err}") from None
-    m = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+        if not isinstance(arr, np.ndarray):  # an .npz archive loads as a mapping of arrays
+            raise ValueError(f"it is an .npz archive of {', '.join(arr.files) or 'no arrays'}")
+        m = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+    except (ValueError, TypeError, OSError) as err:
+        raise InputError(f"--mask {path} is not a .npy array of 0 and 1: {err}") from None
     if not bool(((m == 0) | (m == 1)).all()):
         raise InputError(f"--mask {path} must hold only 0 and 1 (1 = known pixel)")
     try:
@@ -273,6 +276,12 @@ def run(fv) -> Dict[str, object]:
         if tuple(meta.get("image_shape", ())) != tuple(info.shape):
             raise InputError(f"--classifier takes images of shape {meta.get('image_shape')}, "
                              f"the checkpoint's data have shape {info.shape}")
+        # Classifiers saved without a range were trained on the loaders' [-1, 1].
+        clf_range = tuple(float(v) for v in meta.get("data_range") or (-1.0, 1.0))
+        if info.data_range is not None and clf_range != tuple(info.data_range):
+            raise InputError(f"--classifier was trained on images scaled to {list(clf_range)}, "
+                             f"the checkpoint's model reads {list(info.data_range)}; train one "
+                             f"for it with tools/train_classifier.py --sde_of RUN_FOLDER")
         # The classifier's own SDE (equal to the run's) sets its time input.
         classifier = classifier_log_prob_fn(clf, build_sde(clf_cfg), meta["time_input"])
     gen = torch.Generator(device=device).manual_seed(fv.seed)

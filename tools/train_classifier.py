@@ -19,11 +19,12 @@ Kinds.
   `noisy_classifier_loss`: uniformly dequantized images (as the score models see them), then
   x_t = alpha(t) x + sigma(t) z with t ~ U(--eps, 1) under the --sde with its default
   parameters (those of `score_sde.config.SDEConfig`), or under the SDE of the run folder
-  --sde_of with its parameters (what tools/sample.py needs to guide that run),
-  cross-entropy of the classifier at x_t. --time_input is the conversion of t fed to the
-  network: "scaled_t" (999 t, sinusoidal embedding; default for vp, subvp and cosine) or
-  "std" (sigma(t), Fourier embedding; default for ve), the conventions of the paper's score
-  models. Read it back with
+  --sde_of with its parameters and the interval its model reads images in (what
+  tools/sample.py needs to guide that run: [0, 1] for the paper's converted VE models,
+  stored with the run's checkpoint; else [-1, 1]), cross-entropy of the classifier at x_t.
+  --time_input is the conversion of t fed to the network: "scaled_t" (999 t, sinusoidal
+  embedding; default for vp, subvp and cosine) or "std" (sigma(t), Fourier embedding; default
+  for ve), the conventions of the paper's score models. Read it back with
   `score_sde.classifier.classifier_log_prob_fn(model, sde, time_input=meta["time_input"])`.
 
 Training. Adam at a constant --lr for --n_iters steps of --batch_size images drawn by
@@ -35,15 +36,17 @@ for the noisy one, the accuracy and loss at each of the fixed --eval_times, from
 images with noise seeded from (--seed, time, batch), and their mean.
 
 Output. The classifier checkpoint --output (atomic and checksummed, `save_classifier`, with
-meta: kind, dataset, image_shape, num_classes, sde, sde_config, time_input, eps, n_iters, seed
-and the test accuracies), and a JSON summary: one line on stdout and the same object in
---summary (default: --output with the suffix .json): every setting, num_params, num_train,
-num_test, train_loss (mean of the last 100 steps), test_accuracy (clean: the accuracy; noisy:
-the mean over --eval_times), test_accuracy_at_t and test_loss_at_t (noisy only), seconds.
+meta: kind, dataset, image_shape, num_classes, sde, sde_config, time_input, eps, data_range,
+n_iters, seed and the test accuracies), and a JSON summary: one line on stdout and the same
+object in --summary (default: --output with the suffix .json): every setting, num_params,
+num_train, num_test, train_loss (mean of the last 100 steps), test_accuracy (clean: the
+accuracy; noisy: the mean over --eval_times), test_accuracy_at_t and test_loss_at_t (noisy
+only), seconds.
 
-Exit status: 0 done; 2 bad input (flags, missing or malformed data), one line on stderr;
-3 a non-finite training loss (one line naming the step) or test loss after the last step
-(nothing is written); 130 Ctrl-C, one line.
+Exit status: 0 done; 2 bad input (flags, missing or malformed data), one line on stderr; 3 a
+non-finite training loss (one line naming the step) or test loss after the last step (nothing is
+written); 4 a file that cannot be read or written (no permission, a full disk), one line; 130
+Ctrl-C, one line.
 """
 import dataclasses
 import json
@@ -51,7 +54,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +68,7 @@ from score_sde.datasets import BatchOrder, DataInfo, load_dataset, mix_seed, to_
 from score_sde.distributed import resolve_device
 from score_sde.sde import SDE
 from score_sde.build import build_sde
+from score_sde.checkpoint import read_checkpoint
 
 DATASETS = ("fashion_mnist", "cifar10")
 SDES = ("vp", "subvp", "ve", "cosine")
@@ -74,6 +78,7 @@ DEFAULT_TIME_INPUT = {"vp": "scaled_t", "subvp": "scaled_t", "ve": "std", "cosin
 EMBEDDINGS = {"scaled_t": "positional", "std": "fourier"}
 NOISY_ONLY = ("sde", "sde_of", "time_input", "eps", "eval_times")
 CLEAN_ONLY = ("feature_dim",)
+DATA_RANGE = (-1.0, 1.0)  # the loaders' interval for 8-bit images (`to_model_range`)
 LOSS_WINDOW = 100  # steps averaged for the reported training loss
 # Independent random streams derived from --seed.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
@@ -102,13 +107,15 @@ def build_classifier(kind: str, info: DataInfo, *, width: int, feature_dim: int,
 def batch_loss(kind: str, model: torch.nn.Module, sde: Optional[SDE], images: torch.Tensor,
                labels: torch.Tensor, *, time_input: Optional[str], eps: float,
                generator: torch.Generator, t: Optional[torch.Tensor] = None,
-               dequantize: bool = True):
-    """(loss, log-probabilities [B, K]) of one batch of uint8 images on the model's device."""
+               dequantize: bool = True, data_range: Tuple[float, float] = DATA_RANGE):
+    """(loss, log-probabilities [B, K]) of one batch of uint8 images on the model's device,
+    scaled to `data_range` (noisy: the interval the guided run's model reads)."""
     if kind == "clean":
         x = to_model_range(images, dequantize=False)
         log_probs = F.log_softmax(model(x), dim=1)
         return F.nll_loss(log_probs, labels), log_probs
-    x = to_model_range(images, generator=generator, dequantize=dequantize)
+    x = to_model_range(images, generator=generator, dequantize=dequantize,
+                       data_range=data_range)
     return noisy_classifier_loss(model, sde, x, labels, time_input=time_input, eps=eps, t=t,
                                  generator=generator)
 
@@ -116,8 +123,8 @@ def batch_loss(kind: str, model: torch.nn.Module, sde: Optional[SDE], images: to
 @torch.no_grad()
 def evaluate(kind: str, model: torch.nn.Module, sde: Optional[SDE], images: torch.Tensor,
              labels: torch.Tensor, *, batch_size: int, device: torch.device, seed: int,
-             time_input: Optional[str], eps: float, eval_times: Sequence[float]
-             ) -> Dict[str, object]:
+             time_input: Optional[str], eps: float, eval_times: Sequence[float],
+             data_range: Tuple[float, float] = DATA_RANGE) -> Dict[str, object]:
     """Test accuracy (clean) or accuracy and loss at each of `eval_times` (noisy)."""
     model.eval()
     times = [None] if kind == "clean" else list(eval_times)
@@ -131,7 +138,8 @@ def evaluate(kind: str, model: torch.nn.Module, sde: Optional[SDE], images: torc
             t = None if t_value is None else torch.full((len(x),), t_value, dtype=torch.float64,
                                                         device=device)
             loss, log_probs = batch_loss(kind, model, sde, x, y, time_input=time_input, eps=eps,
-                                         generator=gen, t=t, dequantize=False)
+                                         generator=gen, t=t, dequantize=False,
+                                         data_range=data_range)
             correct += int((log_probs.argmax(dim=1) == y).sum())
             loss_sum += loss.item() * len(x)
         accuracy[t_value], losses[t_value] = correct / len(images), loss_sum / len(images)
@@ -205,6 +213,16 @@ def _sde_of(fv) -> SDEConfig:
     return sde_cfg
 
 
+def _data_range_of(run: Path) -> Tuple[float, float]:
+    """The interval the run's model reads 8-bit images in: stored with its checkpoint ([0, 1]
+    for the paper's VE models converted by `score_sde.convert`), else the loaders' default."""
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        return DATA_RANGE
+    stored = (read_checkpoint(path).get("data_info") or {}).get("data_range")
+    return DATA_RANGE if stored is None else (float(stored[0]), float(stored[1]))
+
+
 def _eval_times(values: List[str]) -> List[float]:
     try:
         times = [float(v) for v in values]
@@ -234,7 +252,8 @@ def run(fv) -> Dict[str, object]:
     output = check_path("output", Path(fv.output))  # checked now, not after training
     summary_path = check_path("summary", Path(fv.summary) if fv.summary
                               else output.with_suffix(".json"))
-    check_distinct({"output": output, "summary": summary_path})
+    check_distinct({"output": output, "summary": summary_path,
+                    "sde_of": Path(fv.sde_of) / "config.json" if fv.sde_of else None})
     check_not_data({"output": output, "summary": summary_path}, fv.dataset,
                    data_dir=fv.data_dir)
     device = resolve_device(fv.device)
@@ -247,8 +266,10 @@ def run(fv) -> Dict[str, object]:
 
     sde = sde_config = time_input = None
     eval_times: List[float] = []
+    data_range = DATA_RANGE
     if kind == "noisy":
         sde_cfg = _sde_of(fv) if fv.sde_of else SDEConfig(name=fv.sde)
+        data_range = _data_range_of(fv.sde_of) if fv.sde_of else DATA_RANGE
         sde_config = dataclasses.asdict(sde_cfg)
         sde = build_sde(Config(sde=sde_cfg))
         time_input = fv.time_input or DEFAULT_TIME_INPUT[sde_cfg.name]
@@ -266,7 +287,8 @@ def run(fv) -> Dict[str, object]:
         idx = order.indices(step)
         gen = torch.Generator(device=device).manual_seed(mix_seed(fv.seed, _TRAIN_STREAM, step))
         loss, _ = batch_loss(kind, model, sde, images[idx].to(device), labels[idx].to(device),
-                             time_input=time_input, eps=fv.eps, generator=gen)
+                             time_input=time_input, eps=fv.eps, generator=gen,
+                             data_range=data_range)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite training loss {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -278,14 +300,15 @@ def run(fv) -> Dict[str, object]:
 
     metrics = evaluate(kind, model, sde, test_images, test_labels, batch_size=fv.batch_size,
                        device=device, seed=fv.seed, time_input=time_input, eps=fv.eps,
-                       eval_times=eval_times)
+                       eval_times=eval_times, data_range=data_range)
     if not math.isfinite(metrics["test_loss"]):  # the last step's update blew up
         raise TrainingError(f"non-finite test loss {metrics['test_loss']} after step "
                             f"{fv.n_iters}; nothing was written (lower --lr)")
     meta = {"kind": kind, "dataset": fv.dataset, "image_shape": list(info.shape),
             "num_classes": info.num_classes, "sde": sde_config["name"] if sde else None,
             "sde_config": sde_config, "time_input": time_input,
-            "eps": fv.eps if sde else None, "n_iters": fv.n_iters, "seed": fv.seed,
+            "eps": fv.eps if sde else None, "data_range": list(data_range) if sde else None,
+            "n_iters": fv.n_iters, "seed": fv.seed,
             "test_accuracy": metrics["test_accuracy"],
             "test_accuracy_at_t": metrics["test_accuracy_at_t"]}
     save_classifier(output, model, meta)
