@@ -118,6 +118,25 @@ def draw_probes(divergence: str, shape, *, generator: Optional[torch.Generator],
     return probes
 
 
+def _check_drift_differentiable(sde: SDE, x: torch.Tensor, eps: float) -> None:
+    """Raises ValueError when `sde.sde`'s drift depends on x but carries no gradient (computed
+    under torch.no_grad, say): its divergence would silently drop out of the likelihood. A
+    drift without a gradient that ignores x (VE's zero) has no divergence and passes."""
+    if torch.is_inference_mode_enabled():
+        return  # no gradients at all: the solve says so of the score
+    t = torch.full((x.shape[0],), 0.5 * (eps + sde.T), dtype=torch.float64, device=x.device)
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        drift, _ = sde.sde(xg, t)
+        if not isinstance(drift, torch.Tensor) or drift.requires_grad:
+            return  # a malformed drift is reported by the solve's own checks
+        moved, _ = sde.sde(2 * xg.detach() + 1, t)
+    if not torch.equal(drift, moved):
+        raise ValueError(f"{type(sde).__name__}.sde returns a drift that depends on x but has "
+                         f"no gradient (torch.no_grad or detach?): the likelihood needs its "
+                         f"divergence; compute it with differentiable torch operations")
+
+
 def _check_probes(probes: torch.Tensor, x: torch.Tensor, divergence: str) -> torch.Tensor:
     if divergence == "exact":
         raise ValueError("probes are for the Hutchinson divergences ('rademacher', "
@@ -210,6 +229,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
                          f"{method!r}")
 
     dtype, batch = x.dtype, x.shape[0]
+    _check_drift_differentiable(sde, x, eps)
     counting = CountingScore(score_fn, eps, sde.T)
     rsde = ReverseSDE(sde, counting, probability_flow=True)
     if probes is not None:
@@ -248,7 +268,12 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             cuda_graph_stats.update(graphed.stats())
     # The prior of the solver's z in at least float32, not of z rounded to half precision (a
     # user SDE's prior may hold float32 tensors, so not float64 either).
-    prior = sde.prior_logp(z.to(at_least_float32(dtype))).to(wide)
+    prior = sde.prior_logp(z.to(at_least_float32(dtype)))
+    if not isinstance(prior, torch.Tensor) or prior.shape != (batch,):
+        got = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
+        raise ValueError(f"{type(sde).__name__}.prior_logp must return one log-density per "
+                         f"sample, shape [B] = ({batch},), got {got}")
+    prior = prior.to(wide)
     z = z.to(dtype)
     _check_finite(z, "the latent z")
     logp = (prior + delta).to(at_least_float32(dtype))

@@ -15,7 +15,7 @@ from ._utils import (append_dims, at_least_float32, cached_on, check_choice, che
                      check_time_range, checks_times_on_host, flat_sum, float64_like)
 from .checks import check_eps, check_sde, sample_device
 from .score import _time_in_interval
-from .sde import SDE, ScoreFn
+from .sde import SDE, ScoreFn, _checked_terms
 
 __all__ = ["ScoreMatchingLoss", "WEIGHTINGS", "REDUCTIONS"]
 
@@ -28,17 +28,36 @@ def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
 REDUCTIONS = {"mean": _mean_over_dims, "sum": flat_sum}
 
 
-def _sigma2_factor(sde: SDE, t64: torch.Tensor, sigma64: torch.Tensor) -> torch.Tensor:
+def _sigma2_factor(sde: SDE, t64: torch.Tensor, sigma64: torch.Tensor,
+                   like: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.ones_like(t64)
 
 
-def _likelihood_factor(sde: SDE, t64: torch.Tensor, sigma64: torch.Tensor) -> torch.Tensor:
-    # g(t) does not depend on x; a [B, 1] float64 stand-in avoids computing the drift of x.
-    _, g = sde.sde(torch.zeros(t64.shape[0], 1, dtype=t64.dtype, device=t64.device), t64)
-    return g ** 2 / sigma64 ** 2
+def _likelihood_factor(sde: SDE, t64: torch.Tensor, sigma64: torch.Tensor,
+                       like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _diffusion(sde, t64, like) ** 2 / sigma64 ** 2
 
 
-# Weighting name -> lambda(t) / sigma(t)^2 in float64, as a function of (sde, t, sigma(t)).
+def _diffusion(sde: SDE, t64: torch.Tensor, like: Optional[torch.Tensor]) -> torch.Tensor:
+    """g(t) [n] in float64 from `sde.sde` at a float64 zero standing in for x: shaped like the
+    samples of `like`, or [n, 1] without data (the importance table), where a drift written
+    for the data's shape may fail; the diffusion must not depend on x."""
+    x = torch.zeros((t64.shape[0],) + (tuple(like.shape[1:]) if like is not None else (1,)),
+                    dtype=t64.dtype, device=t64.device)
+    try:
+        terms = sde.sde(x, t64)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        if like is not None:
+            raise
+        raise ValueError(f"importance sampling tabulates g(t) with {type(sde).__name__}.sde on "
+                         f"a [n, 1] stand-in for x, which failed ({str(err)[:120]}); its drift "
+                         f"must accept any sample shape there, and g must not depend on x"
+                         ) from None
+    return _checked_terms(sde, "sde", x, terms)[1]
+
+
+# Weighting name -> lambda(t) / sigma(t)^2 in float64, as a function of (sde, t, sigma(t),
+# a tensor shaped like the data, or None).
 WEIGHTINGS = {"sigma2": _sigma2_factor, "likelihood": _likelihood_factor}
 
 # Points of the float64 table that inverts the importance-sampling CDF.
@@ -185,7 +204,7 @@ class ScoreMatchingLoss:
         # The weights and the sums are at least float32: the likelihood weight g^2 / sigma^2 is
         # about 1 / t, 1e5 at t = 1e-5, beyond float16's 65504.
         acc = at_least_float32(x.dtype)
-        factor = self._factor(self.sde, t64, sigma64).to(acc)
+        factor = self._factor(self.sde, t64, sigma64, x).to(acc)
         return factor * self._reduce((sigma * score + noise).to(acc) ** 2)
 
     def per_sample(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor,

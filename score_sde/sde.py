@@ -17,7 +17,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ._utils import (append_dims, cached_on, check_batch_time, check_int, check_positive,
-                     check_time, check_time_range, flat_sum, float64_like, value_checks_wanted)
+                     check_time, check_time_range, flat_sum, float64_like, value_checks_wanted,
+                     warn_caller)
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,9 +52,13 @@ def _gaussian_logp(z: torch.Tensor, std: float) -> torch.Tensor:
 class SDE(abc.ABC):
     """Base class of forward SDEs dx = f(x, t) dt + g(t) dw on [0, T] with scalar diffusion.
 
-    Subclasses implement `sde`, `prior_sampling` and `prior_logp`; linear SDEs also implement
-    `marginal_coeffs` (needed by denoising, the ancestral predictor, annealed Langevin and the
-    training losses). Every sampler and the likelihood work with any subclass.
+    Subclasses implement `sde` (a drift differentiable in x: the likelihood takes its
+    divergence), `prior_sampling` and `prior_logp`; linear SDEs also implement
+    `marginal_coeffs` (needed by denoising, the ancestral predictor, annealed Langevin, the
+    training losses, the fast samplers, controllable generation and network outputs other
+    than the score). A subclass whose `discretize` or `langevin_scale` reads tables of its
+    discrete chain builds them in `build_chain`. The predictor-corrector and ODE samplers and
+    the likelihood work with any subclass.
 
     Args:
         num_steps: number of discretization steps of [0, T] used by `discretize` and as the
@@ -79,7 +84,7 @@ class SDE(abc.ABC):
 
     def with_num_steps(self, num_steps: int) -> "SDE":
         """A copy of this SDE whose discrete chain (`discretize`) has `num_steps` steps, with
-        every table derived from the step count rebuilt (`_build_chain`). The continuous SDE
+        every table derived from the step count rebuilt (`build_chain`). The continuous SDE
         is unchanged, except for `CosineVPSDE`, whose beta cap follows the step count.
 
         Raises:
@@ -89,11 +94,22 @@ class SDE(abc.ABC):
         new = copy.copy(self)
         new.num_steps = num_steps
         new.__dict__.pop("_device_tables", None)  # device copies of the old chain's tables
-        new._build_chain()
+        cls = type(self)
+        if (num_steps != self.num_steps and cls.build_chain is SDE.build_chain
+                and (cls.discretize is not SDE.discretize
+                     or cls.langevin_scale is not SDE.langevin_scale)):
+            warn_caller(f"{cls.__name__} overrides discretize or langevin_scale but not "
+                        f"build_chain: tables of its chain built for {self.num_steps} steps "
+                        f"are not rebuilt for {num_steps}; build them in build_chain (a no-op "
+                        f"override says there are none)")
+        new.build_chain()
         return new
 
-    def _build_chain(self) -> None:
-        """Builds the tables of the discrete chain for `self.num_steps` (none by default)."""
+    def build_chain(self) -> None:
+        """Builds the tables of the discrete chain for `self.num_steps` (none by default).
+        `with_num_steps` calls it on its copy (`sample_pc` with its own `num_steps`): a
+        subclass whose `discretize` or `langevin_scale` reads tables of the chain (its
+        discrete betas, say) builds them here, and calls it from `__init__`."""
 
     @abc.abstractmethod
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +218,7 @@ class _VPFamily(SDE):
     alpha(t) = exp(-1/2 int_0^t beta(s) ds) (Song et al. 2021, Eqs. 11-12, Appendix B).
 
     As written here they are VP SDEs: diffusion sqrt(beta(t)), sigma(t)^2 = 1 - alpha(t)^2, and
-    the DDPM chain of `discrete_betas` (built by `_build_chain`). Subclasses give beta(t) and
+    the DDPM chain of `discrete_betas` (built by `build_chain`). Subclasses give beta(t) and
     log alpha(t); sub-VP overrides the diffusion, sigma and the chain.
     """
 
@@ -275,7 +291,7 @@ class _LinearBeta(_VPFamily):
         if beta_max < beta_min:
             raise ValueError(f"beta_max must be >= beta_min, got {beta_max} < {beta_min}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-        self._build_chain()
+        self.build_chain()
 
     def _beta(self, t64):
         return self.beta_min + t64 * (self.beta_max - self.beta_min)
@@ -296,7 +312,7 @@ class VPSDE(_LinearBeta):
         num_steps: discretization steps (>= 2); the DDPM chain uses betas beta_min/N ... beta_max/N.
     """
 
-    def _build_chain(self):
+    def build_chain(self):
         n = self.num_steps
         if self.beta_max / n >= 1:
             raise ValueError(f"beta_max / num_steps must be < 1 for the DDPM chain, got "
@@ -358,9 +374,9 @@ class CosineVPSDE(_VPFamily):
         if not 0 < max_beta < 1:
             raise ValueError(f"max_beta must lie in (0, 1), got {max_beta!r}")
         self.s, self.max_beta = float(s), float(max_beta)
-        self._build_chain()
+        self.build_chain()
 
-    def _build_chain(self):
+    def build_chain(self):
         # Continuous cap: a step of length 1/N at rate beta_cap multiplies alpha^2 by
         # 1 - max_beta. It changes with N, so it is rebuilt with the chain.
         self.beta_cap = -self.num_steps * math.log1p(-self.max_beta)
@@ -416,9 +432,9 @@ class VESDE(SDE):
             raise ValueError(f"sigma_max must be > sigma_min, got {sigma_max} <= {sigma_min}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(sigma_max / sigma_min)
-        self._build_chain()
+        self.build_chain()
 
-    def _build_chain(self):
+    def build_chain(self):
         if self.num_steps < 2:  # one level would be sigma_min alone
             raise ValueError(f"the SMLD chain needs num_steps >= 2 (its noise levels run from "
                              f"sigma_min to sigma_max), got {self.num_steps}")

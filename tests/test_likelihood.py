@@ -394,3 +394,40 @@ def test_half_precision_data_get_a_float32_log_density(dtype):
     assert exact < -65504 and logp.dtype == torch.float32 and z.dtype == dtype
     assert torch.equal(z, x)
     assert float(logp) == pytest.approx(float(exact), rel=1e-6)
+
+
+def test_user_sde_contract_breaks_are_named_not_folded_into_the_result():
+    # An Ornstein-Uhlenbeck SDE dx = -x dt + sqrt(2) dw: N(0, I) is its stationary law, so
+    # with the score -x the model density of x is N(0, I)'s whatever the time.
+    from tests.test_sde import OrnsteinUhlenbeck
+
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = -0.5 * (x ** 2).sum(1) - math.log(2 * math.pi)
+
+    def ll(sde):
+        return log_likelihood(sde, lambda y, t: -y, x, divergence="exact")[0]
+
+    torch.testing.assert_close(ll(OrnsteinUhlenbeck()), exact, rtol=0, atol=1e-6)
+
+    class NoGradDrift(OrnsteinUhlenbeck):  # its divergence, -D per unit time, would drop out
+        @torch.no_grad()
+        def sde(self, x, t):
+            return super().sde(x, t)
+
+    with pytest.raises(ValueError, match=r"NoGradDrift\.sde returns a drift that depends on x "
+                                         r"but has no gradient"):
+        ll(NoGradDrift())
+
+    class ConstantDrift(OrnsteinUhlenbeck):  # no x in it: no divergence, nothing missing
+        def sde(self, x, t):
+            return torch.zeros_like(x), super().sde(x, t)[1]
+
+    assert torch.isfinite(ll(ConstantDrift())).all()
+
+    class KeptDim(OrnsteinUhlenbeck):  # Normal.log_prob(z).sum(1, keepdim=True)
+        def prior_logp(self, z):
+            return super().prior_logp(z)[:, None]
+
+    with pytest.raises(ValueError, match=r"KeptDim\.prior_logp must return one log-density "
+                                         r"per sample, shape \[B\] = \(3,\), got \(3, 1\)"):
+        ll(KeptDim())

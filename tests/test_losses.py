@@ -619,3 +619,43 @@ def test_hybrid_vlb_does_not_train_the_mean():
         grads[lam] = (eps_head.weight.grad, v_head.weight.grad)
     torch.testing.assert_close(grads[0.0][0], grads[1.0][0])
     assert grads[0.0][1].abs().sum() == 0 and grads[1.0][1].abs().sum() > 0
+
+
+def test_likelihood_weighting_checks_the_user_sdes_diffusion():
+    # g(t) is read from sde.sde at a zero standing in for x: a diffusion shaped like x (not
+    # the contract's [B]) would broadcast the weight to [B, B] and average it silently; a
+    # drift written for the data's shape works without importance sampling, and its table
+    # (built before any data) names the problem.
+    class OU(SDE):
+        def sde(self, x, t):
+            return -x, torch.full(t.shape, math.sqrt(2.0), dtype=x.dtype, device=x.device)
+
+        def marginal_coeffs(self, t):
+            return torch.exp(-t), torch.sqrt(-torch.expm1(-2 * t))
+
+        def prior_sampling(self, shape, *, generator=None, device=None, dtype=None):
+            return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+        def prior_logp(self, z):
+            return -0.5 * (z ** 2).flatten(1).sum(1) - 0.5 * z[0].numel() * math.log(2 * math.pi)
+
+    class XShapedG(OU):
+        def sde(self, x, t):
+            return -x, torch.full_like(x, math.sqrt(2.0))
+
+    class MatrixDrift(OU):
+        def sde(self, x, t):
+            return -x @ torch.eye(4, dtype=x.dtype).T, super().sde(x, t)[1]
+
+    x = _data(8, 0, torch.float32)
+    score = lambda y, s: -y  # noqa: E731
+    with pytest.raises(ValueError, match=r"XShapedG\.sde must return \(drift shaped like x "
+                                         r"\(8, 4\), diffusion of shape \[B\] = \(8,\)\)"):
+        ScoreMatchingLoss(XShapedG(), weighting="likelihood", eps=EPS)(score, x)
+    loss = ScoreMatchingLoss(MatrixDrift(), weighting="likelihood", eps=EPS)
+    same = ScoreMatchingLoss(OU(), weighting="likelihood", eps=EPS)
+    assert loss(score, x, generator=torch.Generator().manual_seed(0)) == \
+        same(score, x, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"importance sampling tabulates g\(t\) with "
+                                         r"MatrixDrift\.sde on a \[n, 1\] stand-in for x"):
+        ScoreMatchingLoss(MatrixDrift(), weighting="likelihood", importance_sampling=True)

@@ -6,6 +6,7 @@ Every expected value is derived here from the paper's definitions (Song et al. 2
 """
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -654,6 +655,45 @@ def test_user_sde_breaking_the_contract_gets_one_clear_error(diffusion, got):
                                 denoise=False, **kwargs)
     with pytest.raises(ValueError, match=r"Broken\.sde must return"):
         score_sde.sample_ode(Broken(), score, (3, 2), denoise=False)
+
+
+def test_user_chain_tables_are_rebuilt_by_build_chain_or_a_warning_says_so():
+    # A user SDE written the paper code's way: a table of discrete betas read by its own
+    # discretize. sample_pc(num_steps=N) re-discretizes through with_num_steps, which rebuilds
+    # tables only in build_chain: without it the old table would be indexed as N steps.
+    class TableVP(OrnsteinUhlenbeck):
+        def __init__(self, num_steps=1000):
+            super().__init__(num_steps=num_steps)
+            self.tables_built = 0
+            self.build_chain()
+
+        def build_chain(self):
+            self.betas = torch.linspace(1e-4, 0.02 * 1000 / self.num_steps, self.num_steps)
+            self.tables_built += 1
+
+        def discretize(self, x, t, dt=None):
+            beta = self.betas[self.step_index(t)].to(x.dtype)
+            return -0.5 * beta[:, None] * x, beta.sqrt()
+
+    new = TableVP().with_num_steps(100)
+    assert new.betas.shape == (100,) and new.tables_built == 2
+    score = lambda x, t: -x  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        score_sde.sample_pc(TableVP(), score, (2, 3), corrector="none", num_steps=100)
+
+    class Forgetful(TableVP):
+        build_chain = SDE.build_chain  # tables built in __init__ only
+
+        def __init__(self, num_steps=1000):
+            super().__init__(num_steps)
+            TableVP.build_chain(self)
+
+    with pytest.warns(UserWarning, match=r"Forgetful overrides discretize or langevin_scale "
+                                         r"but not build_chain: tables of its chain built for "
+                                         r"1000 steps are not rebuilt for 100") as caught:
+        score_sde.sample_pc(Forgetful(), score, (2, 3), corrector="none", num_steps=100)
+    assert [w.filename for w in caught] == [__file__]
 
 
 @pytest.mark.parametrize("make", [lambda: VPSDE(num_steps=1, beta_max=0.5),
