@@ -27,7 +27,8 @@ from ._utils import stderr_line
 _MAGIC = b"score_sde-checkpoint-v1\n"
 _DIGEST = 32
 _SNAPSHOT = re.compile(r"^snapshot_(\d+)\.pt$")
-_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # .NAME.tmpPID, see `_temporary`
+# .NAME.tmpPID (`_temporary`), or .STEM.tmpPID.SUFFIX (`cli.write_atomic`: config.json's)
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)(\.[A-Za-z0-9]+)?$")
 _CHUNK = 1 << 24  # bytes hashed at a time by `is_intact`
 
 

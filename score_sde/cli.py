@@ -107,10 +107,11 @@ def _error_line(err: BaseException, prefix: str = "") -> None:
 
 def check_no_empty_flags(fv) -> None:
     """Raises InputError for a string flag given as "" (an unset shell variable, say), which
-    would otherwise silently mean the flag's default."""
+    would otherwise silently mean the flag's default (None or a value, not "")."""
     for name in fv:
         flag = fv[name]
-        if flag.present and isinstance(flag.value, str) and not flag.value.strip():
+        if (flag.present and isinstance(flag.value, str) and not flag.value.strip()
+                and flag.default != ""):  # absl's own --log_dir means "" by default
             raise InputError(f"--{name} is empty; give a value or leave the flag out for its "
                              f"default")
 

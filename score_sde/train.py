@@ -175,9 +175,11 @@ def resolve(flag_values) -> tuple:
     if flag_values["max_nonfinite"].present and not cfg.training.skip_nonfinite:
         raise ValueError("--max_nonfinite needs --skip_nonfinite")
     workdir = flag_values.workdir or os.path.join("runs", f"{cfg.sde.name}_{cfg.data.dataset}")
-    if os.path.islink(workdir) and not os.path.exists(workdir):
-        raise ValueError(f"--workdir {workdir} is a link to {os.readlink(workdir)}, which does "
-                         f"not exist")
+    for path in [Path(workdir).absolute()] + list(Path(workdir).absolute().parents):
+        if path.is_symlink() and not path.exists():
+            where = "is" if path == Path(workdir).absolute() else f"lies under {path},"
+            raise ValueError(f"--workdir {workdir} {where} a link to {os.readlink(path)}, "
+                             f"which does not exist")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} exists and is not a folder")
     for parent in Path(workdir).absolute().parents:

@@ -111,7 +111,8 @@ def due_after(step: int, tc: TrainingConfig) -> Due:
 def _out_of_memory(err: BaseException) -> bool:
     """Whether `err` says that memory ran out: a device's OutOfMemoryError, or the CPU
     allocator's RuntimeError."""
-    return (isinstance(err, torch.OutOfMemoryError)
+    device_error = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # < 2.5
+    return (isinstance(err, device_error)
             or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
 
 
@@ -369,17 +370,20 @@ class Trainer:
                     if main:
                         self.report_speed(probe.tick(self.step), report)
                     # The step's checkpoint comes before its held-out loss and samples, so a
-                    # failure there keeps it; the last step's comes after them, so a run
-                    # killed during them redoes them when resumed.
-                    save_first = due.save and self.step < tc.n_iters
-                    if save_first:
+                    # failure there keeps it; at the last step it says that they are still
+                    # to do (a run killed during them redoes them when resumed) until they
+                    # are done.
+                    if due.save:
+                        self.final_work_pending = (self.step >= tc.n_iters
+                                                   and (due.evaluate or due.sample))
                         self.save(snapshot=due.snapshot)
                     if main and due.evaluate:
                         metrics.update(self.log_eval_loss(report))
                     if main and due.sample:
                         self.write_samples(report)
-                    if due.save and not save_first:
-                        self.save(snapshot=due.snapshot)
+                    if self.final_work_pending and self.stop_requested() is None:
+                        self.final_work_pending = False
+                        self.save(snapshot=False)
                 signum = self.stop_requested()  # one that abandoned the last step's evaluation
                 if signum is not None:
                     self.final_work_pending = True
@@ -428,8 +432,9 @@ class Trainer:
             changed = changed_settings(state["config"], to_dict(self.cfg), step=self.step)
             saved_data = state.get("data_sha256")
             if (saved_data not in (None, self.data_sha256)
-                    and not any(c.startswith("data.") for c in changed)):
-                # The same data settings, other data: files replaced under the same path.
+                    and not any(c.startswith(("data.", "training.seed ")) for c in changed)):
+                # The same data settings (the seed draws toy data and array data's held-out
+                # split), other data: files replaced under the same path.
                 changed.append(f"the training data: same settings, other contents "
                                f"({len(self.train_x)} items now)")
             if changed:

@@ -351,12 +351,14 @@ def test_noisy_classifier_takes_a_runs_sde_settings(data_dir, tmp_path, capsys):
         assert _train("--kind", "noisy", *extra, *args, "--data_dir", data_dir, "--output",
                       tmp_path / "x.pt", *TINY_TRAINING) == 2
         assert message in capsys.readouterr().err
-    # The summary (--output with .json) must not replace the config it read.
+    # The outputs must not replace the config or the checkpoint --sde_of reads.
     before = (run / "config.json").read_text()
-    assert _train("--kind", "noisy", "--sde_of", run, "--data_dir", data_dir, "--output",
-                  run / "config.pt", *TINY_TRAINING) == 2
-    assert "--summary and --sde_of are the same file" in capsys.readouterr().err
+    for output, clash in (("config.pt", "--summary"), ("checkpoint.pt", "--output")):
+        assert _train("--kind", "noisy", "--sde_of", run, "--data_dir", data_dir, "--output",
+                      run / output, *TINY_TRAINING) == 2
+        assert f"{clash} and --sde_of are the same file" in capsys.readouterr().err
     assert (run / "config.json").read_text() == before
+    assert not (run / "checkpoint.pt").exists()
 
 
 def test_train_classifier_refuses_what_would_end_non_finite(data_dir, tmp_path, capsys):

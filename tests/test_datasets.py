@@ -305,6 +305,21 @@ def test_array_damaged_files_give_one_line_errors(tmp_path):
             load_dataset("array", data_path=str(tmp_path / name))
 
 
+def test_array_file_without_permission_is_not_called_damaged(tmp_path, monkeypatch):
+    # The tools report a file they may not read as a file system failure (exit 4), not as
+    # malformed data.
+    import score_sde.datasets.arrays as arrays
+
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), np.float32))
+
+    def no_permission(path, mode="r"):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(arrays, "open", no_permission, raising=False)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        load_dataset("array", data_path=str(tmp_path / "x.npy"))
+
+
 def test_array_big_endian_and_images(tmp_path):
     arr = np.arange(24, dtype=">f4").reshape(2, 3, 4)
     np.save(tmp_path / "a.npy", arr)

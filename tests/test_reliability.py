@@ -294,11 +294,12 @@ def test_stale_temporaries_are_removed_unless_their_writer_lives(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
     stale = tmp_path / f".checkpoint.pt.tmp{dead.pid}"
+    stale_json = tmp_path / f".config.tmp{dead.pid}.json"  # cli.write_atomic's, config.json's
     live = tmp_path / f".checkpoint.pt.tmp{os.getppid()}"
     other = tmp_path / "notes.tmp1"
-    for path in (stale, live, other):
+    for path in (stale, stale_json, live, other):
         path.write_bytes(b"partial")
-    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert remove_stale_temporaries(tmp_path) == [stale, stale_json]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
 
 

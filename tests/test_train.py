@@ -347,6 +347,12 @@ def test_a_workdir_link_to_nowhere_exits_2_naming_its_target(tmp_path):
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert out.stderr.strip() == (f"error: --workdir {tmp_path / 'w'} is a link to "
                                   f"{tmp_path / 'gone' / 'run'}, which does not exist")
+    out = _cli("--workdir", str(tmp_path / "w" / "run"), "--dataset", "toy_moons", "--n_iters",
+               "1")
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert out.stderr.strip() == (f"error: --workdir {tmp_path / 'w' / 'run'} lies under "
+                                  f"{tmp_path / 'w'}, a link to {tmp_path / 'gone' / 'run'}, "
+                                  f"which does not exist")
 
 
 # --- class-conditional training (classifier-free guidance's label dropout) --------------------
@@ -501,9 +507,19 @@ def test_out_of_memory_in_a_sample_grid_keeps_that_steps_checkpoint(tmp_path, mo
                                             r"DefaultCPUAllocator.*lower --batch_size \(now 64\)"
                                             r" or the config's num_samples \(now 200\); the "
                                             r"last good checkpoint \(step 20\) is kept"):
-        train(_toy_cfg(n_iters=40, sample_every=20), str(tmp_path))
-    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 20
-    assert "out of memory" in (tmp_path / "log.txt").read_text()
+        train(_toy_cfg(n_iters=40, sample_every=20), str(tmp_path / "a"))
+    assert read_checkpoint(tmp_path / "a" / "checkpoint.pt")["step"] == 20
+    assert "out of memory" in (tmp_path / "a" / "log.txt").read_text()
+    # At the last step too, with the samples still to do: the rerun draws them and is done.
+    cfg = _toy_cfg(n_iters=40, checkpoint_every=30, sample_every=40)
+    with pytest.raises(TrainingError, match=r"after step 40 .* checkpoint \(step 40\) is kept"):
+        train(cfg, str(tmp_path / "b"))
+    state = read_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert state["step"] == 40 and state["final_work_pending"]
+    monkeypatch.undo()
+    train(cfg, str(tmp_path / "b"))
+    assert not read_checkpoint(tmp_path / "b" / "checkpoint.pt")["final_work_pending"]
+    assert (tmp_path / "b" / "samples" / "samples_00000040.png").is_file()
 
 
 def test_config_json_is_replaced_whole_and_a_failure_names_it(tmp_path, monkeypatch):
@@ -711,10 +727,13 @@ def test_resume_on_other_data_under_the_same_path_warns(tmp_path):
     train(apply_overrides(cfg, {"training.n_iters": 20}), str(workdir))  # same data: silent
     np.save(path, np.random.default_rng(1).normal(size=(1000, 2)).astype(np.float32) + 5)
     train(apply_overrides(cfg, {"training.n_iters": 30}), str(workdir))
+    # Another seed splits the same file differently: the seed alone is named.
+    train(apply_overrides(cfg, {"training.n_iters": 40, "training.seed": 7}), str(workdir))
     warnings = [line for line in (workdir / "log.txt").read_text().splitlines()
                 if "resuming with settings changed" in line]
-    assert len(warnings) == 1
+    assert len(warnings) == 2
     assert "the training data: same settings, other contents (" in warnings[0]
+    assert "training.seed 0 -> 7" in warnings[1] and "training data" not in warnings[1]
 
 
 def test_changed_settings_that_change_the_run():

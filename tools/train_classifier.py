@@ -252,8 +252,9 @@ def run(fv) -> Dict[str, object]:
     output = check_path("output", Path(fv.output))  # checked now, not after training
     summary_path = check_path("summary", Path(fv.summary) if fv.summary
                               else output.with_suffix(".json"))
-    check_distinct({"output": output, "summary": summary_path,
-                    "sde_of": Path(fv.sde_of) / "config.json" if fv.sde_of else None})
+    for read in ("config.json", "checkpoint.pt"):  # what --sde_of reads of the run
+        check_distinct({"output": output, "summary": summary_path,
+                        "sde_of": Path(fv.sde_of) / read if fv.sde_of else None})
     check_not_data({"output": output, "summary": summary_path}, fv.dataset,
                    data_dir=fv.data_dir)
     device = resolve_device(fv.device)

@@ -34,6 +34,8 @@ def _read_array(path: str) -> np.ndarray:
                                          f"none is named {', '.join(_ARRAY_KEYS)}; save the "
                                          f"data as x (np.savez(path, x=data))")
                     loaded = loaded[key or loaded.files[0]]
+    except PermissionError:
+        raise  # not a damaged file: the tools report it as a file system failure
     # A damaged file can also fail in decompression (zlib), in parsing its header (tokenize,
     # SyntaxError) or by declaring a shape larger than memory.
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError,
