@@ -127,7 +127,10 @@ class Reporter:
 
         self._tqdm = tqdm
         self.log = open(Path(workdir) / "log.txt", "a", buffering=1)
-        self.writer = SummaryWriter(str(Path(workdir) / "tb"))
+        # A resumed run drops the events a killed one logged after its checkpoint (steps
+        # above `initial`), which it logs again, rather than showing those steps twice.
+        self.writer = SummaryWriter(str(Path(workdir) / "tb"),
+                                    purge_step=initial + 1 if initial > 0 else None)
         # disable=None: shown only when stderr is a terminal (not in batch logs).
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
                         file=sys.stderr, dynamic_ncols=True, disable=True if quiet else None)

@@ -78,8 +78,14 @@ CPU_QUICK_START = "fashion_mnist_cpu"
 EXIT_WRITE_FAILED = EXIT_FILE_SYSTEM
 
 
-def default_config_path(dataset: str) -> Path:
-    return find_config(DEFAULT_CONFIGS.get(dataset, TOY_CONFIG))
+# VE runs of a dataset whose default config is a VP model: the paper's VE model, with noise
+# levels for our data range (the VP config's would keep SDEConfig's 0.01 to 50).
+DEFAULT_VE_CONFIGS = {"cifar10": "cifar10_ncsnpp_cont"}
+
+
+def default_config_path(dataset: str, sde: str = "vp") -> Path:
+    name = DEFAULT_VE_CONFIGS.get(dataset) if sde == "ve" else None
+    return find_config(name or DEFAULT_CONFIGS.get(dataset, TOY_CONFIG))
 
 
 def _define_flags():
@@ -88,7 +94,8 @@ def _define_flags():
     flags.DEFINE_enum("sde", "vp", list(EMA_RATES), "Forward SDE.")
     flags.DEFINE_string("config", None, "Config file defining get_config(), or the name of a "
                         "shipped one (toy, fashion_mnist, fashion_mnist_cpu, cifar10_ddpmpp_cont, "
-                        "...); default: chosen by --dataset.")
+                        "...); default: chosen by --dataset (with --sde ve for cifar10: "
+                        "cifar10_ncsnpp_cont).")
     flags.DEFINE_enum("dataset", "fashion_mnist", list(data_lib.DATASETS), "Training data.")
     flags.DEFINE_string("data_dir", None, "Folder of the image dataset files.")
     flags.DEFINE_string("data_path", None, ".npy/.npz float array [N, ...] for --dataset array.")
@@ -160,7 +167,7 @@ def resolve(flag_values) -> tuple:
     """(config, workdir) from parsed flags: config file, then explicitly given flags."""
     check_no_empty_flags(flag_values)
     path = find_config(flag_values.config) if flag_values.config else \
-        default_config_path(flag_values.dataset)
+        default_config_path(flag_values.dataset, flag_values.sde)
     cfg = load_config_file(str(path))
     overrides = {field: getattr(flag_values, name) for name, field in FLAG_FIELDS.items()
                  if flag_values[name].present or (name in ("sde", "dataset")
@@ -195,9 +202,10 @@ def slow_hint(flag_values) -> Optional[str]:
     """The pointer to the CPU quick start, for the default Fashion-MNIST config only."""
     if flag_values.config or flag_values.dataset != "fashion_mnist":
         return None
-    return (f"that is long for a CPU: `python -m score_sde.train --config {CPU_QUICK_START}` "
-            f"trains a 1.1M-parameter model sized for two CPU cores (about half an hour; "
-            f"BENCHMARKS.md)")
+    # Its own workdir: the default one may hold this run's checkpoint, of another model.
+    return (f"that is long for a CPU: `python -m score_sde.train --config {CPU_QUICK_START} "
+            f"--workdir runs/vp_{CPU_QUICK_START}` trains a 1.1M-parameter model sized for two "
+            f"CPU cores (about half an hour; BENCHMARKS.md)")
 
 
 def main(argv) -> None:

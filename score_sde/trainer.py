@@ -41,7 +41,7 @@ from .progress import (Reporter, SmoothedLoss, SpeedProbe, format_duration, para
                        peak_memory_mib)
 from .sampling import sample_pc
 from .stopping import Abandoned, SignalStop, TrainingInterrupted
-from .visualize import samples_picture
+from .visualize import has_picture, samples_picture
 
 # Independent random streams (see `step_seed`): the loss's t and z; dequantization and label
 # dropout; held-out loss noise and data; sample grids; network dropout (+ rank).
@@ -189,6 +189,7 @@ class Trainer:
         self.unsettled: List[Tuple[int, torch.Tensor]] = []
         self.lock = FolderLock(self.workdir)  # held by rank 0 while it runs (`lock_workdir`)
         self.last_log = (time.time(), 0)  # (time, step) of the last log line, for its speed
+        self.periodic_seconds = 0.0  # spent since then on held-out losses, samples, saves
 
     # --- data -----------------------------------------------------------------------------
 
@@ -373,6 +374,7 @@ class Trainer:
                     # failure there keeps it; at the last step it says that they are still
                     # to do (a run killed during them redoes them when resumed) until they
                     # are done.
+                    started = time.time()  # not training: kept out of samples_per_s
                     if due.save:
                         self.final_work_pending = (self.step >= tc.n_iters
                                                    and (due.evaluate or due.sample))
@@ -384,6 +386,7 @@ class Trainer:
                     if self.final_work_pending and self.stop_requested() is None:
                         self.final_work_pending = False
                         self.save(snapshot=False)
+                    self.periodic_seconds += time.time() - started
                 signum = self.stop_requested()  # one that abandoned the last step's evaluation
                 if signum is not None:
                     self.final_work_pending = True
@@ -457,12 +460,15 @@ class Trainer:
             report.warn(message)
         for note in notes:
             report.line(note)
+        if tc.sample_every > 0 and not has_picture(self.info.shape):
+            report.line(f"no sample grids: samples of shape {self.info.shape} have no picture "
+                        f"(images [C, H, W] with 1 or 3 channels, or 2-D points)")
         procs = f" x {self.dist.world_size} processes" if self.dist.world_size > 1 else ""
         verb = "start at" if state is None else "resuming from"
         report.line(f"{verb} step {self.step} of {tc.n_iters} on {self.device}{procs}: "
                     f"{self.cfg.model.name} with {parameter_count(self.model.parameters())} "
                     f"parameters, batch {tc.batch_size}")
-        self.last_log = (time.time(), self.step)
+        self.last_log, self.periodic_seconds = (time.time(), self.step), 0.0
         return report
 
     def finish_final_work(self, report: Reporter) -> Dict[str, float]:
@@ -631,9 +637,10 @@ class Trainer:
         return f"the last good checkpoint (step {self.saved_step}) is kept in {self.workdir}"
 
     def skip_nonfinite(self, step: int, what: str, report: Reporter) -> None:
-        """Skips the update of `step` (with skip_nonfinite) or raises TrainingError."""
+        """Skips the update of `step` (0-based; with skip_nonfinite) or raises TrainingError.
+        Messages count updates from 1, as the log lines do ("step k": after k updates)."""
         tc = self.cfg.training
-        problem = f"non-finite {what} at step {step}"
+        problem = f"non-finite {what} at step {step + 1}"
         keep = self.kept_checkpoint()
         if not tc.skip_nonfinite:
             raise NonFiniteError(f"{problem}; {keep} (--skip_nonfinite skips such steps)")
@@ -654,8 +661,8 @@ class Trainer:
         now = time.time()
         last_time, last_step = self.last_log
         rate = ((self.step - last_step) * self.cfg.training.batch_size
-                / max(now - last_time, 1e-9))
-        self.last_log = (now, self.step)
+                / max(now - last_time - self.periodic_seconds, 1e-9))
+        self.last_log, self.periodic_seconds = (now, self.step), 0.0
         metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                    "samples_per_s": rate, "peak_mem_mib": peak_memory_mib(self.device),
                    "skipped_steps": float(self.skipped)}
@@ -721,8 +728,10 @@ class Trainer:
 
     def write_samples(self, report: Optional[Reporter] = None) -> Optional[Path]:
         """Writes `sample_grid` as samples/samples_STEP.png (and to TensorBoard through
-        `report`); returns the path, or None for data without a picture or when a stop
-        request abandoned the sampling."""
+        `report`); returns the path, or None for data without a picture (drawing no samples)
+        or when a stop request abandoned the sampling."""
+        if not has_picture(self.info.shape):
+            return None
         try:
             with self.stop.abandonable():
                 x = self.sample_grid().cpu()

@@ -95,16 +95,21 @@ def scatter_plot(points: torch.Tensor, *, size: int = 512, extent: Optional[floa
     return img
 
 
+def has_picture(sample_shape) -> bool:
+    """Whether samples of this per-sample shape have a picture: images [C, H, W] with 1 or 3
+    channels, or 2-D points [2]."""
+    shape = tuple(sample_shape)
+    return (len(shape) == 3 and shape[0] in (1, 3)) or shape == (2,)
+
+
 def samples_picture(x: torch.Tensor, *, title: Optional[str] = None,
                     cols: Optional[int] = None) -> Optional[Image.Image]:
     """A grid of images [N, C, H, W] (values in [-1, 1]; `cols` per row, see `image_grid`) or
     a scatter plot of 2-D points [N, 2] titled `title`; None for other shapes, which have no
-    picture."""
-    if x.ndim == 4 and x.shape[1] in (1, 3):
-        return image_grid(x, cols=cols)
-    if x.ndim == 2 and x.shape[1] == 2:
-        return scatter_plot(x, title=title)
-    return None
+    picture (`has_picture`)."""
+    if not has_picture(x.shape[1:]):
+        return None
+    return image_grid(x, cols=cols) if x.ndim == 4 else scatter_plot(x, title=title)
 
 
 def save_samples_png(x: torch.Tensor, path: Path, *, title: Optional[str] = None,

@@ -171,7 +171,8 @@ def test_progress_bar_on_a_terminal(tmp_path):
 def test_the_cpu_quick_start_hint_follows_a_long_expected_duration(tmp_path):
     default = types.SimpleNamespace(config=None, dataset="fashion_mnist")
     hint = slow_hint(default)
-    assert f"--config {CPU_QUICK_START}`" in hint
+    # Its own workdir: the default one may hold the slow run's checkpoint, of another model.
+    assert f"--config {CPU_QUICK_START} --workdir runs/vp_{CPU_QUICK_START}`" in hint
     find_config(CPU_QUICK_START)  # the config it names is shipped
     assert slow_hint(types.SimpleNamespace(config="toy", dataset="fashion_mnist")) is None
     assert slow_hint(types.SimpleNamespace(config=None, dataset="cifar10")) is None
@@ -201,3 +202,59 @@ def test_sample_grids_go_to_tensorboard(tmp_path):
     assert images[0].width > 500 and images[0].height > 500  # the 2-D plot with its axes
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "samples_00000010.png", "samples_00000020.png"]
+
+
+def test_a_resumed_run_replaces_the_tensorboard_steps_a_killed_one_logged(tmp_path):
+    # A run killed after its step-20 checkpoint had logged steps 25 and 30: the resume logs
+    # them again, and TensorBoard must show each step once (purge_step).
+    import shutil
+
+    cfg = _toy_cfg(n_iters=30, log_every=5, checkpoint_every=10, snapshot_every=10,
+                   keep_snapshots=5, eval_every=30, sample_every=0)
+    train(cfg, str(tmp_path), quiet=True)
+    # As if killed after step 20's save: its snapshot is the newest state.
+    (snapshot,) = [p for p in (tmp_path / "snapshots").iterdir() if "00000020" in p.name]
+    shutil.copy(snapshot, tmp_path / "checkpoint.pt")
+    for later in (tmp_path / "snapshots").iterdir():
+        if later.name > snapshot.name:
+            later.unlink()
+    train(cfg, str(tmp_path), quiet=True)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20, 25, 30]
+    assert [e.step for e in events.Scalars("eval/loss_ema")] == [30]
+
+
+def test_logged_throughput_leaves_out_held_out_losses_samples_and_saves(tmp_path, monkeypatch):
+    # 10 steps of batch 64 in 5 s, of which 3 s went to the periodic actions: 320 images/s.
+    trainer = Trainer(_toy_cfg(n_iters=40), str(tmp_path))
+    trainer.last_log, trainer.periodic_seconds, trainer.step = (100.0, 0), 3.0, 10
+    import score_sde.trainer as trainer_module
+    monkeypatch.setattr(trainer_module.time, "time", lambda: 105.0)
+
+    class Report:
+        def scalars(self, *args):
+            pass
+
+        def line(self, text):
+            pass
+
+    metrics = trainer.log_step(torch.tensor(1.0), 1e-3, torch.tensor(1.0), Report())
+    assert metrics["samples_per_s"] == pytest.approx(10 * 64 / 2.0)
+    assert trainer.periodic_seconds == 0.0 and trainer.last_log == (105.0, 10)
+
+
+def test_data_without_a_picture_draw_no_sample_grids(tmp_path, monkeypatch):
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32))
+    from score_sde.config import apply_overrides
+
+    def no_sampling(self):
+        raise AssertionError("sampled a grid that has no picture")
+
+    monkeypatch.setattr(Trainer, "sample_grid", no_sampling)
+    cfg = apply_overrides(_toy_cfg(n_iters=10, sample_every=5), {
+        "data.dataset": "array", "data.data_path": str(tmp_path / "v.npy"),
+        "data.num_samples": None})
+    train(cfg, str(tmp_path / "run"), quiet=True)
+    assert "no sample grids: samples of shape (5,) have no picture" in \
+        (tmp_path / "run" / "log.txt").read_text()

@@ -627,7 +627,7 @@ def test_bad_input_exits_2_with_one_line(cli, bad_input_files, tmp_path, what, a
 
 # --- exit statuses 3 and 4 of the command line -------------------------------------------------
 
-_NAN_LOSS_AT_STEP_3 = """
+_NAN_LOSS_IN_UPDATE_4 = """
 from score_sde.trainer import Trainer
 _loss = Trainer.train_loss
 Trainer.train_loss = lambda self, *a: _loss(self, *a) * (float("nan") if self.step == 3 else 1)
@@ -649,7 +649,7 @@ score_sde.checkpoint.os = _FullDisk()
 
 
 @pytest.mark.parametrize("patch, status, message", [
-    (_NAN_LOSS_AT_STEP_3, 3, "non-finite loss at step 3; the last good checkpoint (step 2) is "
+    (_NAN_LOSS_IN_UPDATE_4, 3, "non-finite loss at step 4; the last good checkpoint (step 2) is "
                              "kept"),
     (_DISK_FULL_AT_3RD_WRITE, 4, "checkpoint.pt at step 6: [Errno 28] No space left on device; "
                                  "the last good checkpoint (step 4) is kept"),

@@ -308,6 +308,22 @@ def test_dry_run_prints_resolved_config(tmp_path):
     assert resolved["workdir"] == os.path.join("runs", "ve_toy_moons")
 
 
+def test_ve_on_cifar10_defaults_to_the_papers_ve_model_and_noise_levels():
+    # The CIFAR-10 default is DDPM++ (VP); --sde ve takes NCSN++ with sigma 0.02 to 100 (data
+    # in [-1, 1]) rather than that config with SDEConfig's 0.01 to 50.
+    resolved = {}
+    for sde in ("vp", "ve"):
+        out = _cli("--dataset", "cifar10", "--sde", sde, "--dry_run")
+        assert out.returncode == 0, out.stderr
+        resolved[sde] = json.loads(out.stdout)
+    kwargs = {sde: r["model"]["kwargs"] for sde, r in resolved.items()}
+    assert (kwargs["vp"]["fir"], kwargs["vp"]["embedding_type"]) == (False, "positional")
+    assert (kwargs["ve"]["fir"], kwargs["ve"]["embedding_type"]) == (True, "fourier")  # NCSN++
+    assert resolved["ve"]["model"]["time_input"] == "std"
+    ve = resolved["ve"]["sde"]
+    assert (ve["name"], ve["sigma_min"], ve["sigma_max"]) == ("ve", 0.02, 100.0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--importance_sampling"], "--importance_sampling needs --likelihood_weighting"),
     (["--dataset", "array"], "--dataset array needs --data_path"),
@@ -547,7 +563,7 @@ def test_config_json_is_replaced_whole_and_a_failure_names_it(tmp_path, monkeypa
 def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
     _poison(monkeypatch, {2: "loss", 3: "grad", 6: "loss"})
     fast = dict(n_iters=8, sample_every=0, eval_every=8, log_every=4, num_samples=10)
-    with pytest.raises(TrainingError, match="non-finite loss at step 2; no checkpoint was "
+    with pytest.raises(TrainingError, match="non-finite loss at step 3; no checkpoint was "
                                             "written before .*--skip_nonfinite"):
         train(_toy_cfg(**fast), str(tmp_path / "stop"))
     assert not (tmp_path / "stop" / "checkpoint.pt").exists()  # no checkpoint after step 2
@@ -555,9 +571,9 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
     metrics = train(_toy_cfg(skip_nonfinite=True, **fast), str(tmp_path / "skip"))
     assert metrics["skipped_steps"] == 3 and np.isfinite(metrics["loss"])
     log = (tmp_path / "skip" / "log.txt").read_text()
-    assert "step 3 skipped: non-finite loss at step 2 (1 in a row, 1 in all)" in log
-    assert "step 4 skipped: non-finite gradient norm at step 3 (2 in a row, 2 in all)" in log
-    assert "step 7 skipped: non-finite loss at step 6 (1 in a row, 3 in all)" in log
+    assert "step 3 skipped: non-finite loss at step 3 (1 in a row, 1 in all)" in log
+    assert "step 4 skipped: non-finite gradient norm at step 4 (2 in a row, 2 in all)" in log
+    assert "step 7 skipped: non-finite loss at step 7 (1 in a row, 3 in all)" in log
     state = read_checkpoint(tmp_path / "skip" / "checkpoint.pt")
     assert state["skipped"] == 3 and state["step"] == 8
     assert all(s["step"] == 5 for s in state["optimizer"]["state"].values())  # Adam updates
@@ -607,7 +623,7 @@ def test_a_nonfinite_step_changes_no_state(tmp_path, monkeypatch, fused, kind):
     trainer.settle(report)
     assert trainer.skipped == 1 and trainer.nonfinite_streak == 1
     what = "loss" if kind == "loss" else "gradient norm"
-    assert report.lines == [f"step 2 skipped: non-finite {what} at step 1 (1 in a row, 1 in all)"]
+    assert report.lines == [f"step 2 skipped: non-finite {what} at step 2 (1 in a row, 1 in all)"]
     trainer.train_step(report)  # step 2: updates again
     trainer.settle(report)
     assert trainer.nonfinite_streak == 0
