@@ -272,11 +272,18 @@ class Trainer:
             raise TrainingError(f"{where} is not a training checkpoint (it lacks "
                                 f"{', '.join(missing)}); use a new --workdir")
         saved = from_dict(state["config"])
-        if (as_stored(saved.model) != as_stored(self.cfg.model)
-                or as_stored(saved.sde) != as_stored(self.cfg.sde)):
+        differ = [f"{section}.{name} {old!r} -> {new!r}"
+                  for section in ("model", "sde")
+                  for (name, old), new in zip(
+                      dataclasses.asdict(getattr(saved, section)).items(),
+                      dataclasses.asdict(getattr(self.cfg, section)).values())
+                  if as_stored(old) != as_stored(new)]
+        if differ:
+            shown = "; ".join(differ)
             raise TrainingError(
                 f"{where} was written for a different model or SDE configuration "
-                f"({saved.model.name}, {saved.sde.name}); use a new --workdir")
+                f"({shown if len(shown) <= 300 else shown[:300] + '...'}); use a new "
+                f"--workdir")
         saved_shape = tuple(state.get("data_info", {}).get("shape", self.info.shape))
         if saved_shape != self.info.shape:
             raise TrainingError(f"{where} was written for data of per-sample shape "

@@ -526,7 +526,8 @@ BAD_INPUTS = [
      "was written for a different model or SDE configuration"),
     ("checkpoint of another SDE", ["--config", "{configs}/run.py", "--sde", "ve",
                                    "--workdir", "{run}"],
-     "was written for a different model or SDE configuration (mlp, vp)"),
+     "was written for a different model or SDE configuration (sde.name 'vp' -> 've'); use a "
+     "new --workdir"),
     ("checkpoint for other data", ["--config", "{configs}/run.py", "--workdir", "{run}"]
      + _array("points3d.npy"), "was written for data of per-sample shape (2,), this run's"),
     ("not a training checkpoint", TOY + ["--workdir", "{foreign}"],

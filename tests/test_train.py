@@ -207,7 +207,10 @@ def test_killed_process_resumes_exactly(tmp_path):
 def test_resume_with_a_different_model_is_refused(tmp_path):
     train(_toy_cfg(n_iters=10), str(tmp_path))
     other = apply_overrides(_toy_cfg(n_iters=20), {"model.kwargs": dict(hidden=16, num_layers=2)})
-    with pytest.raises(RuntimeError, match="different model or SDE configuration"):
+    # The message names what differs (a resumed run of "the same" model puzzled users).
+    with pytest.raises(RuntimeError, match=r"different model or SDE configuration \(model\."
+                                           r"kwargs \{'hidden': 32, 'num_layers': 2\} -> "
+                                           r"\{'hidden': 16, 'num_layers': 2\}\)"):
         train(other, str(tmp_path))
 
 
