@@ -33,7 +33,9 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """A duration for people: "45 s", "27 min", "3.2 h", "7.9 days"."""
+    """A duration for people: "under 1 s", "45 s", "27 min", "3.2 h", "7.9 days"."""
+    if seconds < 1:
+        return "under 1 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:

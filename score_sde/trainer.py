@@ -575,9 +575,11 @@ class Trainer:
             return
         seconds = left / steps_per_s
         images = steps_per_s * tc.batch_size
+        duration = format_duration(seconds)
+        if not duration.startswith("under"):
+            duration = "about " + duration
         report.line(f"speed {images:.0f} images/s ({1 / steps_per_s:.3g} s/step): the {left} "
-                    f"steps left take about "
-                    f"{format_duration(seconds)}")
+                    f"steps left take {duration}")
         if self.slow_hint and self.device.type == "cpu" and seconds > SLOW_CPU_RUN_SECONDS:
             report.line(self.slow_hint)
 

@@ -12,6 +12,7 @@ import fcntl
 import math
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -38,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("seconds, text", [(45, "45 s"), (89.4, "89 s"), (120, "2 min"),
+@pytest.mark.parametrize("seconds, text", [(0.0, "under 1 s"), (0.99, "under 1 s"),
+                                           (1.0, "1 s"), (45, "45 s"), (89.4, "89 s"), (120, "2 min"),
                                            (27 * 60, "27 min"), (3 * 3600, "3.0 h"),
                                            (7.9 * 86400, "7.9 days")])
 def test_format_duration(seconds, text):
@@ -127,7 +129,7 @@ def test_console_shows_the_log_and_stdout_only_the_result(tmp_path):
     size = sum(p.numel() for p in model.parameters()) / 1e6
     assert err[0] == f"start at step 0 of 30 on cpu: mlp with {size:.2f}M parameters, batch 32"
     assert err[1].startswith("speed ") and " images/s (" in err[1] and \
-        "s/step): the " in err[1] and " steps left take about " in err[1], err
+        re.search(r"s/step\): the \d+ steps left take (about \d|under 1 s$)", err[1]), err
     assert [line.split()[1] for line in err if " loss=" in line] == ["10", "20", "30"]
     assert err[-1] == "done at step 30"
     assert (tmp_path / "w" / "log.txt").read_text().splitlines() == err
@@ -191,6 +193,10 @@ def test_the_cpu_quick_start_hint_follows_a_long_expected_duration(tmp_path):
         trainer.report_speed(steps_per_s, report)
         assert report.lines[0].startswith(f"speed {steps_per_s * 64:.0f} images/s")
         assert report.lines[1:] == ([hint] if shown else [])
+    report = Lines()
+    trainer.report_speed(4000 / 0.5, report)  # all the steps left in half a second
+    assert report.lines == ["speed 512000 images/s (0.000125 s/step): the 4000 steps left take "
+                            "under 1 s"]
 
 
 def test_sample_grids_go_to_tensorboard(tmp_path):
