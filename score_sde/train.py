@@ -181,6 +181,11 @@ def resolve(flag_values) -> tuple:
         raise ValueError("--label_dropout needs --class_conditional")
     if flag_values["max_nonfinite"].present and not cfg.training.skip_nonfinite:
         raise ValueError("--max_nonfinite needs --skip_nonfinite")
+    for name in ("sampler", "sample_steps"):
+        if flag_values[name].present and cfg.training.sample_every == 0:
+            raise ValueError(f"--{name} sets the sampler of the sample grids, which "
+                             f"--sample_every 0 turns off: give --sample_every > 0 or drop "
+                             f"--{name}")
     workdir = flag_values.workdir or os.path.join("runs", f"{cfg.sde.name}_{cfg.data.dataset}")
     for path in [Path(workdir).absolute()] + list(Path(workdir).absolute().parents):
         if path.is_symlink() and not path.exists():

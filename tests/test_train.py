@@ -340,6 +340,9 @@ def test_ve_on_cifar10_defaults_to_the_papers_ve_model_and_noise_levels():
     (["--label_dropout", "0.2"], "--label_dropout needs --class_conditional"),
     (["--class_conditional", "--label_dropout", "1.5"], "label_dropout"),
     (["--max_nonfinite", "3"], "--max_nonfinite needs --skip_nonfinite"),
+    (["--sample_every", "0", "--sample_steps", "5"],
+     "--sample_steps sets the sampler of the sample grids, which --sample_every 0 turns off"),
+    (["--sample_every", "0", "--sampler", "pc"], "--sampler sets the sampler of the sample grids"),
     (["--bf16", "--device", "cpu"], "--bf16 autocast is for CUDA"),
     (["--bf16"], "--bf16 autocast is for CUDA; --device auto runs on cpu here"),  # ENV: no GPU
     (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
