@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ._utils import check_choice
+from .datasets import DATASETS
+from .datasets.common import IMAGE_DATASETS, reject_unused
 from .datasets.images import default_data_dir
 
 
@@ -268,6 +270,11 @@ def check_config(cfg: Config) -> None:
                          "the likelihood-weighted loss)")
     if cfg.data.dataset == "array" and not cfg.data.data_path:
         raise ValueError("--dataset array needs --data_path FILE.npy or FILE.npz")
+    # Caught here, not only when the data loads, so that --dry_run refuses it too.
+    check_choice("dataset", cfg.data.dataset, DATASETS)
+    reject_unused(cfg.data.dataset,
+                  data_dir=None if cfg.data.dataset in IMAGE_DATASETS else cfg.data.data_dir,
+                  data_path=None if cfg.data.dataset == "array" else cfg.data.data_path)
     if tc.bf16 and tc.device == "cpu":
         raise ValueError("--bf16 autocast is for CUDA; drop --bf16 or use --device cuda")
     for name in ("n_iters", "batch_size", "log_every", "eval_every", "checkpoint_every",

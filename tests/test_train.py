@@ -270,6 +270,20 @@ def test_config_values_of_the_wrong_type_are_refused(field, value, message):
         check_config(apply_overrides(_toy_cfg(), {field: value}))
 
 
+def test_config_data_settings_the_dataset_does_not_use_are_refused():
+    check_config(apply_overrides(_toy_cfg(), {"data.dataset": "array", "data.data_path": "x.npy"}))
+    for overrides, message in (
+            ({"data.dataset": "toy_moonz"}, r"unknown dataset 'toy_moonz'; accepted: "),
+            ({"data.dataset": "toy_moonz", "data.data_dir": "/d"}, r"unknown dataset"),
+            ({"data.data_dir": "/d"}, r"dataset 'toy_8gaussians' does not use data_dir"),
+            ({"data.dataset": "cifar10", "data.data_path": "x.npy"},
+             r"dataset 'cifar10' does not use data_path \(got 'x.npy'\)"),
+            ({"data.dataset": "array", "data.data_path": "x.npy", "data.data_dir": "/d"},
+             r"dataset 'array' does not use data_dir")):
+        with pytest.raises(ValueError, match=message):
+            check_config(apply_overrides(_toy_cfg(), overrides))
+
+
 def test_infinite_grad_clip_means_no_clipping(tmp_path):
     """grad_clip = inf (clip_grad_norm_'s "no limit") is a valid config value, and trains
     exactly as grad_clip = 0 (the documented off switch) does."""
@@ -340,6 +354,9 @@ def test_ve_on_cifar10_defaults_to_the_papers_ve_model_and_noise_levels():
     (["--label_dropout", "0.2"], "--label_dropout needs --class_conditional"),
     (["--class_conditional", "--label_dropout", "1.5"], "label_dropout"),
     (["--max_nonfinite", "3"], "--max_nonfinite needs --skip_nonfinite"),
+    (["--data_dir", "/tmp", "--dry_run"], "dataset 'toy_moons' does not use data_dir"),
+    (["--dataset", "fashion_mnist", "--data_path", "x.npy", "--dry_run"],
+     "dataset 'fashion_mnist' does not use data_path"),
     (["--sample_every", "0", "--sample_steps", "5"],
      "--sample_steps sets the sampler of the sample grids, which --sample_every 0 turns off"),
     (["--sample_every", "0", "--sampler", "pc"], "--sampler sets the sampler of the sample grids"),

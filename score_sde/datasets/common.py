@@ -33,6 +33,9 @@ def mix_seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0])
 
 
+IMAGE_DATASETS = ("fashion_mnist", "cifar10")  # the datasets read from data_dir
+
+
 def reject_unused(name: str, **args) -> None:
     for arg, value in args.items():
         if value is not None:
