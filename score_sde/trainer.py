@@ -49,6 +49,7 @@ STREAM_NOISE, STREAM_DATA, STREAM_EVAL_NOISE, STREAM_EVAL_DATA, STREAM_SAMPLES =
 STREAM_DROPOUT = 5
 # Evaluations of the default sample-grid sampler (DPM-Solver, order 2 multistep).
 GRID_DPM_STEPS = 20
+FINAL_WORK = ("eval", "samples")  # the last step's work after its checkpoint, in order
 # A CPU run whose steps take longer than this gets `slow_hint` after its expected duration.
 SLOW_CPU_RUN_SECONDS = 2 * 3600
 
@@ -182,9 +183,10 @@ class Trainer:
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or loaded
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.nonfinite_streak = 0  # ... of which the latest, in a row
-        # A stop abandoned the held-out loss or sample grid of the last step (n_iters): a
-        # resume at that step does them before it reports done.
-        self.final_work_pending = False
+        # The work of the last step (n_iters) a stop abandoned: "eval" (the held-out loss)
+        # and/or "samples" (the grid); a resume at that step does it before it reports done.
+        # Rank 0's list is the one saved (it alone does that work).
+        self.final_work_pending: List[str] = []
         # (step, [loss finite, gradient finite]) on the device, not yet read by `settle`.
         self.unsettled: List[Tuple[int, torch.Tensor]] = []
         self.lock = FolderLock(self.workdir)  # held by rank 0 while it runs (`lock_workdir`)
@@ -301,7 +303,12 @@ class Trainer:
         self.saved_step = self.step
         self.skipped = int(state.get("skipped", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        self.final_work_pending = bool(state.get("final_work_pending", False))
+        pending = state.get("final_work_pending", [])
+        if isinstance(pending, bool):  # checkpoints that kept one flag for the step's work
+            due = due_after(self.step, self.cfg.training)
+            pending = [part for part, is_due in zip(FINAL_WORK, (due.evaluate, due.sample))
+                       if is_due and pending]
+        self.final_work_pending = [part for part in FINAL_WORK if part in pending]
 
     def save(self, *, snapshot: bool) -> None:
         """Rank 0 writes checkpoint.pt (and a snapshot); every process waits for it.
@@ -382,22 +389,26 @@ class Trainer:
                     # to do (a run killed during them redoes them when resumed) until they
                     # are done.
                     started = time.time()  # not training: kept out of samples_per_s
+                    final = False  # the last step's checkpoint lists work to do: every process
                     if due.save:
-                        self.final_work_pending = (self.step >= tc.n_iters
-                                                   and (due.evaluate or due.sample))
+                        final = self.step >= tc.n_iters and (due.evaluate or due.sample)
+                        self.final_work_pending = [
+                            part for part, is_due in zip(FINAL_WORK, (due.evaluate, due.sample))
+                            if is_due and final]
                         self.save(snapshot=due.snapshot)
                     if main and due.evaluate:
                         metrics.update(self.log_eval_loss(report))
+                        self.mark_done("eval")
                     if main and due.sample:
                         self.write_samples(report)
-                    if self.final_work_pending and self.stop_requested() is None:
-                        self.final_work_pending = False
+                        self.mark_done("samples")
+                    if final and self.stop_requested() is None:
+                        self.final_work_pending = []
                         self.save(snapshot=False)
                     self.periodic_seconds += time.time() - started
-                signum = self.stop_requested()  # one that abandoned the last step's evaluation
+                signum = self.stop_requested()  # one that abandoned the last step's work
                 if signum is not None:
-                    self.final_work_pending = True
-                    self.save(snapshot=False)  # the flag, for the resume to redo that work
+                    self.save(snapshot=False)  # the work left, for the resume to do
                     self.interrupt(signum, report)
                 report.line(f"done at step {self.step}")
             except RuntimeError as err:
@@ -478,23 +489,33 @@ class Trainer:
         self.last_log, self.periodic_seconds = (time.time(), self.step), 0.0
         return report
 
+    def mark_done(self, part: str) -> None:
+        """Takes `part` of the last step's work off the list unless a stop request arrived
+        while it ran (which abandons it)."""
+        if self.stop.signum is None and part in self.final_work_pending:
+            self.final_work_pending.remove(part)
+
     def finish_final_work(self, report: Reporter) -> Dict[str, float]:
-        """The held-out loss and sample grid due at step n_iters that a stop abandoned, done on
-        resuming there (a longer run makes its own); returns the held-out loss metrics."""
+        """The held-out loss and/or sample grid due at step n_iters that a stop abandoned, done
+        on resuming there (a longer run makes its own); returns the held-out loss metrics."""
         if self.step != self.cfg.training.n_iters:  # a longer run: its own last step does it
-            self.final_work_pending = False
+            self.final_work_pending = []
             return {}
-        report.line(f"step {self.step}: the held-out loss and samples a stop abandoned")
-        due = due_after(self.step, self.cfg.training)
+        pending = self.final_work_pending
+        names = " and ".join({"eval": "held-out loss", "samples": "samples"}[p] for p in pending)
+        report.line(f"step {self.step}: the {names} a stop abandoned")
         metrics: Dict[str, float] = {}
-        if self.dist.is_main and due.evaluate:
+        if self.dist.is_main and "eval" in pending:
             metrics = self.log_eval_loss(report)
-        if self.dist.is_main and due.sample:
+            self.mark_done("eval")
+        if self.dist.is_main and "samples" in pending:
             self.write_samples(report)
+            self.mark_done("samples")
         signum = self.stop_requested()
-        if signum is not None:  # stopped again: still pending
+        if signum is not None:  # stopped again: what is left stays on the list
+            self.save(snapshot=False)
             self.interrupt(signum, report)
-        self.final_work_pending = False
+        self.final_work_pending = []
         self.save(snapshot=False)  # the checkpoint no longer asks for the work
         return metrics
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import score_sde.trainer as trainer_module
-from score_sde.checkpoint import read_checkpoint
+from score_sde.checkpoint import read_checkpoint, save_checkpoint
 from score_sde.stopping import SignalStop, TrainingInterrupted
 from score_sde.trainer import Trainer, train
 from tests.test_reliability import _same, _temporaries, _wait_until
@@ -203,18 +203,48 @@ def test_a_signal_during_the_last_steps_work_is_still_a_stop(tmp_path, monkeypat
     log = (tmp_path / "log.txt").read_text()
     assert "done at step" not in log
     assert log.splitlines()[-1] == "stopped at step 8 (SIGINT); run the same command to resume"
+    # The checkpoint lists the work left: a held-out loss that was finished is not redone.
+    left = ["eval", "samples"] if where == "eval_loss" else ["samples"]
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == left
     # Running the same command again does the abandoned work, then reports done.
     monkeypatch.setattr(Trainer, where, work)
     metrics = train(_toy_cfg(**FAST), str(tmp_path), quiet=True)
     log = (tmp_path / "log.txt").read_text().splitlines()
     assert log[-1] == "done at step 8"
-    if where == "eval_loss":
-        assert "eval_loss" in metrics and any("step 8 eval_loss_ema=" in line for line in log)
-    else:
-        assert (tmp_path / "samples" / "samples_00000008.png").exists()
-    assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] is False
+    assert sum("step 8 eval_loss_ema=" in line for line in log) == 1
+    assert ("eval_loss" in metrics) == (where == "eval_loss")
+    names = "held-out loss and samples" if where == "eval_loss" else "samples"
+    assert f"step 8: the {names} a stop abandoned" in log
+    assert (tmp_path / "samples" / "samples_00000008.png").exists()
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == []
     again = train(_toy_cfg(**FAST), str(tmp_path), quiet=True)  # nothing left to do
     assert "eval_loss" not in again
+
+
+def test_a_resume_stopped_again_keeps_only_the_work_still_left(tmp_path, monkeypatch):
+    work = Trainer.sample_grid
+
+    def interrupted(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        raise AssertionError("sample_grid was not abandoned")
+
+    cfg = _toy_cfg(**FAST)
+    train(cfg, str(tmp_path), quiet=True)
+    # A checkpoint that kept one flag for the step's work (True: all of it still to do).
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    state["final_work_pending"] = True
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(Trainer, "sample_grid", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, str(tmp_path), quiet=True)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == ["samples"]
+    monkeypatch.setattr(Trainer, "sample_grid", work)
+    metrics = train(cfg, str(tmp_path), quiet=True)
+    log = (tmp_path / "log.txt").read_text().splitlines()
+    assert log[-2:] == ["step 8: the samples a stop abandoned", "done at step 8"]
+    assert "eval_loss" not in metrics  # the held-out loss was done by the stopped resume
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == []
 
 
 def test_a_signal_before_training_writes_nothing(tmp_path, monkeypatch):

@@ -554,7 +554,7 @@ def test_out_of_memory_in_a_sample_grid_keeps_that_steps_checkpoint(tmp_path, mo
     with pytest.raises(TrainingError, match=r"after step 40 .* checkpoint \(step 40\) is kept"):
         train(cfg, str(tmp_path / "b"))
     state = read_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    assert state["step"] == 40 and state["final_work_pending"]
+    assert state["step"] == 40 and state["final_work_pending"] == ["eval", "samples"]
     monkeypatch.undo()
     train(cfg, str(tmp_path / "b"))
     assert not read_checkpoint(tmp_path / "b" / "checkpoint.pt")["final_work_pending"]
