@@ -187,6 +187,9 @@ class Trainer:
         # and/or "samples" (the grid); a resume at that step does it before it reports done.
         # Rank 0's list is the one saved (it alone does that work).
         self.final_work_pending: List[str] = []
+        # The last log step's metrics and the last held-out loss: saved, so that a resumed or
+        # rerun finished run reports what an uninterrupted one does.
+        self.metrics: Dict[str, float] = {}
         # (step, [loss finite, gradient finite]) on the device, not yet read by `settle`.
         self.unsettled: List[Tuple[int, torch.Tensor]] = []
         self.lock = FolderLock(self.workdir)  # held by rank 0 while it runs (`lock_workdir`)
@@ -258,7 +261,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "skipped": self.skipped, "nonfinite_streak": self.nonfinite_streak,
-                "final_work_pending": self.final_work_pending,
+                "final_work_pending": self.final_work_pending, "metrics": self.metrics,
                 "config": to_dict(self.cfg), "data_info": dataclasses.asdict(self.info),
                 "data_sha256": self.data_sha256}
 
@@ -309,6 +312,7 @@ class Trainer:
             pending = [part for part, is_due in zip(FINAL_WORK, (due.evaluate, due.sample))
                        if is_due and pending]
         self.final_work_pending = [part for part in FINAL_WORK if part in pending]
+        self.metrics = {name: float(value) for name, value in state.get("metrics", {}).items()}
 
     def save(self, *, snapshot: bool) -> None:
         """Rank 0 writes checkpoint.pt (and a snapshot); every process waits for it.
@@ -361,12 +365,11 @@ class Trainer:
             self.unlock_workdir()
             raise
         smoothed, probe = SmoothedLoss(), SpeedProbe(self.device)
-        metrics: Dict[str, float] = {}
         self.model.train()
         try:
             try:
                 if self.final_work_pending:
-                    metrics.update(self.finish_final_work(report))
+                    self.finish_final_work(report)
                 while self.step < tc.n_iters:
                     signum = self.stop_requested()
                     if signum is not None:
@@ -378,7 +381,7 @@ class Trainer:
                     if due.any:  # the same steps on every process
                         self.settle(report)
                     if due.log:
-                        metrics = self.log_step(loss, lr, grad_norm, report)
+                        self.metrics = self.log_step(loss, lr, grad_norm, report)
                     # On a GPU reading the loss waits for the device: only where settle did.
                     refresh = report.shows_bar and (due.log or self.device.type != "cuda")
                     report.advance(smoothed.read() if refresh else None)
@@ -397,7 +400,7 @@ class Trainer:
                             if is_due and final]
                         self.save(snapshot=due.snapshot)
                     if main and due.evaluate:
-                        metrics.update(self.log_eval_loss(report))
+                        self.metrics.update(self.log_eval_loss(report))
                         self.mark_done("eval")
                     if main and due.sample:
                         self.write_samples(report)
@@ -428,7 +431,7 @@ class Trainer:
         finally:
             report.close()
             self.unlock_workdir()
-        return metrics
+        return dict(self.metrics)
 
     def start(self) -> Reporter:
         """Resumes from the checkpoint in workdir, if any, and opens the run's reporter with
@@ -495,18 +498,17 @@ class Trainer:
         if self.stop.signum is None and part in self.final_work_pending:
             self.final_work_pending.remove(part)
 
-    def finish_final_work(self, report: Reporter) -> Dict[str, float]:
+    def finish_final_work(self, report: Reporter) -> None:
         """The held-out loss and/or sample grid due at step n_iters that a stop abandoned, done
-        on resuming there (a longer run makes its own); returns the held-out loss metrics."""
+        on resuming there (a longer run makes its own)."""
         if self.step != self.cfg.training.n_iters:  # a longer run: its own last step does it
             self.final_work_pending = []
-            return {}
+            return
         pending = self.final_work_pending
         names = " and ".join({"eval": "held-out loss", "samples": "samples"}[p] for p in pending)
         report.line(f"step {self.step}: the {names} a stop abandoned")
-        metrics: Dict[str, float] = {}
         if self.dist.is_main and "eval" in pending:
-            metrics = self.log_eval_loss(report)
+            self.metrics.update(self.log_eval_loss(report))
             self.mark_done("eval")
         if self.dist.is_main and "samples" in pending:
             self.write_samples(report)
@@ -517,7 +519,6 @@ class Trainer:
             self.interrupt(signum, report)
         self.final_work_pending = []
         self.save(snapshot=False)  # the checkpoint no longer asks for the work
-        return metrics
 
     def lock_workdir(self) -> None:
         """Rank 0 takes the run folder's lock (`FolderLock`, on train.lock) for the whole run,

@@ -211,14 +211,20 @@ def test_a_signal_during_the_last_steps_work_is_still_a_stop(tmp_path, monkeypat
     metrics = train(_toy_cfg(**FAST), str(tmp_path), quiet=True)
     log = (tmp_path / "log.txt").read_text().splitlines()
     assert log[-1] == "done at step 8"
-    assert sum("step 8 eval_loss_ema=" in line for line in log) == 1
-    assert ("eval_loss" in metrics) == (where == "eval_loss")
+    evals = [line for line in log if line.startswith("step 8 eval_loss_ema=")]
+    assert len(evals) == 1  # done once, by the stopped run or by the resume
+    # The same metrics as an uninterrupted run reports: the last step's and its held-out loss.
+    assert f"{metrics['eval_loss']:.6g}" == evals[0].split("=")[1]
+    assert {"loss", "lr", "grad_norm"} <= set(metrics)
     names = "held-out loss and samples" if where == "eval_loss" else "samples"
     assert f"step 8: the {names} a stop abandoned" in log
     assert (tmp_path / "samples" / "samples_00000008.png").exists()
     assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == []
     again = train(_toy_cfg(**FAST), str(tmp_path), quiet=True)  # nothing left to do
-    assert "eval_loss" not in again
+    assert again == metrics
+    rerun = (tmp_path / "log.txt").read_text().splitlines()[len(log):]
+    assert len(rerun) == 2 and rerun[0].startswith("resuming from step 8 of 8 on cpu: ")
+    assert rerun[1] == "done at step 8"
 
 
 def test_a_resume_stopped_again_keeps_only_the_work_still_left(tmp_path, monkeypatch):
@@ -243,7 +249,9 @@ def test_a_resume_stopped_again_keeps_only_the_work_still_left(tmp_path, monkeyp
     metrics = train(cfg, str(tmp_path), quiet=True)
     log = (tmp_path / "log.txt").read_text().splitlines()
     assert log[-2:] == ["step 8: the samples a stop abandoned", "done at step 8"]
-    assert "eval_loss" not in metrics  # the held-out loss was done by the stopped resume
+    evals = [line for line in log if line.startswith("step 8 eval_loss_ema=")]
+    assert len(evals) == 2  # the first run's and the stopped resume's, none after
+    assert f"{metrics['eval_loss']:.6g}" == evals[1].split("=")[1]
     assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == []
 
 
