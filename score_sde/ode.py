@@ -20,7 +20,7 @@ import torch
 import torchdiffeq
 
 from ._utils import check_shape, checks_times_on_host, float64_like
-from .checks import check_data, check_solve_inputs, sample_device, sample_dtype
+from .checks import check_data, check_solve_inputs, sample_device, sample_dtype, state_dtype
 from .score import CountingScore
 from .sde import SDE, ReverseSDE, ScoreFn
 
@@ -130,15 +130,19 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
 
 def pf_ode_solve(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t_start: float, t_end: float, *,
                  rtol: float, atol: float, method: str, eps: float,
-                 error_norm: str = "max") -> Tuple[torch.Tensor, int]:
+                 error_norm: str = "max",
+                 dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, int]:
     """Solves the probability-flow ODE for x [B, ...] from t_start to t_end; returns the state
-    at t_end in x's dtype and the number of score evaluations."""
-    counting = CountingScore(score_fn, eps, sde.T)
+    at t_end in `dtype` (default x's) and the number of score evaluations. The score sees
+    `dtype`; the drift is formed in at least float32 (g^2 overflows float16 under VE, and
+    bfloat16 drifts make the step control see noise)."""
+    dtype = dtype or x.dtype
+    counting = CountingScore(score_fn, eps, sde.T, model_dtype=dtype)
     rsde = ReverseSDE(sde, counting, probability_flow=True)
-    dtype = x.dtype
+    work = state_dtype(dtype)
 
     def rhs(t, y):
-        drift, _ = rsde.sde(y.to(dtype), t)
+        drift, _ = rsde.sde(y.to(work), t)
         return drift.to(y.dtype)
 
     with torch.no_grad():
@@ -214,7 +218,10 @@ def sample_ode(sde: SDE, score_fn: ScoreFn, shape, *, rtol: float = 1e-5, atol: 
         eps: final time.
         denoise: replace the result by Tweedie's E[x_0 | x_eps] (one more evaluation).
         device: device of the samples; defaults to the generator's device, else CPU.
-        dtype: dtype of the samples (default: torch's default dtype).
+        dtype: dtype of the samples and of the score's input (default: torch's default
+            dtype). The prior draw and the drift are at least float32 and the state float64.
+            A half-precision score is rounded to 3 or 4 digits, which the step control sees:
+            with bfloat16 loosen rtol/atol to about 1e-3, or expect many more evaluations.
         generator: torch.Generator for the prior draw.
         error_norm: "max" or "rms" (see `ERROR_NORMS`).
 
@@ -233,9 +240,10 @@ def sample_ode(sde: SDE, score_fn: ScoreFn, shape, *, rtol: float = 1e-5, atol: 
     device = sample_device(device, generator)
     dtype = sample_dtype(dtype)
     with torch.no_grad():
-        z = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+        z = sde.prior_sampling(shape, generator=generator, device=device,
+                              dtype=state_dtype(dtype))
     x, nfe = pf_ode_solve(sde, score_fn, z, sde.T, eps, rtol=rtol, atol=atol, method=method,
-                          eps=eps, error_norm=error_norm)
+                          eps=eps, error_norm=error_norm, dtype=dtype)
     if denoise:
         counting = CountingScore(score_fn, eps, sde.T)
         with torch.no_grad():

@@ -8,7 +8,7 @@ import score_sde
 from score_sde import (SubVPSDE, data_to_latent, latent_to_data, log_likelihood, sample_ode,
                        sample_pc)
 from tests.problems import (KERNELS, GaussianMixture, exact_log_prob_t, exact_score_fn,
-                            ring_mixture)
+                            ring_mixture, ve_kernel)
 
 SDES = {"vp": score_sde.VPSDE, "subvp": score_sde.SubVPSDE, "ve": score_sde.VESDE}
 
@@ -36,6 +36,43 @@ def test_latent_map_of_gaussian_data_is_the_closed_form_affine_map(name, shape):
     expected = a1 * m + (sd1 / sd0) * (x - a0 * m)
     assert z.shape == x.shape and nfe > 0
     assert torch.allclose(z, expected, rtol=1e-4, atol=1e-4 * float(sd1))
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_ode_samples_and_latents_follow_the_closed_form(name, dtype):
+    # Data N(1, 0.5^2 I); VE with the paper's sigma_max = 348, where g(T)^2 = 2.5e6 overflows
+    # float16 (65504) if the drift is formed in the samples' dtype. The score, exact in float64,
+    # sees the half-precision input as a network would.
+    sigma_max, s, eps = 348.0, 0.5, 1e-5
+    kernel = KERNELS["vp"] if name == "vp" else (lambda t: ve_kernel(t, sigma_max=sigma_max))
+    sde = score_sde.VPSDE() if name == "vp" else score_sde.VESDE(sigma_max=sigma_max)
+    exact = exact_score_fn(_gaussian([1.0, 1.0], s), kernel)
+    seen = set()
+
+    def score_fn(x, t):
+        seen.add(x.dtype)
+        return exact(x.double(), t).to(x.dtype)
+
+    tol = 1e-3 if dtype == torch.bfloat16 else 1e-5  # bfloat16 scores: 3 digits
+    n = 1000
+    x, _ = sample_ode(sde, score_fn, (n, 2), eps=eps, dtype=dtype, rtol=tol, atol=tol,
+                      generator=torch.Generator().manual_seed(0))
+    assert x.dtype == dtype and seen == {dtype}
+    x = x.double()
+    # 5 standard errors of 2n values, plus the rounding of the output to dtype.
+    assert abs(float(x.mean()) - 1.0) < 5 * s / math.sqrt(2 * n) + 0.01
+    assert abs(float(x.var()) - s ** 2) < 5 * s ** 2 * math.sqrt(2 / (2 * n)) + 0.01
+    if dtype == torch.bfloat16:
+        return  # a latent 700 sigma_min out, from 3-digit scores: a few percent off
+    # The latent of data points: the affine map of the Gaussian case (see the test above).
+    data = torch.tensor([[0.0, 0.5], [1.0, 2.0]], dtype=dtype)
+    z, _ = data_to_latent(sde, score_fn, data, eps=eps, rtol=tol, atol=tol)
+    (a0, v0), (a1, v1) = (kernel(torch.tensor(t, dtype=torch.float64)) for t in (eps, 1.0))
+    sd0, sd1 = torch.sqrt(a0 ** 2 * s ** 2 + v0), torch.sqrt(a1 ** 2 * s ** 2 + v1)
+    expected = a1 + (sd1 / sd0) * (data.double() - a0)
+    assert z.dtype == dtype
+    assert torch.allclose(z.double(), expected, rtol=5e-3, atol=5e-3 * float(sd1))
 
 
 @pytest.mark.parametrize("name", list(SDES))
