@@ -63,9 +63,9 @@ def _check_mask(mask, x_known):
 
 
 def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corrector_cls,
-                snr, corrector_steps, eps, generator, probability_flow):
+                snr, corrector_steps, eps, generator, probability_flow, task="inpainting"):
     """`sample_pc`'s loop (`run_pc`) with the known region imposed after every step, on
-    validated inputs (`known` a bool mask)."""
+    validated inputs (`known` a bool mask); `task` names the caller in errors."""
     ndim, dtype = x_known.ndim, x_known.dtype
     noise = normal_noise(generator)
 
@@ -86,8 +86,8 @@ def _inpaint_pc(sde, score_fn, x_known, known, *, num_steps, predictor_cls, corr
     with torch.no_grad():
         x = torch.where(known, x_known, x)
     if not torch.isfinite(x).all():
-        raise RuntimeError("inpainting produced non-finite samples; check that score_fn is "
-                           "finite on [eps, T] and that snr / step sizes are not too large")
+        raise RuntimeError(f"{task} produced non-finite samples; check that score_fn is "
+                           f"finite on [eps, T] and that snr / step sizes are not too large")
     return x, nfe
 
 
@@ -170,8 +170,10 @@ def _colour_basis(device) -> torch.Tensor:
 
 
 def _mix_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Applies a 3x3 matrix to the channel dimension (dim 1) of x [B, 3, ...]."""
-    return torch.einsum("ij,bj...->bi...", matrix.to(x.dtype), x)
+    """Applies a 3x3 matrix to the channel dimension (dim 1) of x [B, 3, ...]; the result is
+    contiguous, as every sampler's input to a score function is (einsum returns a permuted
+    view, which a score calling `.view` cannot take)."""
+    return torch.einsum("ij,bj...->bi...", matrix.to(x.dtype), x).contiguous()
 
 
 @checks_times_on_host
@@ -237,7 +239,7 @@ def colorize(sde: SDE, score_fn: ScoreFn, gray: torch.Tensor, *,
     y, nfe = _inpaint_pc(sde, decoupled_score, y_known, known, num_steps=num_steps,
                          predictor_cls=predictor_cls, corrector_cls=corrector_cls, snr=snr,
                          corrector_steps=corrector_steps, eps=eps, generator=generator,
-                         probability_flow=probability_flow)
+                         probability_flow=probability_flow, task="colorization")
     return _mix_channels(basis.T, y), nfe
 
 

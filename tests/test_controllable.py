@@ -599,6 +599,22 @@ def test_colorize_generator_that_is_not_a_generator_raises():
                  num_steps=FEW_STEPS, generator=0)
 
 
+def test_colorize_gives_the_score_contiguous_input_and_names_itself_in_errors():
+    # A score written for a network's contiguous input (it calls .view), as every sampler
+    # passes it; and a score gone non-finite is reported as colorization's.
+    seen = []
+
+    def viewing_score(x, t):
+        seen.append(x.is_contiguous())
+        return -x.view(x.shape[0], -1).view_as(x)
+
+    gray = torch.zeros((2, 1, 2, 2))
+    x, _ = colorize(score_sde.VESDE(), viewing_score, gray, num_steps=FEW_STEPS)
+    assert x.shape == (2, 3, 2, 2) and seen and all(seen)
+    with pytest.raises(RuntimeError, match=r"^colorization produced non-finite samples"):
+        colorize(score_sde.VESDE(), lambda x, t: x * float("nan"), gray, num_steps=FEW_STEPS)
+
+
 def test_colorize_without_marginal_raises():
     with pytest.raises(ValueError, match="OrnsteinUhlenbeck"):
         colorize(OrnsteinUhlenbeck(), lambda x, t: -x, torch.zeros((2, 1, 2, 2)))
