@@ -100,9 +100,14 @@ def _logsnr_grid(sched: _Schedule, num_steps: int, eps: float) -> torch.Tensor:
 
 
 def _edm_levels(s_max: float, s_min: float, num: int, rho: float) -> torch.Tensor:
-    """EDM's Eq. 5: `num` noise levels from s_max to s_min, uniform in s^(1/rho), float64."""
+    """EDM's Eq. 5: `num` noise levels from s_max to s_min, uniform in s^(1/rho), float64.
+
+    Formed in logs, s_max (1 - f + f (s_min / s_max)^(1/rho))^rho for the fraction f of the
+    way, so that s^(1/rho) cannot overflow (s_max = 80 and rho < 0.0067) or underflow."""
     frac = torch.linspace(0, 1, num, dtype=torch.float64)
-    return (s_max ** (1 / rho) + frac * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    log_ratio = (math.log(s_min) - math.log(s_max)) / rho
+    inner = torch.logaddexp(torch.log1p(-frac), torch.log(frac) + log_ratio)
+    return torch.exp(math.log(s_max) + rho * inner)
 
 
 def _edm_grid(sched: _Schedule, num_steps: int, eps: float) -> torch.Tensor:

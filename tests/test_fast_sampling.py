@@ -713,6 +713,25 @@ def test_heun_noise_levels_follow_edm(name, sigma_max):
     np.testing.assert_allclose(noise_level(name, times).numpy(), levels, rtol=1e-9)
 
 
+@pytest.mark.parametrize("rho", [1e-3, 0.5, 1e3])
+def test_heun_noise_levels_follow_edm_for_extreme_rho(rho):
+    # EDM's Eq. 5 evaluated in 60-digit decimals: 80^(1/rho) is 10^1903 at rho = 1e-3, beyond
+    # float64, and at rho = 1e3 every s^(1/rho) is within 0.5 % of 1.
+    from decimal import Decimal, localcontext
+
+    recorder, num_steps = TimeRecorder(gaussian_score("vp")), 5
+    _, nfe = sample_heun(make_sde("vp"), recorder, (2, 2), num_steps=num_steps, rho=rho,
+                         dtype=F64)
+    times = recorder.times[:1] + recorder.times[1::2]
+    with localcontext() as ctx:
+        ctx.prec = 60
+        r, hi, lo = Decimal(rho), Decimal(80), Decimal("0.002")
+        # (1 - f) a + f b for a + f (b - a): the same, without 60 digits cancelling at f = 1.
+        fracs = [Decimal(i) / (num_steps - 1) for i in range(num_steps)]
+        levels = [float(((1 - f) * hi ** (1 / r) + f * lo ** (1 / r)) ** r) for f in fracs]
+    np.testing.assert_allclose(noise_level("vp", times).numpy(), levels, rtol=1e-9)
+
+
 def test_heun_with_one_level_denoises_the_prior():
     recorder = TimeRecorder(gaussian_score("vp"))
     x, nfe = sample_heun(make_sde("vp"), recorder, (4, 3), num_steps=1, sigma_max=None,
