@@ -113,6 +113,11 @@ def check_pc_inputs(sde: SDE, score_fn: ScoreFn, shape=None, *, snr: float,
     return shape, num_steps
 
 
+# The smallest relative tolerance of the float64 ODE solves, as SciPy's solve_ivp has it: below
+# it a step's rounding alone exceeds the tolerance and the solver shrinks steps until it stops.
+MIN_RTOL = 100 * torch.finfo(torch.float64).eps
+
+
 def check_solve_inputs(sde: SDE, score_fn: ScoreFn, *, rtol: float, atol: float, method: str,
                        eps: float, error_norm: str, methods: Iterable[str],
                        error_norms: Iterable[str]) -> None:
@@ -121,6 +126,9 @@ def check_solve_inputs(sde: SDE, score_fn: ScoreFn, *, rtol: float, atol: float,
     accepted names (`ode.ADAPTIVE_METHODS`, `ode.ERROR_NORMS`)."""
     check_sde_and_score(sde, score_fn)
     check_positive("rtol", rtol)
+    if rtol < MIN_RTOL:
+        raise ValueError(f"rtol must be >= {MIN_RTOL:.3g} (100 float64 epsilons: the solver "
+                         f"state cannot resolve less and would never meet it), got {rtol:g}")
     check_positive("atol", atol)
     check_choice("method", method, methods)
     check_choice("error_norm", error_norm, error_norms)

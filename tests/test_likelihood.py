@@ -220,6 +220,7 @@ def test_bits_per_dim_hand_computed():
     (dict(num_probes=0), "num_probes"),
     (dict(method="rk4"), "method"),
     (dict(rtol=0.0), "rtol"),
+    (dict(rtol=1e-15), "rtol must be >= 2.22e-14"),
     (dict(atol=-1.0), "atol"),
     (dict(eps=0.0), "eps"),
     (dict(eps=1.0), "eps"),

@@ -197,6 +197,9 @@ def test_score_non_finite_below_some_time_is_reported():
     (dict(method="euler"), "method"), (dict(rtol=0), "rtol"), (dict(atol=float("nan")), "atol"),
     (dict(eps=-1e-3), "eps"), (dict(eps=2.0), "eps"),
     (dict(error_norm="l2"), "unknown error_norm 'l2'; accepted: 'max', 'rms'"),
+    # Below float64's reach the solve would shrink its steps until MAX_SOLVER_STEPS (minutes).
+    (dict(rtol=1e-20, atol=1e-20), r"rtol must be >= 2.22e-14 \(100 float64 epsilons"),
+    (dict(rtol=2e-14), r"rtol must be >= 2.22e-14"),
 ])
 def test_bad_solver_arguments_raise(call, kwargs, match):
     sde, score_fn = score_sde.VPSDE(), (lambda x, t: -x)
