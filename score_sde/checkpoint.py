@@ -135,13 +135,15 @@ def load_checkpoint(latest: Path, snapshot_dir: Path, *,
     Raises:
         OSError: a file could not be read at all (no permission, an I/O error): it may well
             be intact, and skipping it would let the next save overwrite it.
+        CheckpointError: there are checkpoint files but none is usable: starting afresh would
+            overwrite them, so that is left to the user.
     """
     latest = Path(latest)
     if latest.is_dir():
         warn(f"warning: skipping {latest}: a folder, not a checkpoint file")
     candidates = ([latest] if latest.exists() and not latest.is_dir() else []) + snapshots(
         snapshot_dir)
-    best = None
+    best, damaged = None, []
     for path in candidates:
         try:
             state = read_checkpoint(path)
@@ -153,16 +155,24 @@ def load_checkpoint(latest: Path, snapshot_dir: Path, *,
         except (CheckpointError, RuntimeError, EOFError) as err:
             problem = str(err).splitlines()[0] if str(err) else type(err).__name__
             warn(f"warning: skipping unusable checkpoint {path}: {problem}")
+            damaged.append((path, problem))
             continue
         if not isinstance(state, dict):
-            warn(f"warning: skipping unusable checkpoint {path}: it holds a "
-                 f"{type(state).__name__}, not a dict")
+            problem = f"it holds a {type(state).__name__}, not a dict"
+            warn(f"warning: skipping unusable checkpoint {path}: {problem}")
+            damaged.append((path, problem))
             continue
         if best is None or state.get("step", -1) > best.get("step", -1):
             best = state
         if path == latest:
             continue
         break  # snapshots are newest first: the first good one is the best of them
+    if best is None and damaged:
+        (path, problem), more = damaged[0], len(damaged) - 1
+        others = f" (and {more} damaged snapshot{'s' * (more > 1)})" if more else ""
+        raise CheckpointError(
+            f"no usable checkpoint to resume from: {path}{others} is left as it is ("
+            f"{problem}); move it away to start afresh, or use a new --workdir")
     return best
 
 

@@ -27,7 +27,7 @@ from . import datasets as data_lib
 from ._utils import stderr_line, tensors_sha256
 from .build import (build_model, build_sde, compile_model, load_splits, model_score_fn,
                     with_labels)
-from .checkpoint import (FolderLock, load_checkpoint, prune_snapshots,
+from .checkpoint import (CheckpointError, FolderLock, load_checkpoint, prune_snapshots,
                          remove_stale_temporaries, save_checkpoint)
 from .cli import write_json
 from .config import (Config, TrainingConfig, as_stored, changed_settings, check_config,
@@ -449,8 +449,11 @@ class Trainer:
             else:
                 stderr_line(message)
 
-        state = load_checkpoint(self.workdir / "checkpoint.pt", self.workdir / "snapshots",
-                                warn=warn)
+        try:
+            state = load_checkpoint(self.workdir / "checkpoint.pt", self.workdir / "snapshots",
+                                    warn=warn)
+        except CheckpointError as err:  # files there, none usable: never overwritten
+            raise TrainingError(str(err)) from None
         if state is not None:
             self.restore(state)
             changed = changed_settings(state["config"], to_dict(self.cfg), step=self.step)

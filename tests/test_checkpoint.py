@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, corruption detection, fallbacks and pruning."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,26 @@ def test_falls_back_to_newest_good_snapshot(tmp_path, capsys):
     assert state["step"] == 20
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and "snapshot_00000030.pt" in err
+
+
+@pytest.mark.parametrize("snapshots_too", [False, True])
+def test_damaged_files_with_nothing_usable_stop_the_load(tmp_path, snapshots_too):
+    """Starting afresh would overwrite them at the first save: the user decides."""
+    snaps, latest = tmp_path / "snapshots", tmp_path / "checkpoint.pt"
+    torch.save(_state(20), latest)  # a foreign file (plain torch.save) under the name
+    if snapshots_too:
+        for step in (10, 15):
+            save_checkpoint(_state(step), snaps / f"snapshot_{step:08d}.pt")
+            path = snaps / f"snapshot_{step:08d}.pt"
+            path.write_bytes(path.read_bytes()[:-1])
+    before = latest.read_bytes()
+    more = r" \(and 2 damaged snapshots\)" if snapshots_too else ""
+    with pytest.raises(CheckpointError, match=(
+            rf"^no usable checkpoint to resume from: {re.escape(str(latest))}{more} is left as "
+            rf"it is \({re.escape(str(latest))} is not a score_sde checkpoint or is truncated\);"
+            rf" move it away to start afresh, or use a new --workdir$")):
+        load_checkpoint(latest, snaps, warn=lambda message: None)
+    assert latest.read_bytes() == before
 
 
 def test_unreadable_file_stops_the_load_instead_of_being_skipped(tmp_path, monkeypatch):

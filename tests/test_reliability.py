@@ -228,6 +228,24 @@ def test_damaged_checkpoint_falls_back_to_newest_good_snapshot(tmp_path, capsys,
     assert warnings[0] in log and warnings[1] in log and "resuming from step 20 " in log
 
 
+def test_a_foreign_checkpoint_with_no_snapshot_is_refused_and_kept(tmp_path):
+    # Training afresh would replace it at the first save: exit 2, the file untouched.
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    torch.save({"model": {}, "step": 12345}, workdir / "checkpoint.pt")
+    before = (workdir / "checkpoint.pt").read_bytes()
+    out = subprocess.run([sys.executable, "-m", "score_sde.train", "--dataset", "toy_moons",
+                          "--n_iters", "5", "--device", "cpu", "--workdir", str(workdir)],
+                         capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: no usable checkpoint to resume from: {workdir / 'checkpoint.pt'} is left as it "
+        f"is ({workdir / 'checkpoint.pt'} is not a score_sde checkpoint or is truncated); move "
+        f"it away to start afresh, or use a new --workdir"]
+    assert (workdir / "checkpoint.pt").read_bytes() == before
+    assert not (workdir / "snapshots").exists()
+
+
 class _FailingOS:
     """`os` as seen by score_sde.checkpoint, with call number `fail_on` (1-based) of the
     function `name` raising OSError(`code`)."""
