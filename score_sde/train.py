@@ -177,6 +177,10 @@ def resolve(flag_values) -> tuple:
         overrides["model.kwargs"] = {}
     cfg = apply_overrides(cfg, overrides)
     check_config(cfg)
+    # Absolute, so that the tools reading config.json find the same files from any folder.
+    cfg = apply_overrides(cfg, {f"data.{name}": os.path.abspath(getattr(cfg.data, name))
+                                for name in ("data_dir", "data_path")
+                                if getattr(cfg.data, name) is not None})
     if flag_values["label_dropout"].present and not cfg.model.class_conditional:
         raise ValueError("--label_dropout needs --class_conditional")
     if flag_values["max_nonfinite"].present and not cfg.training.skip_nonfinite:

@@ -172,6 +172,23 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path):
     assert "start at step 0 " in log and "resuming from step 20 " in log  # appended
 
 
+def test_relative_data_paths_are_recorded_as_absolute(tmp_path):
+    # config.json is read by the tools from any folder: a relative path would find another
+    # file there (or none), so the run records where its data really were.
+    (tmp_path / "sub").mkdir()
+    np.save(tmp_path / "sub" / "train.npy", np.zeros((50, 2), dtype=np.float32))
+    out = subprocess.run([sys.executable, "-m", "score_sde.train", "--dataset", "array",
+                          "--data_path", "sub/train.npy", "--workdir", "w", "--dry_run"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["data"]["data_path"] == str(tmp_path / "sub" / "train.npy")
+    out = subprocess.run([sys.executable, "-m", "score_sde.train", "--dataset", "fashion_mnist",
+                          "--data_dir", "./sub/../sub", "--dry_run"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["data"]["data_dir"] == str(tmp_path / "sub")
+
+
 def test_killed_process_resumes_exactly(tmp_path):
     # A real training process killed with SIGKILL after its first checkpoints, then restarted
     # with the same workdir, must end with the weights of an uninterrupted run.
