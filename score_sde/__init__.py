@@ -7,17 +7,36 @@ submodules (`score_sde.sampling`, `score_sde.fast_sampling`, `score_sde.models`,
 of which lists its public names in its own `__all__`. Names outside those lists may change.
 """
 import importlib
+import importlib.util
 import warnings
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-from .controllable import (classifier_free_score, classifier_guided_score, colorize, inpaint,
-                           interpolate)
-from .fast_sampling import sample_ddim, sample_dpm_solver, sample_heun
-from .likelihood import bits_per_dim, log_likelihood
-from .losses import ScoreMatchingLoss
-from .ode import data_to_latent, latent_to_data, sample_ode
-from .sampling import Corrector, Predictor, sample_pc
-from .score import make_score_fn
-from .sde import SDE, CosineVPSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE
+# Each exported name and the submodule defining it. They are imported on first use, so that
+# `import score_sde` is quick and the command lines under it (`python -m score_sde.train`) can
+# answer Ctrl-C with one line while torch loads.
+_EXPORTS = {
+    "controllable": ("classifier_free_score", "classifier_guided_score", "colorize", "inpaint",
+                     "interpolate"),
+    "fast_sampling": ("sample_ddim", "sample_dpm_solver", "sample_heun"),
+    "likelihood": ("bits_per_dim", "log_likelihood"),
+    "losses": ("ScoreMatchingLoss",),
+    "ode": ("data_to_latent", "latent_to_data", "sample_ode"),
+    "sampling": ("Corrector", "Predictor", "sample_pc"),
+    "score": ("make_score_fn",),
+    "sde": ("SDE", "CosineVPSDE", "ReverseSDE", "SubVPSDE", "VESDE", "VPSDE"),
+}
+_EXPORTED_FROM = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if _TYPE_CHECKING:  # what static analysers and editors read
+    from .controllable import (classifier_free_score, classifier_guided_score, colorize,
+                               inpaint, interpolate)
+    from .fast_sampling import sample_ddim, sample_dpm_solver, sample_heun
+    from .likelihood import bits_per_dim, log_likelihood
+    from .losses import ScoreMatchingLoss
+    from .ode import data_to_latent, latent_to_data, sample_ode
+    from .sampling import Corrector, Predictor, sample_pc
+    from .score import make_score_fn
+    from .sde import SDE, CosineVPSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE
 
 __version__ = "0.1.0"
 
@@ -58,9 +77,20 @@ _MOVED_TO = {name: module for module, names in _MOVED.items() for name in names}
 
 
 def __getattr__(name):
+    module = _EXPORTED_FROM.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # found directly from now on
+        return value
     module = _MOVED_TO.get(name)
-    if module is None:
-        raise AttributeError(f"module 'score_sde' has no attribute {name!r}")
-    warnings.warn(f"score_sde.{name} moved to score_sde.{module}.{name}; import it from "
-                  f"score_sde.{module}", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    if module is not None:
+        warnings.warn(f"score_sde.{name} moved to score_sde.{module}.{name}; import it from "
+                      f"score_sde.{module}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f".{module}", __name__), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a submodule not imported yet
+    raise AttributeError(f"module 'score_sde' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

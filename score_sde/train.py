@@ -55,16 +55,25 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import datasets as data_lib
-from ._utils import stderr_line
-from .cli import EXIT_BAD_INPUT, EXIT_FILE_SYSTEM, EXIT_NUMERICAL, check_no_empty_flags
-from .config import (COMPILE_MODES, COMPILE_SCOPES, GRID_SAMPLERS, LR_DECAYS, MAX_SEED,
-                     apply_overrides, check_config, find_config, load_config_file, to_dict)
-from .distributed import DistInfo, dist_from_env
-from .models import MODELS
-from .optim import EMA_RATES
-from .stopping import TrainingInterrupted
-from .trainer import CheckpointWriteError, NonFiniteError, TrainingError, check_world_size, train
+STOPPED_BEFORE_TRAINING = "stopped by SIGINT before training started; nothing was written"
+
+try:  # torch loads here, for a second or more: Ctrl-C meanwhile gets the command line's answer
+    from . import datasets as data_lib
+    from ._utils import stderr_line
+    from .cli import EXIT_BAD_INPUT, EXIT_FILE_SYSTEM, EXIT_NUMERICAL, check_no_empty_flags
+    from .config import (COMPILE_MODES, COMPILE_SCOPES, GRID_SAMPLERS, LR_DECAYS, MAX_SEED,
+                         apply_overrides, check_config, find_config, load_config_file, to_dict)
+    from .distributed import DistInfo, dist_from_env
+    from .models import MODELS
+    from .optim import EMA_RATES
+    from .stopping import TrainingInterrupted
+    from .trainer import (CheckpointWriteError, NonFiniteError, TrainingError, check_world_size,
+                          train)
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise  # an import by other code: theirs to handle
+    print(STOPPED_BEFORE_TRAINING, file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 # Config file used when --config is not given, by dataset (a shipped config, `find_config`).
 DEFAULT_CONFIGS = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar10_ddpmpp_cont",
@@ -272,7 +281,7 @@ def run() -> None:
     try:
         app.run(main, flags_parser=_parse_flags)
     except KeyboardInterrupt:  # Ctrl-C outside `train`: while parsing flags, say
-        stderr_line("stopped by SIGINT before training started; nothing was written")
+        stderr_line(STOPPED_BEFORE_TRAINING)
         sys.exit(128 + signal.SIGINT)
 
 

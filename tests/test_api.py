@@ -22,6 +22,17 @@ def test_the_top_level_exports_exactly_its_list():
                 if isinstance(getattr(score_sde, n), (dict, tuple, list))]
 
 
+def test_each_exported_name_is_its_modules_object():
+    # The top level imports them on first use (`import score_sde` loads no torch).
+    assert sorted(score_sde._EXPORTED_FROM) == sorted(score_sde.__all__)
+    for name, module in score_sde._EXPORTED_FROM.items():
+        sub = importlib.import_module(f"score_sde.{module}")
+        assert getattr(score_sde, name) is getattr(sub, name), name
+    namespace = {}
+    exec("from score_sde import *", namespace)
+    assert sorted(n for n in namespace if not n.startswith("__")) == sorted(score_sde.__all__)
+
+
 @pytest.mark.parametrize("module, name", MOVED)
 def test_a_moved_name_lives_in_its_module_and_still_resolves_with_a_warning(module, name):
     sub = importlib.import_module(f"score_sde.{module}")

@@ -271,6 +271,41 @@ def test_a_signal_before_training_writes_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "w").exists()
 
 
+# Sends this process SIGINT when `torch` is first imported, then lets the import go on: a
+# Ctrl-C while the command line loads its modules, at a moment the test controls.
+_INTERRUPT_TORCH_IMPORT = """
+import os, signal, sys
+
+class _Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, _Interrupt())
+"""
+
+
+def test_ctrl_c_while_the_command_line_loads_torch_prints_one_line(tmp_path):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_INTERRUPT_TORCH_IMPORT)
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), ENV["PYTHONPATH"]]))
+    out = subprocess.run([sys.executable, "-m", "score_sde.train", "--dataset", "toy_moons",
+                          "--workdir", str(tmp_path / "w")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out.stderr
+    assert out.stderr.splitlines() == [
+        "stopped by SIGINT before training started; nothing was written"]
+    assert not (tmp_path / "w").exists()
+    # The library itself loads torch only when a name that needs it is used.
+    out = subprocess.run([sys.executable, "-c", "import sys, score_sde; "
+                          "print('torch' in sys.modules, score_sde.VPSDE.__name__, "
+                          "'torch' in sys.modules)"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "VPSDE", "True"], out.stderr
+
+
 def test_signal_stop_records_only_the_first_signal_and_restores_handlers():
     before = signal.getsignal(signal.SIGTERM)
     with SignalStop() as stop:
