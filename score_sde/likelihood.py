@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._utils import (at_least_float32, check_choice, check_int, check_positive,
+from ._utils import (append_dims, at_least_float32, check_choice, check_int, check_positive,
                      checks_times_on_host, flat_sum, float64_like, python_number)
 from .checks import check_data, check_solve_inputs, sample_device
 from .ode import (ADAPTIVE_METHODS, ERROR_NORMS, MAX_SOLVER_STEPS, _check_finite,
@@ -53,7 +53,7 @@ def _vjps(out: torch.Tensor, inp: torch.Tensor, cotangents: torch.Tensor,
 
 def _hutchinson_divergence(drift, x, probes):
     """Mean over probes of probe^T J probe, [B]."""
-    grads = _vjps(drift, x, probes, retain_graph=False)
+    grads = _vjps(drift, x, probes.to(drift.dtype), retain_graph=False)
     acc = at_least_float32(grads.dtype)
     return flat_sum((grads.to(acc) * probes.to(acc)).sum(0)) / probes.shape[0]
 
@@ -83,13 +83,16 @@ def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.T
     """The right-hand side (t [B], (y, delta), idx=None) -> (drift, divergence) of the
     probability-flow ODE augmented with its divergence: one network forward pass and the
     vector–Jacobian products of the divergence (`probes` [K, B, ...] for Hutchinson's
-    estimate, or None for the exact trace). The network sees y in `dtype`; the results come
-    back in y's dtype. `idx` selects the probes of a subset of the samples."""
+    estimate, or None for the exact trace). The network sees y in `dtype`; the drift and its
+    divergence are formed in at least float32 (g^2 overflows float16 under VE) and come back
+    in y's dtype. `idx` selects the probes of a subset of the samples."""
+    work = at_least_float32(dtype)
 
     def rhs(t, state, idx=None):
         y, _ = state
         with torch.enable_grad():
-            xt = y.to(dtype).detach().requires_grad_(True)
+            xw = y.to(work).detach().requires_grad_(True)
+            xt = xw.to(dtype)  # the network's input; the cast is differentiated through
             score = rsde.score_fn(xt, t)
             if not score.requires_grad:
                 if torch.is_inference_mode_enabled():
@@ -98,11 +101,22 @@ def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.T
                                      "it outside inference mode (torch.no_grad() is fine)")
                 raise ValueError("score_fn output is not differentiable in x; the likelihood "
                                  "needs its divergence (do not detach or use torch.no_grad)")
-            drift, _ = rsde.sde(xt, t, score=score)
+            drift, _ = rsde.sde(xw, t, score=score.to(work))
+            # The products flow back through the network in `dtype` scaled by g^2 / 2 (1e6
+            # under VE), beyond float16's 65504: a half-precision network is differentiated
+            # through drift / s, s = max(g^2 / 2, 1) per sample, and the trace scaled back.
+            scale = None
+            if work != dtype:
+                _, g = rsde.forward_sde.sde(xw.detach(), t)
+                scale = (0.5 * g.to(work) ** 2).clamp(min=1.0)
+            target = drift if scale is None else drift / append_dims(scale, drift.ndim)
             if probes is None:
-                div = _exact_divergence(drift, xt)
+                div = _exact_divergence(target, xw)
             else:
-                div = _hutchinson_divergence(drift, xt, probes if idx is None else probes[:, idx])
+                div = _hutchinson_divergence(target, xw,
+                                             probes if idx is None else probes[:, idx])
+            if scale is not None:
+                div = div * scale.to(div.dtype)
         return drift.detach().to(y.dtype), div.detach().to(y.dtype)
 
     return rhs
