@@ -29,6 +29,7 @@ from score_sde.datasets import load_dataset, to_model_range
 from score_sde.metrics import frechet_distance_from_features
 from score_sde.sde import SDE, VESDE, VPSDE
 from tests.scripts import load_script
+from tests.test_tool_sample import run_interrupted_at_import
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_TRAIN, NUM_TEST, NUM_CLASSES = 96, 48, 3  # labels 0..2 of Fashion-MNIST's 10
@@ -626,3 +627,12 @@ def test_fid_command_line_exit_status(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"error: --samples {tmp_path / 'missing.npz'} does not exist"]
+
+
+# torch: the tools' first heavy import; absl: the flags, defined before `run_tool` handles
+# Ctrl-C itself.
+@pytest.mark.parametrize("module", ["torch", "absl"])
+@pytest.mark.parametrize("script", ["tools/train_classifier.py", "tools/fid.py"])
+def test_ctrl_c_while_starting_prints_one_line_and_exits_130(script, module):
+    proc = run_interrupted_at_import(script, module, "--help")
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "interrupted (SIGINT)\n", "")

@@ -26,6 +26,7 @@ from score_sde.config import apply_overrides, load_config_file
 from tests.problems import (KERNELS, GaussianMixture, exact_log_prob_t, exact_score_fn,
                             random_mixture)
 from tests.scripts import load_script
+from tests.test_tool_sample import run_interrupted_at_import
 
 REPO = Path(__file__).resolve().parent.parent
 tool = load_script("tools/likelihood.py")
@@ -602,3 +603,11 @@ def test_ctrl_c_is_one_line_and_exit_130(toy_run, tmp_path, capsys, monkeypatch)
     assert len(log.read_text().splitlines()) >= 1  # the first batch, kept for the rerun
     monkeypatch.undo()
     assert _main(*args) == 0
+
+
+# torch: the tool's first heavy import; absl: the flags, defined before `run_tool` handles
+# Ctrl-C itself.
+@pytest.mark.parametrize("module", ["torch", "absl"])
+def test_ctrl_c_while_starting_prints_one_line_and_exits_130(module, tmp_path):
+    proc = run_interrupted_at_import("tools/likelihood.py", module, "--workdir", tmp_path)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "interrupted (SIGINT)\n", "")

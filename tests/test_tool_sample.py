@@ -425,3 +425,38 @@ def test_command_line_process(toy_run, tmp_path):
                           str(tmp_path / "none")], cwd=tmp_path, env=ENV, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+# Runs a script as __main__ with its arguments and sends the process SIGINT, as Ctrl-C does,
+# when the script first imports MODULE: an interrupt at a chosen point of its start-up.
+_INTERRUPT_AT_IMPORT = """
+import importlib.abc, os, runpy, signal, sys
+
+module = sys.argv[1]
+
+class Interrupt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_interrupted_at_import(script: str, module: str, *args) -> subprocess.CompletedProcess:
+    """`python REPO/script ARGS` interrupted by SIGINT when it starts importing `module`."""
+    return subprocess.run([sys.executable, "-c", _INTERRUPT_AT_IMPORT, module,
+                           str(REPO / script), *map(str, args)],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+
+
+# numpy and torch: the tool's first imports; score_sde: after torch; absl: the flags, defined
+# by `run_tool` before it handles Ctrl-C itself.
+@pytest.mark.parametrize("module", ["numpy", "torch", "score_sde", "absl"])
+def test_ctrl_c_while_starting_prints_one_line_and_exits_130(module, tmp_path):
+    proc = run_interrupted_at_import("tools/sample.py", module, "--workdir", tmp_path)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "interrupted (SIGINT)\n", "")

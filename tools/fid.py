@@ -50,25 +50,33 @@ Exit status: 0 done; 2 bad input (flags, missing or malformed files, keys, shape
 stderr; 3 numerical failure (no usable matrix square root); 4 a file that cannot be read or
 written (no permission, a full disk), one line; 130 Ctrl-C, one line.
 """
-import hashlib
-import os
 import sys
-import time
-import warnings
-import zipfile
-import zlib
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
+try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during the work
+    import hashlib
+    import os
+    import time
+    import warnings
+    import zipfile
+    import zlib
+    from pathlib import Path
+    from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
-                           sha256_file, write_json)
-from score_sde.classifier import FeatureClassifier, load_classifier
-from score_sde.datasets import SPLITS, from_model_range, load_dataset, to_model_range
-from score_sde.distributed import resolve_device
-from score_sde.metrics import feature_statistics, frechet_distance
+    import numpy as np
+    import torch
+
+    from score_sde._utils import stderr_line
+    from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
+                               check_path, run_tool, sha256_file, write_json)
+    from score_sde.classifier import FeatureClassifier, load_classifier
+    from score_sde.datasets import SPLITS, from_model_range, load_dataset, to_model_range
+    from score_sde.distributed import resolve_device
+    from score_sde.metrics import feature_statistics, frechet_distance
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    sys.stderr.write("interrupted (SIGINT)\n")
+    sys.exit(130)
 
 DATASETS = ("fashion_mnist", "cifar10")
 SAMPLES_KEY = "samples"
@@ -350,7 +358,11 @@ def _run_and_write(fv) -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (see the module docstring)."""
-    return run_tool(argv, __doc__, define_flags, _run_and_write)
+    try:
+        return run_tool(argv, __doc__, define_flags, _run_and_write)
+    except KeyboardInterrupt:  # while the flags are defined, before run_tool's own guard
+        stderr_line("interrupted (SIGINT)")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -73,31 +73,39 @@ an uncaught exception). 4: a file that cannot be read or written (no permission,
 disk), one line. 130: stopped by Ctrl-C (one line; the finished batches are kept, and
 the same command resumes).
 """
-import datetime
-import functools
-import hashlib
-import json
-import os
 import sys
-import time
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
+try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during the work
+    import datetime
+    import functools
+    import hashlib
+    import json
+    import os
+    import time
+    from pathlib import Path
+    from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from score_sde._utils import stderr_line, tensors_sha256
-from score_sde.checkpoint import read_checkpoint
-from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
-                           write_json)
-from score_sde.config import Config, from_dict
-from score_sde.datasets import DATASETS, SPLITS, DataInfo, load_dataset, mix_seed, to_model_range
-from score_sde.distributed import dist_from_env, resolve_device
-from score_sde.likelihood import DIVERGENCES, bits_per_dim, draw_probes, log_likelihood
-from score_sde.ode import ERROR_NORMS
-from score_sde.runs import (check_trained_state, data_source, model_from_state,
-                            with_trained_range)
-from score_sde.sde import SDE, ScoreFn
-from score_sde.build import build_sde, load_train_eval, model_score_fn
+    import torch
+
+    from score_sde._utils import stderr_line, tensors_sha256
+    from score_sde.checkpoint import read_checkpoint
+    from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
+                               check_path, run_tool, write_json)
+    from score_sde.config import Config, from_dict
+    from score_sde.datasets import (DATASETS, SPLITS, DataInfo, load_dataset, mix_seed,
+                                    to_model_range)
+    from score_sde.distributed import dist_from_env, resolve_device
+    from score_sde.likelihood import DIVERGENCES, bits_per_dim, draw_probes, log_likelihood
+    from score_sde.ode import ERROR_NORMS
+    from score_sde.runs import (check_trained_state, data_source, model_from_state,
+                                with_trained_range)
+    from score_sde.sde import SDE, ScoreFn
+    from score_sde.build import build_sde, load_train_eval, model_score_fn
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    sys.stderr.write("interrupted (SIGINT)\n")
+    sys.exit(130)
 
 METHOD = "dopri5"  # RK45, the paper's solver
 IMAGE_REPEATS, CONTINUOUS_REPEATS = 5, 1  # default passes over the data
@@ -545,8 +553,12 @@ def summary_line(result: Dict[str, object]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (see the module docstring)."""
-    return run_tool(argv, __doc__, define_flags, run, numerical=(BatchError,),
-                    numerical_prefix="non-finite or failed likelihood solve at ")
+    try:
+        return run_tool(argv, __doc__, define_flags, run, numerical=(BatchError,),
+                        numerical_prefix="non-finite or failed likelihood solve at ")
+    except KeyboardInterrupt:  # while the flags are defined, before run_tool's own guard
+        stderr_line("interrupted (SIGINT)")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

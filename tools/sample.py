@@ -55,28 +55,36 @@ eager calls and lists any recording failures.
 Exit status: 0 done; 2 bad input (one line on stderr); 3 non-finite samples; 4 a file that
 cannot be read or written (no permission, a full disk), one line; 130 Ctrl-C.
 """
-import dataclasses
 import sys
-import time
-from pathlib import Path
-from typing import Dict, Optional, Sequence
 
-import numpy as np
-import torch
+try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during the work
+    import dataclasses
+    import time
+    from pathlib import Path
+    from typing import Dict, Optional, Sequence
 
-from score_sde._utils import stderr_line
-from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
-                           write_atomic, write_json)
-from score_sde.config import from_dict
-from score_sde.datasets import DATASETS, SPLITS, from_model_range, load_dataset, to_model_range
-from score_sde.distributed import resolve_device
-from score_sde.cuda_graphs import CudaGraphed
-from score_sde.fast_sampling import sample_ddim, sample_dpm_solver, sample_heun
-from score_sde.ode import sample_ode
-from score_sde.runs import data_source, load_trained
-from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
-from score_sde.build import build_sde
-from score_sde.visualize import samples_picture
+    import numpy as np
+    import torch
+
+    from score_sde._utils import stderr_line
+    from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
+                               check_path, run_tool, write_atomic, write_json)
+    from score_sde.config import from_dict
+    from score_sde.datasets import (DATASETS, SPLITS, from_model_range, load_dataset,
+                                    to_model_range)
+    from score_sde.distributed import resolve_device
+    from score_sde.cuda_graphs import CudaGraphed
+    from score_sde.fast_sampling import sample_ddim, sample_dpm_solver, sample_heun
+    from score_sde.ode import sample_ode
+    from score_sde.runs import data_source, load_trained
+    from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
+    from score_sde.build import build_sde
+    from score_sde.visualize import samples_picture
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    sys.stderr.write("interrupted (SIGINT)\n")
+    sys.exit(130)
 
 SAMPLERS = ("pc", "ode", "ald", "ddim", "dpm_solver", "heun")
 FAST = ("ddim", "dpm_solver", "heun")
@@ -489,7 +497,11 @@ def _checked_run(fv) -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (see the module docstring)."""
-    return run_tool(argv, __doc__, define_flags, _checked_run)
+    try:
+        return run_tool(argv, __doc__, define_flags, _checked_run)
+    except KeyboardInterrupt:  # while the flags are defined, before run_tool's own guard
+        stderr_line("interrupted (SIGINT)")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

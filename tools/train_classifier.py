@@ -48,27 +48,35 @@ non-finite training loss (one line naming the step) or test loss after the last 
 written); 4 a file that cannot be read or written (no permission, a full disk), one line; 130
 Ctrl-C, one line.
 """
-import dataclasses
-import json
-import math
 import sys
-import time
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
+try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during the work
+    import dataclasses
+    import json
+    import math
+    import time
+    from pathlib import Path
+    from typing import Dict, List, Optional, Sequence, Tuple
 
-from score_sde.cli import (InputError, check_distinct, check_not_data, check_path, run_tool,
-                           write_json)
-from score_sde.classifier import (FeatureClassifier, NoiseConditionalClassifier,
-                                  noisy_classifier_loss, save_classifier)
-from score_sde.config import Config, SDEConfig, from_dict
-from score_sde.datasets import BatchOrder, DataInfo, load_dataset, mix_seed, to_model_range
-from score_sde.distributed import resolve_device
-from score_sde.sde import SDE
-from score_sde.build import build_sde
-from score_sde.checkpoint import read_checkpoint
+    import torch
+    import torch.nn.functional as F
+
+    from score_sde._utils import stderr_line
+    from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
+                               check_path, run_tool, write_json)
+    from score_sde.classifier import (FeatureClassifier, NoiseConditionalClassifier,
+                                      noisy_classifier_loss, save_classifier)
+    from score_sde.config import Config, SDEConfig, from_dict
+    from score_sde.datasets import BatchOrder, DataInfo, load_dataset, mix_seed, to_model_range
+    from score_sde.distributed import resolve_device
+    from score_sde.sde import SDE
+    from score_sde.build import build_sde
+    from score_sde.checkpoint import read_checkpoint
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    sys.stderr.write("interrupted (SIGINT)\n")
+    sys.exit(130)
 
 DATASETS = ("fashion_mnist", "cifar10")
 SDES = ("vp", "subvp", "ve", "cosine")
@@ -326,7 +334,11 @@ def run(fv) -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (see the module docstring)."""
-    return run_tool(argv, __doc__, define_flags, run, numerical=(TrainingError,))
+    try:
+        return run_tool(argv, __doc__, define_flags, run, numerical=(TrainingError,))
+    except KeyboardInterrupt:  # while the flags are defined, before run_tool's own guard
+        stderr_line("interrupted (SIGINT)")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
