@@ -26,7 +26,7 @@ from score_sde.config import apply_overrides, load_config_file
 from tests.problems import (KERNELS, GaussianMixture, exact_log_prob_t, exact_score_fn,
                             random_mixture)
 from tests.scripts import load_script
-from tests.test_tool_sample import run_interrupted_at_import
+from tests.test_tool_sample import CPU_OUT_OF_MEMORY, run_interrupted_at_import
 
 REPO = Path(__file__).resolve().parent.parent
 tool = load_script("tools/likelihood.py")
@@ -569,17 +569,36 @@ def test_cuda_graph_flag_on_the_cpu_changes_nothing(toy_run, tmp_path):
     assert a["nll_nats"] == b["nll_nats"] and a["nfe_total"] == b["nfe_total"]
 
 
-def test_out_of_memory_is_one_line_naming_the_batch_size(toy_run, tmp_path, capsys,
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("out of memory evaluating the likelihood of a batch of 8 on "
+                                "cuda:0: evaluate fewer samples at once"),
+    RuntimeError(CPU_OUT_OF_MEMORY),  # the CPU allocator's
+], ids=["device", "cpu"])
+def test_out_of_memory_is_one_line_naming_the_batch_size(error, toy_run, tmp_path, capsys,
                                                          monkeypatch):
     def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("out of memory evaluating the likelihood of a batch "
-                                          "of 8 on cuda:0: evaluate fewer samples at once")
+        raise error
 
     monkeypatch.setattr(tool, "log_likelihood", out_of_memory)
-    assert _main("--workdir", toy_run, "--num_samples", 8, "--batch_size", 8, "--partial_dir",
+    assert _main("--workdir", toy_run, "--num_samples", 12, "--batch_size", 8, "--partial_dir",
                  tmp_path / "p") == 2
-    line = _one_line(capsys)
-    assert line.startswith("error: out of memory") and "smaller --batch_size (now 8)" in line
+    assert _one_line(capsys) == (f"error: out of memory ({error}): rerun with a smaller "
+                                 f"--batch_size (now 8)")
+
+
+@pytest.mark.parametrize("num_samples, now", [(100000000000, 100000000000), (None, "all")])
+def test_out_of_memory_for_the_data_is_one_line_naming_num_samples(num_samples, now, toy_run,
+                                                                   tmp_path, capsys,
+                                                                   monkeypatch):
+    # A 2-D toy split of --num_samples points is drawn at once.
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(CPU_OUT_OF_MEMORY)
+
+    monkeypatch.setattr(tool, "load_dataset", out_of_memory)
+    extra = [] if num_samples is None else ["--num_samples", num_samples]
+    assert _main("--workdir", toy_run, *extra, "--partial_dir", tmp_path / "p") == 2
+    assert _one_line(capsys) == (f"error: out of memory ({CPU_OUT_OF_MEMORY}): lower "
+                                 f"--batch_size (now 128) or --num_samples (now {now})")
 
 
 def test_ctrl_c_is_one_line_and_exit_130(toy_run, tmp_path, capsys, monkeypatch):

@@ -427,6 +427,30 @@ def test_command_line_process(toy_run, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+CPU_OUT_OF_MEMORY = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                     "allocate memory: you tried to allocate 800000000000 bytes. Error code 12 "
+                     "(Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError(CPU_OUT_OF_MEMORY),  # the CPU allocator's
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)(
+        "CUDA out of memory. Tried to allocate 745.06 GiB"),
+    MemoryError("Unable to allocate 745. GiB for an array with shape (100000000000, 2)"),
+], ids=["cpu", "device", "numpy"])
+def test_out_of_memory_is_one_line_naming_the_batch_size(error, toy_run, tmp_path, capsys,
+                                                         monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tool, "sample_dpm_solver", out_of_memory)
+    assert _main("--workdir", toy_run, "--sampler", "dpm_solver", "--num_samples", 6,
+                 "--batch_size", 4, "--output_dir", tmp_path) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"error: out of memory ({error}): lower --batch_size (now 4) or "
+                     f"--num_samples (now 6)"]
+
+
 # Runs a script as __main__ with its arguments and sends the process SIGINT, as Ctrl-C does,
 # when the script first imports MODULE: an interrupt at a chosen point of its start-up.
 _INTERRUPT_AT_IMPORT = """

@@ -65,8 +65,8 @@ must not synchronise per step); the only collective is one gloo all-gather of th
 results at the end, and rank 0 writes the output.
 
 Exit status: 0 done (or stopped by --max_batches); 2 bad input (flags, missing workdir,
-checkpoint or data, weights that do not fit the data, a --batch_size too large for the GPU's
-memory), one line on stderr; 3 numerical failure
+checkpoint or data, weights that do not fit the data, memory that runs out: the line names
+--batch_size and --num_samples), one line on stderr; 3 numerical failure
 (a non-finite log-likelihood or a solve that cannot meet its tolerance), one line naming the
 pass and batch. 3 rather than 1 so that it is not mistaken for a crash (Python exits with 1 on
 an uncaught exception). 4: a file that cannot be read or written (no permission, a full
@@ -101,6 +101,7 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
                                 with_trained_range)
     from score_sde.sde import SDE, ScoreFn
     from score_sde.build import build_sde, load_train_eval, model_score_fn
+    from score_sde.trainer import _out_of_memory
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -266,10 +267,10 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
                                           eps=eps, divergence=divergence, probes=probes,
                                           step_control=step_control, error_norm=error_norm,
                                           cuda_graph=cuda_graph)
-        except torch.cuda.OutOfMemoryError as err:
-            raise InputError(f"{str(err).splitlines()[0]}; rerun with a smaller --batch_size "
-                             f"(now {x.shape[0]})") from None
         except RuntimeError as err:
+            if _out_of_memory(err):
+                raise InputError(f"out of memory ({str(err).strip().splitlines()[0]}): rerun "
+                                 f"with a smaller --batch_size (now {batch_size})") from None
             raise BatchError(repeat, batch, err) from None
         nll = (-logp).double().cpu().tolist()
         record = {"repeat": repeat, "batch": batch, "nll": nll, "nfe": nfe,
@@ -551,10 +552,22 @@ def summary_line(result: Dict[str, object]) -> str:
     return ", ".join(parts)
 
 
+def _checked_run(fv) -> Dict[str, object]:
+    try:
+        return run(fv)
+    except (RuntimeError, MemoryError) as err:
+        # The data (--num_samples of a toy set are drawn at once), or a batch's inputs.
+        if isinstance(err, MemoryError) or _out_of_memory(err):
+            raise InputError(f"out of memory ({str(err).strip().splitlines()[0]}): lower "
+                             f"--batch_size (now {fv.batch_size}) or --num_samples (now "
+                             f"{fv.num_samples or 'all'})") from None
+        raise
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (see the module docstring)."""
     try:
-        return run_tool(argv, __doc__, define_flags, run, numerical=(BatchError,),
+        return run_tool(argv, __doc__, define_flags, _checked_run, numerical=(BatchError,),
                         numerical_prefix="non-finite or failed likelihood solve at ")
     except KeyboardInterrupt:  # while the flags are defined, before run_tool's own guard
         stderr_line("interrupted (SIGINT)")

@@ -52,8 +52,9 @@ at every evaluation (`score_sde.cuda_graphs.CudaGraphed`), which removes most pe
 launch cost at moderate batch sizes; summary.json's "cuda_graph" counts graphs, replays and
 eager calls and lists any recording failures.
 
-Exit status: 0 done; 2 bad input (one line on stderr); 3 non-finite samples; 4 a file that
-cannot be read or written (no permission, a full disk), one line; 130 Ctrl-C.
+Exit status: 0 done; 2 bad input (one line on stderr; memory that runs out: the line names
+--batch_size and --num_samples); 3 non-finite samples; 4 a file that cannot be read or written
+(no permission, a full disk), one line; 130 Ctrl-C.
 """
 import sys
 
@@ -79,6 +80,7 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
     from score_sde.runs import data_source, load_trained
     from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
     from score_sde.build import build_sde
+    from score_sde.trainer import _out_of_memory
     from score_sde.visualize import samples_picture
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -489,7 +491,13 @@ def _checked_run(fv) -> Dict[str, object]:
         raise InputError(f"--eps must lie in (0, 1), got {fv.eps}")
     try:
         return run(fv)
-    except RuntimeError as err:  # the samplers' non-finite state, or a failed ODE solve
+    except (RuntimeError, MemoryError) as err:
+        # A batch, or all the samples kept for the output, too large for the memory.
+        if isinstance(err, MemoryError) or _out_of_memory(err):
+            raise InputError(f"out of memory ({str(err).strip().splitlines()[0]}): lower "
+                             f"--batch_size (now {fv.batch_size}) or --num_samples (now "
+                             f"{fv.num_samples})") from None
+        # The samplers' non-finite state, or a failed ODE solve.
         if "non-finite" in str(err) or "tolerance" in str(err):
             raise FloatingPointError(str(err)) from None
         raise
