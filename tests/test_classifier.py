@@ -412,6 +412,15 @@ def test_train_classifier_errors(data_dir, tmp_path, capsys, args, match):
     assert not out.exists()
 
 
+def test_train_classifier_seeds_are_bounded_by_what_torch_takes(data_dir, tmp_path, capsys):
+    common = ["--kind", "clean", "--data_dir", data_dir, "--output", tmp_path / "clf.pt",
+              "--n_iters", 1, "--width", 4, "--num_test", 8, "--device", "cpu"]
+    assert _train(*common, "--seed", 2 ** 64 - 1) == 0  # the largest seed torch takes
+    capsys.readouterr()
+    assert _train(*common, "--seed", 2 ** 64) == 2
+    assert _one_line(capsys) == ("error: flag --seed=18446744073709551616: 18446744073709551616 "
+                                 "is not an integer in the range [0, 18446744073709551615]")
+
 # --- tools/fid.py -------------------------------------------------------------------------------
 
 class FakeInception(torch.nn.Module):

@@ -446,6 +446,15 @@ def test_bad_input_exits_2_with_one_line(args, message, toy_run, tmp_path, capsy
     assert line.startswith("error: ") and message.format(tmp=tmp_path) in line, line
 
 
+def test_seeds_are_bounded_by_what_torch_takes(toy_run, tmp_path, capsys):
+    # 2^64 - 1, the largest seed torch's generators take, as in the other tools.
+    assert _main("--workdir", toy_run, "--num_samples", 2, "--seed", 2 ** 64 - 1,
+                 "--partial_dir", tmp_path / "p", *FAST) == 0
+    capsys.readouterr()
+    assert _main("--workdir", toy_run, "--seed", 2 ** 64, "--partial_dir", tmp_path / "p") == 2
+    assert _one_line(capsys) == ("error: flag --seed=18446744073709551616: 18446744073709551616 "
+                                 "is not an integer in the range [0, 18446744073709551615]")
+
 def test_output_onto_the_data_it_reads_exits_2(toy_run, tmp_path, capsys):
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"")  # one file of the data folder
     before = (tmp_path / "train-labels-idx1-ubyte").stat()

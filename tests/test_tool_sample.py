@@ -427,6 +427,16 @@ def test_command_line_process(toy_run, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+def test_seeds_are_bounded_by_what_torch_takes(toy_run, tmp_path, capsys):
+    # 2^64 - 1 is the largest seed torch's generators take: one more is a one-line flag error.
+    assert _main("--workdir", toy_run, "--sampler", "dpm_solver", "--num_steps", 2,
+                 "--num_samples", 2, "--seed", 2 ** 64 - 1, "--output_dir", tmp_path) == 0
+    capsys.readouterr()
+    assert _main("--workdir", toy_run, "--seed", 2 ** 64, "--output_dir", tmp_path) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: flag --seed=18446744073709551616: 18446744073709551616 is not an "
+                     "integer in the range [0, 18446744073709551615]"]
+
 CPU_OUT_OF_MEMORY = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
                      "allocate memory: you tried to allocate 800000000000 bytes. Error code 12 "
                      "(Cannot allocate memory)")

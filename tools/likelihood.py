@@ -91,7 +91,7 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
     from score_sde.checkpoint import read_checkpoint
     from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
                                check_path, run_tool, write_json)
-    from score_sde.config import Config, from_dict
+    from score_sde.config import MAX_SEED, Config, from_dict
     from score_sde.datasets import (DATASETS, SPLITS, DataInfo, load_dataset, mix_seed,
                                     to_model_range)
     from score_sde.distributed import dist_from_env, resolve_device
@@ -402,7 +402,8 @@ def define_flags(fv) -> None:
                      f"probes); default {IMAGE_REPEATS} for 8-bit images, "
                      f"{CONTINUOUS_REPEATS} otherwise.", lower_bound=1, **kw)
     f.DEFINE_boolean("use_ema", True, "EMA weights (--nouse_ema: the raw weights).", **kw)
-    f.DEFINE_integer("seed", 0, "Seeds dequantization noise and probes.", lower_bound=0, **kw)
+    f.DEFINE_integer("seed", 0, "Seeds dequantization noise and probes.", lower_bound=0,
+                     upper_bound=MAX_SEED, **kw)
     f.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "auto: CUDA if available.", **kw)
     f.DEFINE_string("output", None, "Also write the result JSON to this file.", **kw)
     f.DEFINE_string("partial_dir", None, "Per-batch results for resuming; default "

@@ -70,7 +70,7 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
     from score_sde._utils import stderr_line
     from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
                                check_path, run_tool, write_atomic, write_json)
-    from score_sde.config import from_dict
+    from score_sde.config import MAX_SEED, from_dict
     from score_sde.datasets import (DATASETS, SPLITS, from_model_range, load_dataset,
                                     to_model_range)
     from score_sde.distributed import resolve_device
@@ -458,7 +458,8 @@ def define_flags(fv) -> None:
     f.DEFINE_integer("num_samples", 64, "Samples (pairs for interpolate).", lower_bound=1,
                      **kw)
     f.DEFINE_integer("batch_size", 64, "Samples per batch.", lower_bound=1, **kw)
-    f.DEFINE_integer("seed", 0, "Seeds all sampling noise.", lower_bound=0, **kw)
+    f.DEFINE_integer("seed", 0, "Seeds all sampling noise.", lower_bound=0,
+                     upper_bound=MAX_SEED, **kw)
     f.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "auto: CUDA if available.", **kw)
     f.DEFINE_boolean("use_ema", True, "EMA weights (--nouse_ema: the raw weights).", **kw)
     f.DEFINE_string("output_dir", None, "Default WORKDIR/samples_<task>.", **kw)

@@ -66,7 +66,7 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
                                check_path, run_tool, write_json)
     from score_sde.classifier import (FeatureClassifier, NoiseConditionalClassifier,
                                       noisy_classifier_loss, save_classifier)
-    from score_sde.config import Config, SDEConfig, from_dict
+    from score_sde.config import MAX_SEED, Config, SDEConfig, from_dict
     from score_sde.datasets import BatchOrder, DataInfo, load_dataset, mix_seed, to_model_range
     from score_sde.distributed import resolve_device
     from score_sde.sde import SDE
@@ -192,7 +192,7 @@ def define_flags(fv) -> None:
     f.DEFINE_integer("num_test", None, "Evaluate on the first N test images; default all.",
                      lower_bound=1, **kw)
     f.DEFINE_integer("seed", 0, "Seeds initialisation, data order and noise.", lower_bound=0,
-                     **kw)
+                     upper_bound=MAX_SEED, **kw)
     f.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "auto: CUDA if available.", **kw)
     f.DEFINE_string("output", None, "Classifier checkpoint to write.", **kw)
     f.DEFINE_string("summary", None, "JSON summary; default: --output with suffix .json.", **kw)
