@@ -357,6 +357,21 @@ def test_interpolation_reports_the_ode_sampler(toy_run, tmp_path):
     assert summary["num_steps"] is None and summary["snr"] is None
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--workdir", "{toy}", "--task", "interpolate", "--dataset", "array", "--data_path",
+      "{tmp}/g8.npy", "--num_samples", 5],
+     "--num_samples 5 pairs need 10 points; {tmp}/g8.npy holds 8"),
+    (["--workdir", "{gray}", "--task", "inpaint", "--num_samples", 9, "--num_steps", 2],
+     "--num_samples 9 exceeds the 8 images in the test split of fashion_mnist"),
+], ids=["interpolate", "inpaint"])
+def test_too_few_source_samples_is_one_line_with_both_counts(args, message, toy_run, gray_run,
+                                                             tmp_path, capsys):
+    np.save(tmp_path / "g8.npy", np.zeros((8, 2), dtype=np.float32))
+    fill = dict(toy=toy_run, gray=gray_run, tmp=tmp_path)
+    assert _main(*[str(a).format(**fill) for a in args], "--output_dir", tmp_path / "o") == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: " + message.format(**fill)]
+
 def test_outputs_that_are_inputs_exit_2_and_leave_them_whole(gray_run, tmp_path, capsys):
     data = tmp_path / "samples.npz"  # an array data file named as one of the outputs
     np.savez(data, x=np.zeros((4, 1, 28, 28), dtype=np.float32))

@@ -216,7 +216,7 @@ def _check_outputs(fv, cfg, checkpoint: Path) -> None:
 
 
 def _source_images(fv, run, n: int) -> torch.Tensor:
-    """The first n data samples of the split, in the model's range."""
+    """The first n data samples of the split (of the array file), in the model's range."""
     cfg = run.cfg
     dataset, data_dir, data_path = data_source(cfg, fv.dataset, fv.data_dir, fv.data_path)
     split = "train" if data_path and not fv.data_path else fv.split
@@ -224,7 +224,12 @@ def _source_images(fv, run, n: int) -> torch.Tensor:
                             seed=cfg.training.seed, num_samples=None)
     x = ds.tensors[0][:n]
     if len(x) < n:
-        raise InputError(f"--num_samples {n} exceeds the {len(x)} samples of the {split} split")
+        what = "images" if len(run.info.shape) == 3 else "points"
+        where = data_path or f"the {split} split of {dataset}"
+        if fv.task == "interpolate":  # two data samples per pair
+            raise InputError(f"--num_samples {fv.num_samples} pairs need {n} {what}; {where} "
+                             f"holds {len(x)}")
+        raise InputError(f"--num_samples {n} exceeds the {len(x)} {what} in {where}")
     if tuple(x.shape[1:]) != tuple(run.info.shape):
         raise InputError(f"the {dataset} images have shape {tuple(x.shape[1:])}, the model "
                          f"takes {tuple(run.info.shape)}")
