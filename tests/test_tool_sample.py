@@ -88,18 +88,20 @@ def _result(out_dir):
     return summary, np.load(Path(out_dir) / "samples.npz")
 
 
-@pytest.mark.parametrize("sampler", ["pc", "ode", "ald"])
-def test_generate_on_toy_checkpoint(sampler, toy_run, tmp_path):
+@pytest.mark.parametrize("sampler, extra", [
+    ("pc", ["--num_steps", 25]), ("ode", ["--rtol", 1e-3, "--atol", 1e-3]),
+    ("ald", ["--num_steps", 25])])
+def test_generate_on_toy_checkpoint(sampler, extra, toy_run, tmp_path):
     out = tmp_path / sampler
     assert _main("--workdir", toy_run, "--sampler", sampler, "--num_samples", 10,
-                 "--batch_size", 4, "--num_steps", 25, "--rtol", 1e-3, "--atol", 1e-3,
-                 "--output_dir", out) == 0
+                 "--batch_size", 4, *extra, "--output_dir", out) == 0
     summary, arrays = _result(out)
     assert arrays["samples"].shape == (10, 2) and arrays["samples"].dtype == np.float32
     assert np.isfinite(arrays["samples"]).all()
     assert len(summary["nfe"]) == 3 and all(v > 0 for v in summary["nfe"])
     if sampler == "pc":  # 25 predictor + 25 corrector steps (the last step denoises)
         assert summary["nfe"] == [50, 50, 50]
+    assert summary["num_steps"] == (None if sampler == "ode" else 25)  # adaptive: no steps
     assert summary["sampler"] == sampler and summary["eps"] == 1e-3
     assert (out / "samples.png").exists()
 
@@ -371,6 +373,71 @@ def test_too_few_source_samples_is_one_line_with_both_counts(args, message, toy_
     assert _main(*[str(a).format(**fill) for a in args], "--output_dir", tmp_path / "o") == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == ["error: " + message.format(**fill)]
+
+FIXED_STEP = "a fixed-step sampler (--sampler pc, ald, ddim, dpm_solver or heun)"
+CORRECTION = ("corrector steps (--sampler ald, or pc with a --corrector other than none; "
+              "--corrector_steps > 0)")
+SOURCE = "--task inpaint, colorize or interpolate (source images)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "ode", "--num_steps", 10], f"--num_steps applies only with {FIXED_STEP}, "
+     f"not --sampler ode"),
+    (["--task", "interpolate", "--num_steps", 10], f"--num_steps applies only with "
+     f"{FIXED_STEP}, not --task interpolate (an ODE solve)"),
+    (["--eta", 0.5], "--eta applies only with --sampler ddim, not --sampler pc"),
+    (["--sampler", "heun", "--order", 3],
+     "--order applies only with --sampler dpm_solver, not --sampler heun"),
+    (["--sampler", "ddim", "--dpm_method", "singlestep"],
+     "--dpm_method applies only with --sampler dpm_solver, not --sampler ddim"),
+    (["--sampler", "dpm_solver", "--order", 1, "--dpm_solver_type", "taylor"],
+     "--dpm_solver_type applies only with --sampler dpm_solver at --order 2 or 3 (order 1 has "
+     "one form), not --order 1"),
+    (["--sampler", "ode", "--predictor", "euler_maruyama"],
+     "--predictor applies only with --sampler pc, not --sampler ode"),
+    (["--sampler", "ald", "--corrector", "langevin"],
+     "--corrector applies only with --sampler pc with --corrector_steps > 0, not --sampler ald"),
+    (["--corrector_steps", 0, "--corrector", "ald"],
+     "--corrector applies only with --sampler pc with --corrector_steps > 0, not "
+     "--corrector_steps 0"),
+    (["--corrector", "none", "--corrector_steps", 2], "--corrector_steps applies only with "
+     "--sampler ald, or pc with a --corrector other than none, not --corrector none"),
+    (["--sampler", "ddim", "--snr", 0.2], f"--snr applies only with {CORRECTION}, not "
+     f"--sampler ddim"),
+    (["--corrector", "none", "--snr", 0.2], f"--snr applies only with {CORRECTION}, not "
+     f"--corrector none"),
+    (["--sampler", "ald", "--corrector_steps", 0, "--snr", 0.2], f"--snr applies only with "
+     f"{CORRECTION}, not --corrector_steps 0"),
+    (["--sampler", "dpm_solver", "--rtol", 1e-3],
+     "--rtol applies only with --sampler ode or --task interpolate, not --sampler dpm_solver"),
+    (["--atol", 1e-3], "--atol applies only with --sampler ode or --task interpolate, not "
+     "--sampler pc"),
+    (["--mask", "left"], "--mask applies only with --task inpaint, not --task generate"),
+    (["--task", "colorize", "--mask", "{tmp}/missing.npy"],
+     "--mask applies only with --task inpaint, not --task colorize"),
+    (["--num_interp", 4], "--num_interp applies only with --task interpolate, not --task "
+     "generate"),
+    (["--data_path", "{tmp}/g8.npy"], f"--data_path applies only with {SOURCE}, not --task "
+     f"generate"),
+    (["--split", "train"], f"--split applies only with {SOURCE}, not --task generate"),
+    (["--guidance_scale", 2], "--guidance_scale applies only with --guidance cfg or "
+     "classifier, not --guidance none"),
+    (["--class_label", 1, "--guidance", "cfg", "--classifier", "{tmp}/c.pt"],
+     "--classifier applies only with --guidance classifier, not --guidance cfg"),
+    (["--task", "interpolate", "--sampler", "pc"], "--task interpolate encodes and decodes "
+     "with the probability-flow ODE solver; drop --sampler pc"),
+    (["--task", "interpolate", "--dataset", "array", "--data_path", "{tmp}/g8.npy", "--split",
+      "train"], "--split does not apply to array data: {tmp}/g8.npy is read whole"),
+])
+def test_flags_without_effect_exit_2_naming_what_they_need(args, message, toy_run, tmp_path,
+                                                            capsys):
+    np.save(tmp_path / "g8.npy", np.zeros((8, 2), dtype=np.float32))
+    args = [str(a).format(tmp=tmp_path) for a in args]
+    assert _main("--workdir", toy_run, *args, "--output_dir", tmp_path / "o") == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: " + message.format(tmp=tmp_path)]
+    assert not (tmp_path / "o").exists()
+
 
 def test_outputs_that_are_inputs_exit_2_and_leave_them_whole(gray_run, tmp_path, capsys):
     data = tmp_path / "samples.npz"  # an array data file named as one of the outputs

@@ -52,6 +52,15 @@ at every evaluation (`score_sde.cuda_graphs.CudaGraphed`), which removes most pe
 launch cost at moderate batch sizes; summary.json's "cuda_graph" counts graphs, replays and
 eager calls and lists any recording failures.
 
+A flag that the others leave without effect is refused (exit 2, one line naming what it
+needs) rather than recorded in summary.json as if it had been used: --num_steps with --sampler
+ode or --task interpolate, --eta without --sampler ddim, --order, --dpm_method and
+--dpm_solver_type without --sampler dpm_solver, --predictor and --corrector without --sampler
+pc, --snr and --corrector_steps without corrector steps, --rtol and --atol without the ODE,
+--mask without --task inpaint, --num_interp without --task interpolate, the source-image flags
+with --task generate, --guidance_scale without --guidance, --classifier without --guidance
+classifier, and --sampler other than ode with --task interpolate.
+
 Exit status: 0 done; 2 bad input (one line on stderr; memory that runs out: the line names
 --batch_size and --num_samples); 3 non-finite samples; 4 a file that cannot be read or written
 (no permission, a full disk), one line; 130 Ctrl-C.
@@ -160,7 +169,71 @@ def _score_fn(fv, run, labels: Optional[torch.Tensor], classifier):
     return run.score_fn(labels)
 
 
+def _check_flag_use(fv) -> None:
+    """Refuses flags that conflict, and flags that the others leave without effect (which the
+    summary would record as if they had been used); needs no checkpoint."""
+    if fv.task in ("inpaint", "colorize") and fv.sampler != "pc":
+        raise InputError(f"--task {fv.task} runs the predictor-corrector sampler; drop "
+                         f"--sampler {fv.sampler}")
+    if fv.task == "interpolate" and fv["sampler"].present and fv.sampler != "ode":
+        raise InputError(f"--task interpolate encodes and decodes with the probability-flow "
+                         f"ODE solver; drop --sampler {fv.sampler}")
+    if fv.task == "interpolate" and fv.class_label is not None:
+        raise InputError("--task interpolate is unconditional; drop --class_label")
+    if fv.class_label is None and fv.guidance != "none":
+        raise InputError(f"--guidance {fv.guidance} needs --class_label")
+    if fv.cuda_graph and (fv.task != "generate" or fv.sampler == "ode"
+                          or fv.class_label is not None):
+        raise InputError("--cuda_graph replays the network of unconditional fixed-step "
+                         "sampling (--task generate, --sampler pc, ald, ddim, dpm_solver or "
+                         "heun, no --class_label)")
+    if fv.guidance_scale < 0:
+        raise InputError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}")
+    interpolate = fv.task == "interpolate"
+    sampler = "ode" if interpolate else fv.sampler
+    by_sampler = "--task interpolate (an ODE solve)" if interpolate else f"--sampler {sampler}"
+    task = f"--task {fv.task}"
+    corrects = sampler == "ald" or sampler == "pc" and fv.corrector != "none"
+    no_correction = (by_sampler if sampler not in ("pc", "ald") else
+                     "--corrector none" if not corrects else "--corrector_steps 0")
+    source = "--task inpaint, colorize or interpolate (source images)"
+    rules = {  # flag: (whether it takes effect, what it needs, what stops it otherwise)
+        "eta": (sampler == "ddim", "--sampler ddim", by_sampler),
+        "order": (sampler == "dpm_solver", "--sampler dpm_solver", by_sampler),
+        "dpm_method": (sampler == "dpm_solver", "--sampler dpm_solver", by_sampler),
+        "dpm_solver_type": (sampler == "dpm_solver" and fv.order > 1,
+                            "--sampler dpm_solver at --order 2 or 3 (order 1 has one form)",
+                            by_sampler if sampler != "dpm_solver" else "--order 1"),
+        "predictor": (sampler == "pc", "--sampler pc", by_sampler),
+        "corrector": (sampler == "pc" and fv.corrector_steps > 0,
+                      "--sampler pc with --corrector_steps > 0",
+                      by_sampler if sampler != "pc" else "--corrector_steps 0"),
+        "corrector_steps": (corrects, "--sampler ald, or pc with a --corrector other than none",
+                            no_correction),
+        "snr": (corrects and fv.corrector_steps > 0, "corrector steps (--sampler ald, or pc "
+                "with a --corrector other than none; --corrector_steps > 0)", no_correction),
+        "num_steps": (sampler != "ode", "a fixed-step sampler (--sampler pc, ald, ddim, "
+                      "dpm_solver or heun)", by_sampler),
+        "rtol": (sampler == "ode", "--sampler ode or --task interpolate", by_sampler),
+        "atol": (sampler == "ode", "--sampler ode or --task interpolate", by_sampler),
+        "mask": (fv.task == "inpaint", "--task inpaint", task),
+        "num_interp": (interpolate, "--task interpolate", task),
+        "dataset": (fv.task != "generate", source, task),
+        "data_dir": (fv.task != "generate", source, task),
+        "data_path": (fv.task != "generate", source, task),
+        "split": (fv.task != "generate", source, task),
+        "guidance_scale": (fv.guidance != "none", "--guidance cfg or classifier",
+                           "--guidance none"),
+        "classifier": (fv.guidance == "classifier", "--guidance classifier",
+                       f"--guidance {fv.guidance}"),
+    }
+    for name, (applies, needs, stopped_by) in rules.items():
+        if fv[name].present and not applies:
+            raise InputError(f"--{name} applies only with {needs}, not {stopped_by}")
+
+
 def _check_flags(fv, run) -> None:
+    """Refuses flags that do not fit the checkpoint."""
     info = run.info
     image = len(info.shape) == 3
     if fv.task in ("inpaint", "colorize") and not image:
@@ -169,14 +242,9 @@ def _check_flags(fv, run) -> None:
     if fv.task == "colorize" and info.shape[0] != 3:
         raise InputError(f"--task colorize needs RGB data; the checkpoint's images have "
                          f"{info.shape[0]} channel(s)")
-    if fv.task in ("inpaint", "colorize") and fv.sampler != "pc":
-        raise InputError(f"--task {fv.task} runs the predictor-corrector sampler; drop "
-                         f"--sampler {fv.sampler}")
-    if fv.task == "interpolate" and fv.sampler in FAST:
-        raise InputError(f"--task interpolate encodes and decodes with the probability-flow "
-                         f"ODE solver; drop --sampler {fv.sampler}")
-    if fv.task == "interpolate" and fv.class_label is not None:
-        raise InputError("--task interpolate is unconditional; drop --class_label")
+    data_path = data_source(run.cfg, fv.dataset, fv.data_dir, fv.data_path)[2]
+    if fv["split"].present and data_path is not None:
+        raise InputError(f"--split does not apply to array data: {data_path} is read whole")
     if fv.class_label is not None:
         k = run.info.num_classes
         if fv.guidance == "classifier":
@@ -189,15 +257,6 @@ def _check_flags(fv, run) -> None:
         if k is None or not -1 <= fv.class_label < k:
             raise InputError(f"--class_label must lie in [-1, {0 if k is None else k - 1}], "
                              f"got {fv.class_label}")
-    elif fv.guidance != "none":
-        raise InputError(f"--guidance {fv.guidance} needs --class_label")
-    if fv.cuda_graph and (fv.task != "generate" or fv.sampler == "ode"
-                          or fv.class_label is not None):
-        raise InputError("--cuda_graph replays the network of unconditional fixed-step "
-                         "sampling (--task generate, --sampler pc, ald, ddim, dpm_solver or "
-                         "heun, no --class_label)")
-    if fv.guidance_scale < 0:
-        raise InputError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}")
 
 
 def _check_outputs(fv, cfg, checkpoint: Path) -> None:
@@ -495,6 +554,7 @@ def _checked_run(fv) -> Dict[str, object]:
             raise InputError(f"--{name} must be > 0, got {getattr(fv, name)}")
     if fv.eps is not None and not 0 < fv.eps < 1:
         raise InputError(f"--eps must lie in (0, 1), got {fv.eps}")
+    _check_flag_use(fv)
     try:
         return run(fv)
     except (RuntimeError, MemoryError) as err:
