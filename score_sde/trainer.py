@@ -29,7 +29,7 @@ from .build import (build_model, build_sde, compile_model, load_splits, model_sc
                     with_labels)
 from .checkpoint import (CheckpointError, FolderLock, load_checkpoint, prune_snapshots,
                          remove_stale_temporaries, save_checkpoint)
-from .cli import write_json
+from .cli import out_of_memory, write_json
 from .config import (Config, TrainingConfig, as_stored, changed_settings, check_config,
                      from_dict, to_dict)
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
@@ -107,14 +107,6 @@ def due_after(step: int, tc: TrainingConfig) -> Due:
                evaluate=step % tc.eval_every == 0 or last,
                sample=tc.sample_every > 0 and (step % tc.sample_every == 0 or last),
                save=snapshot or step % tc.checkpoint_every == 0, snapshot=snapshot)
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """Whether `err` says that memory ran out: a device's OutOfMemoryError, or the CPU
-    allocator's RuntimeError."""
-    device_error = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # < 2.5
-    return (isinstance(err, device_error)
-            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
 
 
 class Trainer:
@@ -415,7 +407,7 @@ class Trainer:
                     self.interrupt(signum, report)
                 report.line(f"done at step {self.step}")
             except RuntimeError as err:
-                if isinstance(err, TrainingError) or not _out_of_memory(err):
+                if isinstance(err, TrainingError) or not out_of_memory(err):
                     raise
                 raise TrainingError(
                     f"out of memory on {self.device} after step {self.step} ("

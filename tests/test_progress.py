@@ -40,8 +40,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("seconds, text", [(0.0, "under 1 s"), (0.99, "under 1 s"),
-                                           (1.0, "1 s"), (45, "45 s"), (89.4, "89 s"), (120, "2 min"),
-                                           (27 * 60, "27 min"), (3 * 3600, "3.0 h"),
+                                           (1.0, "1 s"), (45, "45 s"), (89.4, "89 s"),
+                                           (120, "2 min"), (27 * 60, "27 min"), (3 * 3600, "3.0 h"),
                                            (7.9 * 86400, "7.9 days")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text

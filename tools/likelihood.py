@@ -90,7 +90,7 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
     from score_sde._utils import stderr_line, tensors_sha256
     from score_sde.checkpoint import read_checkpoint
     from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
-                               check_path, run_tool, write_json)
+                               check_path, out_of_memory, run_tool, write_json)
     from score_sde.config import MAX_SEED, Config, from_dict
     from score_sde.datasets import (DATASETS, SPLITS, DataInfo, load_dataset, mix_seed,
                                     to_model_range)
@@ -101,7 +101,6 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
                                 with_trained_range)
     from score_sde.sde import SDE, ScoreFn
     from score_sde.build import build_sde, load_train_eval, model_score_fn
-    from score_sde.trainer import _out_of_memory
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -268,7 +267,7 @@ def evaluate(sde: SDE, score_fn: ScoreFn, data: torch.Tensor, *,
                                           step_control=step_control, error_norm=error_norm,
                                           cuda_graph=cuda_graph)
         except RuntimeError as err:
-            if _out_of_memory(err):
+            if out_of_memory(err):
                 raise InputError(f"out of memory ({str(err).strip().splitlines()[0]}): rerun "
                                  f"with a smaller --batch_size (now {batch_size})") from None
             raise BatchError(repeat, batch, err) from None
@@ -558,7 +557,7 @@ def _checked_run(fv) -> Dict[str, object]:
         return run(fv)
     except (RuntimeError, MemoryError) as err:
         # The data (--num_samples of a toy set are drawn at once), or a batch's inputs.
-        if isinstance(err, MemoryError) or _out_of_memory(err):
+        if isinstance(err, MemoryError) or out_of_memory(err):
             raise InputError(f"out of memory ({str(err).strip().splitlines()[0]}): lower "
                              f"--batch_size (now {fv.batch_size}) or --num_samples (now "
                              f"{fv.num_samples or 'all'})") from None

@@ -78,7 +78,7 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
 
     from score_sde._utils import stderr_line
     from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
-                               check_path, run_tool, write_atomic, write_json)
+                               check_path, out_of_memory, run_tool, write_atomic, write_json)
     from score_sde.config import MAX_SEED, from_dict
     from score_sde.datasets import (DATASETS, SPLITS, from_model_range, load_dataset,
                                     to_model_range)
@@ -89,7 +89,6 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
     from score_sde.runs import data_source, load_trained
     from score_sde.sampling import CORRECTORS, PREDICTORS, sample_pc
     from score_sde.build import build_sde
-    from score_sde.trainer import _out_of_memory
     from score_sde.visualize import samples_picture
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -559,7 +558,7 @@ def _checked_run(fv) -> Dict[str, object]:
         return run(fv)
     except (RuntimeError, MemoryError) as err:
         # A batch, or all the samples kept for the output, too large for the memory.
-        if isinstance(err, MemoryError) or _out_of_memory(err):
+        if isinstance(err, MemoryError) or out_of_memory(err):
             raise InputError(f"out of memory ({str(err).strip().splitlines()[0]}): lower "
                              f"--batch_size (now {fv.batch_size}) or --num_samples (now "
                              f"{fv.num_samples})") from None
