@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._utils import (append_dims, cached_on, check_choice, check_positive,
+from ._utils import (append_dims, at_least_float32, cached_on, check_choice, check_positive,
                      checks_times_on_host)
 from .checks import check_sde
 from .score_matching import REDUCTIONS, _check_fn, _check_noise, _check_output, _check_x
@@ -75,7 +75,7 @@ class _DiscreteLoss:
             noise: z shaped like x, in x's dtype.
 
         Returns:
-            The loss of each sample, shape [B], in x's dtype.
+            The loss of each sample, shape [B], in x's dtype (float32 for half precision).
 
         Raises:
             ValueError: malformed inputs or network outputs.
@@ -97,7 +97,7 @@ class _DiscreteLoss:
             generator: torch.Generator on x's device for i and z.
 
         Returns:
-            Scalar in x's dtype.
+            Scalar in x's dtype (float32 for half precision).
         """
         _check_fn(self.fn_name, fn)
         _check_x(x)
@@ -139,7 +139,9 @@ class DDPMLoss(_DiscreteLoss):
         x_i = _at(self, self._signal, i, x) * x + _at(self, self._noise, i, x) * noise
         eps_hat = noise_fn(x_i, i)
         _check_output("noise_fn", eps_hat, x)
-        return self._reduce((eps_hat - noise) ** 2)
+        # Squares and sums in at least float32, as ScoreMatchingLoss: a "sum" over a half-
+        # precision image of 65504 elements or more overflows float16.
+        return self._reduce((eps_hat - noise).to(at_least_float32(x.dtype)) ** 2)
 
 
 class SMLDLoss(_DiscreteLoss):
@@ -173,7 +175,7 @@ class SMLDLoss(_DiscreteLoss):
         sigma = _at(self, self.sigmas, i, x)
         score = score_fn(x + sigma * noise, i)
         _check_output("score_fn", score, x)
-        return self._reduce((sigma * score + noise) ** 2)
+        return self._reduce((sigma * score + noise).to(at_least_float32(x.dtype)) ** 2)
 
 
 def _gaussian_kl(mean1, logvar1, mean2, logvar2):
@@ -268,8 +270,12 @@ class HybridLoss(_DiscreteLoss):
         log_var = v * _at(self, self._log_beta, i, x) + (1 - v) * log_post_var
         post_mean = (_at(self, self._post_coef_x0, i, x) * x
                      + _at(self, self._post_coef_xi, i, x) * x_i)
+        # In at least float32: float16 sums overflow, and the CPU has no float16 log_ndtr.
+        acc = at_least_float32(x.dtype)
+        post_mean, log_post_var, mean, log_var = (
+            v.to(acc) for v in (post_mean, log_post_var, mean, log_var))
         kl = self._reduce(_gaussian_kl(post_mean, log_post_var, mean, log_var))
-        nll = -self._reduce(_discretized_gaussian_log_prob(x, mean, 0.5 * log_var))
+        nll = -self._reduce(_discretized_gaussian_log_prob(x.to(acc), mean, 0.5 * log_var))
         return torch.where(i == 0, nll, kl)
 
     def _per_sample(self, model_fn, x, i, noise):
@@ -282,6 +288,6 @@ class HybridLoss(_DiscreteLoss):
         eps_hat, v = out
         _check_output("model_fn's eps_hat", eps_hat, x)
         _check_output("model_fn's v", v, x)
-        simple = self._reduce((eps_hat - noise) ** 2)
+        simple = self._reduce((eps_hat - noise).to(at_least_float32(x.dtype)) ** 2)
         vlb = self._vlb_term(x, x_i, i, eps_hat.detach(), v)
         return simple + self.lambda_vlb * (self.num_steps / math.log(2)) * vlb

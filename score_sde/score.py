@@ -10,7 +10,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ._utils import append_dims, check_batch_time, check_choice, check_time_range, float64_like
+from ._utils import (append_dims, at_least_float32, check_batch_time, check_choice,
+                     check_time_range, float64_like)
 from .sde import SDE, ScoreFn
 
 __all__ = ["make_score_fn", "time_input_fn", "PREDICTIONS", "TIME_INPUTS"]
@@ -139,8 +140,10 @@ def make_score_fn(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
                              f"shape {tuple(x.shape)}")
         if prediction == "score":
             return out
-        return to_score(out, x, append_dims(alpha.to(x.dtype), x.ndim),
-                        append_dims(sigma.to(x.dtype), x.ndim))
+        # In at least float32: sigma^2 overflows float16 above sigma = 256 (VE).
+        work = at_least_float32(x.dtype)
+        return to_score(out.to(work), x.to(work), append_dims(alpha.to(work), x.ndim),
+                        append_dims(sigma.to(work), x.ndim)).to(x.dtype)
 
     score_fn.takes_float64_time = True  # see CountingScore
     return score_fn

@@ -71,11 +71,11 @@ def _check_fn(name: str, fn) -> None:
 
 def _check_x(x) -> None:
     if (not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point()
-            or x.shape[0] == 0):
+            or x.numel() == 0):
         got = (f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
                else type(x).__name__)
-        raise ValueError(f"x must be a floating tensor of shape [B, ...] with rank >= 2 and "
-                         f"B >= 1, got {got}")
+        raise ValueError(f"x must be a floating tensor of shape [B, ...] with rank >= 2, B >= 1 "
+                         f"and at least one element per sample, got {got}")
 
 
 def _check_noise(noise, x: torch.Tensor) -> None:

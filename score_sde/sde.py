@@ -16,9 +16,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ._utils import (append_dims, cached_on, check_batch_time, check_int, check_positive,
-                     check_time, check_time_range, flat_sum, float64_like, value_checks_wanted,
-                     warn_caller)
+from ._utils import (append_dims, at_least_float32, cached_on, check_batch_time, check_int,
+                     check_positive, check_time, check_time_range, flat_sum, float64_like,
+                     value_checks_wanted, warn_caller)
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -200,13 +200,15 @@ class SDE(abc.ABC):
         """
         check_batch_time(x, t)
         alpha, sigma = self.marginal_coeffs(_t64(t, self.T))
-        alpha = alpha.to(x.dtype)  # the division runs in x's dtype: test alpha there
+        # In at least float32 (sigma^2 overflows float16 above sigma = 256): test alpha there.
+        work = at_least_float32(x.dtype)
+        alpha = alpha.to(work)
         if value_checks_wanted(alpha) and bool((alpha <= 0).any()):
-            raise ValueError(f"denoise needs alpha(t) > 0; alpha underflows to 0 in {x.dtype} "
+            raise ValueError(f"denoise needs alpha(t) > 0; alpha underflows to 0 in {work} "
                              f"at t = {float(t[alpha <= 0][0]):g} for this "
                              f"{type(self).__name__}")
         alpha, sigma = append_dims(alpha, x.ndim), append_dims(sigma, x.ndim)
-        return ((x + (sigma ** 2).to(x.dtype) * score) / alpha)
+        return ((x.to(work) + (sigma ** 2).to(work) * score.to(work)) / alpha).to(x.dtype)
 
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
         """The reverse-time SDE (Eq. 6) or, with `probability_flow`, the probability-flow ODE."""

@@ -382,7 +382,8 @@ def test_call_returns_a_scalar_and_passes_t_in_x_dtype(dtype):
         assert (s.double() >= EPS).all() and (s.double() <= 1).all()
     for loss in (DDPMLoss(VPSDE()), SMLDLoss(VESDE())):
         out = loss(score, torch.randn(8, 3, dtype=dtype), generator=torch.Generator())
-        assert out.dtype == dtype and seen[-1].dtype == torch.long and seen[-1].shape == (8,)
+        # Summed in at least float32, as above (a float16 sum overflows from 65504 on).
+        assert out.dtype == wide and seen[-1].dtype == torch.long and seen[-1].shape == (8,)
 
 
 def test_same_generator_same_loss():
@@ -445,8 +446,11 @@ def test_bad_calls_raise():
             loss(good, torch.zeros(4, 3, dtype=torch.long))
         with pytest.raises(ValueError, match="must be callable"):
             loss(None, x)
-        with pytest.raises(ValueError, match=r"B >= 1, got dtype torch.float32 and shape \(0, 3\)"):
-            loss(good, torch.zeros(0, 3))
+        for empty in ((0, 3), (4, 0), (4, 3, 0)):  # no samples, or samples of no elements
+            with pytest.raises(ValueError, match=(
+                    r"B >= 1 and at least one element per sample, got dtype torch.float32 and "
+                    rf"shape \({', '.join(map(str, empty))}\)")):
+                loss(good, torch.zeros(empty))
     for shard in (2, (0, 1, 2), [0], (1, 1), (0, 0)):
         with pytest.raises(ValueError, match=r"shard must be \(rank, world_size\)"):
             sm(good, x, shard=shard)
@@ -659,3 +663,25 @@ def test_likelihood_weighting_checks_the_user_sdes_diffusion():
     with pytest.raises(ValueError, match=r"importance sampling tabulates g\(t\) with "
                                          r"MatrixDrift\.sde on a \[n, 1\] stand-in for x"):
         ScoreMatchingLoss(MatrixDrift(), weighting="likelihood", importance_sampling=True)
+
+
+@pytest.mark.parametrize("loss_cls", [DDPMLoss, SMLDLoss, HybridLoss])
+def test_discrete_losses_of_float16_images_are_summed_in_float32(loss_cls):
+    """A 3x256x256 float16 image with a zero network output: with "sum" each sample's loss is
+    the sum of 196608 squared noise draws (about 196608), beyond float16's 65504. It must
+    equal the float32 image's loss with the same draws, not inf; HybridLoss also evaluates
+    its decoder's log_ndtr, which the CPU has only from float32 on."""
+    sde = VESDE() if loss_cls is SMLDLoss else VPSDE()
+    x = torch.zeros(2, 3, 256, 256)
+
+    def zero(y, i):
+        out = torch.zeros_like(y)
+        return (out, out) if loss_cls is HybridLoss else out
+
+    losses = [loss_cls(sde, reduction="sum")(zero, x.to(dtype),
+                                             generator=torch.Generator().manual_seed(0))
+              for dtype in (torch.float16, torch.float32)]
+    assert losses[0].dtype == torch.float32 and torch.isfinite(losses[0])
+    # The same noise; the float16 image differs only by rounding x_i for the network.
+    assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-3)
+    assert float(losses[1]) > 65504
