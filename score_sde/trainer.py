@@ -752,6 +752,14 @@ class Trainer:
                              device=self.device, generator=gen)
         return x
 
+    def picture_range(self) -> Tuple[float, float]:
+        """The values shown black to white in sample grids: the range the model reads for
+        8-bit images, else (arrays of images) the training data's own."""
+        if self.info.data_range is not None:
+            return tuple(self.info.data_range)
+        lo, hi = float(self.train_x.min()), float(self.train_x.max())
+        return (lo, hi) if lo < hi else (lo - 1.0, lo + 1.0)
+
     def write_samples(self, report: Optional[Reporter] = None) -> Optional[Path]:
         """Writes `sample_grid` as samples/samples_STEP.png (and to TensorBoard through
         `report`); returns the path, or None for data without a picture (drawing no samples)
@@ -763,7 +771,7 @@ class Trainer:
                 x = self.sample_grid().cpu()
         except Abandoned:
             return None
-        picture = samples_picture(x, title=f"step {self.step}")
+        picture = samples_picture(x, title=f"step {self.step}", value_range=self.picture_range())
         if picture is None:
             return None
         path = self.workdir / "samples" / f"samples_{self.step:08d}.png"

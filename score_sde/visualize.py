@@ -2,7 +2,7 @@
 import math
 import numbers
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -12,10 +12,11 @@ _LEFT, _BOTTOM, _TOP, _RIGHT = 56, 36, 30, 16
 _DOT, _AXES, _TEXT = (31, 83, 160), (90, 90, 90), (0, 0, 0)
 
 
-def image_grid(x: torch.Tensor, *, padding: int = 2, cols: Optional[int] = None
-               ) -> Image.Image:
-    """Tiles images x [N, C, H, W] with values in [-1, 1] (C = 1 or 3) into one picture, row
-    by row, `cols` to a row (default: a near-square grid)."""
+def image_grid(x: torch.Tensor, *, padding: int = 2, cols: Optional[int] = None,
+               value_range: Tuple[float, float] = (-1.0, 1.0)) -> Image.Image:
+    """Tiles images x [N, C, H, W] (C = 1 or 3) into one picture, row by row, `cols` to a row
+    (default: a near-square grid); `value_range` (lo, hi) maps to black and white, values
+    outside it are clipped."""
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
         raise ValueError(f"images must have shape [N >= 1, 1 or 3, H, W], got "
                          f"{tuple(x.shape)}")
@@ -24,8 +25,12 @@ def image_grid(x: torch.Tensor, *, padding: int = 2, cols: Optional[int] = None
                                  and not isinstance(cols, bool) and cols >= 1):
         raise ValueError(f"cols must be an integer >= 1 or None, got {cols!r}")
     cols = math.ceil(math.sqrt(n)) if cols is None else int(cols)
+    lo, hi = (float(v) for v in value_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"value_range must be finite (lo, hi) with lo < hi, got {value_range}")
     rows = math.ceil(n / cols)
-    pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    unit = ((x.double() - lo) / (hi - lo)).clamp(0, 1)
+    pixels = (unit * 255).round().to(torch.uint8)
     canvas = torch.zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding,
                          dtype=torch.uint8)
     for i in range(n):
@@ -103,13 +108,16 @@ def has_picture(sample_shape) -> bool:
 
 
 def samples_picture(x: torch.Tensor, *, title: Optional[str] = None,
-                    cols: Optional[int] = None) -> Optional[Image.Image]:
-    """A grid of images [N, C, H, W] (values in [-1, 1]; `cols` per row, see `image_grid`) or
-    a scatter plot of 2-D points [N, 2] titled `title`; None for other shapes, which have no
-    picture (`has_picture`)."""
+                    cols: Optional[int] = None,
+                    value_range: Tuple[float, float] = (-1.0, 1.0)) -> Optional[Image.Image]:
+    """A grid of images [N, C, H, W] (`value_range` from black to white, `cols` per row, see
+    `image_grid`) or a scatter plot of 2-D points [N, 2] titled `title`; None for other
+    shapes, which have no picture (`has_picture`)."""
     if not has_picture(x.shape[1:]):
         return None
-    return image_grid(x, cols=cols) if x.ndim == 4 else scatter_plot(x, title=title)
+    if x.ndim == 4:
+        return image_grid(x, cols=cols, value_range=value_range)
+    return scatter_plot(x, title=title)
 
 
 def save_samples_png(x: torch.Tensor, path: Path, *, title: Optional[str] = None,

@@ -125,6 +125,31 @@ def test_few_step_samplers(sampler, extra, nfe, toy_run, tmp_path):
         assert summary["dpm_solver_type"] == "taylor"
 
 
+def test_the_picture_of_unscaled_image_arrays_spans_their_values(tmp_path):
+    # Arrays are used as is, here images in [0, 255]: the grid shows the samples from their
+    # lowest value (black) to their highest (white), not clipped to [-1, 1].
+    data = np.random.default_rng(0).uniform(0, 255, (8, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "images.npy", data)
+    cfg = load_config_file(str(REPO / "configs" / "toy.py"))
+    training = dict(n_iters=2, batch_size=4, log_every=1, eval_every=2, eval_batches=1,
+                    sample_every=0, checkpoint_every=2, snapshot_every=2, device="cpu")
+    overrides = {f"training.{k}": v for k, v in training.items()}
+    overrides.update({"data.dataset": "array", "data.data_path": str(tmp_path / "images.npy"),
+                      "data.num_samples": None, "model.name": "small_unet",
+                      "model.kwargs": dict(nf=8, ch_mult=(1,), num_res_blocks=1,
+                                           attn_resolutions=(), dropout=0.0)})
+    train(apply_overrides(cfg, overrides), str(tmp_path / "run"))
+    assert _main("--workdir", tmp_path / "run", "--sampler", "dpm_solver", "--num_steps", 3,
+                 "--num_samples", 4, "--output_dir", tmp_path / "o") == 0
+    x = np.load(tmp_path / "o" / "samples.npz")["samples"]
+    lo, hi = float(x.min()), float(x.max())
+    expected = np.round((x - lo) / (hi - lo) * 255).astype(np.uint8)  # [4, 1, 8, 8]
+    from PIL import Image
+    png = np.asarray(Image.open(tmp_path / "o" / "samples.png"))
+    cells = [png[2 + r * 10:10 + r * 10, 2 + c * 10:10 + c * 10] for r in (0, 1) for c in (0, 1)]
+    assert np.abs(np.stack(cells).astype(int) - expected[:, 0].astype(int)).max() <= 1
+
+
 def test_samples_go_to_the_workdir_given_beside_a_checkpoint(toy_run, tmp_path):
     """--workdir W --checkpoint FILE (e.g. exported weights) writes W/samples_<task>."""
     assert _main("--workdir", tmp_path / "w", "--checkpoint", toy_run / "checkpoint.pt",

@@ -1,4 +1,6 @@
 """Sample pictures (score_sde/visualize.py): image grids and 2-D scatter plots with axes."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,32 @@ def test_image_grid_tiles_the_images_in_rows():
         image_grid(torch.zeros(2, 2, 4, 4))
     with pytest.raises(ValueError, match=r"images must have shape \[N >= 1.*got \(0, 1, 4, 4\)"):
         image_grid(torch.zeros(0, 1, 4, 4))
+
+
+def test_image_grid_maps_its_value_range_to_black_and_white():
+    # Arrays of images in their own units, e.g. [0, 1] or [0, 255]: lo black, hi white.
+    for lo, hi in ((0.0, 1.0), (0.0, 255.0), (-3.0, 5.0)):
+        x = torch.stack([torch.full((1, 4, 4), v) for v in (lo, (lo + hi) / 2, hi, hi + 1)])
+        img = image_grid(x, padding=2, value_range=(lo, hi))
+        assert [img.getpixel((2 + 6 * c, 2 + 6 * r)) for r, c in ((0, 0), (0, 1), (1, 0),
+                                                                  (1, 1))] == [0, 128, 255, 255]
+    for bad in ((1.0, 1.0), (2.0, 1.0), (0.0, float("inf"))):
+        with pytest.raises(ValueError, match=r"value_range must be finite \(lo, hi\) with lo < hi"):
+            image_grid(x, value_range=bad)
+
+
+def test_sample_grids_of_unscaled_image_arrays_span_the_training_data(tmp_path):
+    from score_sde.trainer import Trainer
+    from tests.test_train import _toy_cfg
+
+    trainer = Trainer(_toy_cfg(), str(tmp_path))
+    assert trainer.info.data_range is None  # data used as is: its own range
+    trainer.train_x = torch.tensor([[0.0, 2.0], [255.0, 7.0]])
+    assert trainer.picture_range() == (0.0, 255.0)
+    trainer.train_x = torch.full((3, 2), 4.0)  # constant data: a range around it
+    assert trainer.picture_range() == (3.0, 5.0)
+    trainer.info = dataclasses.replace(trainer.info, data_range=(0.0, 1.0))  # 8-bit data
+    assert trainer.picture_range() == (0.0, 1.0)
 
 
 def test_image_grid_columns():

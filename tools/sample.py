@@ -441,13 +441,18 @@ def run(fv) -> Dict[str, object]:
     write_atomic(out_dir / "samples.npz", write_npz)
     picture = arrays["frames"].reshape(-1, *info.shape) if "frames" in arrays else \
         arrays["samples"]
+    value_range = (-1.0, 1.0)
     if info.discrete:
         picture = torch.from_numpy(picture.astype(np.float32)) / 127.5 - 1
-    else:
+    else:  # arrays of images, in their own units: shown from their lowest to highest value
         picture = torch.from_numpy(picture)
+        finite = picture[torch.isfinite(picture)]
+        if finite.numel() and float(finite.min()) < float(finite.max()):
+            value_range = (float(finite.min()), float(finite.max()))
     # An interpolation's frames fill one row per pair.
     image = samples_picture(picture, title=f"step {run_.step}, {sampler} sampler",
-                            cols=arrays["frames"].shape[1] if "frames" in arrays else None)
+                            cols=arrays["frames"].shape[1] if "frames" in arrays else None,
+                            value_range=value_range)
     png = out_dir / "samples.png"
     if image is not None:
         write_atomic(png, image.save)
