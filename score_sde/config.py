@@ -320,6 +320,9 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"lr_final must lie in [0, 1] (a fraction of lr), got {tc.lr_final}")
     if not 0 <= tc.label_dropout <= 1:
         raise ValueError(f"label_dropout must lie in [0, 1], got {tc.label_dropout}")
+    if cfg.model.class_conditional and tc.label_dropout == 1:
+        raise ValueError("label_dropout 1 replaces every label by the null label, so the class "
+                         "labels would never be trained; use a value below 1 (e.g. 0.1)")
     if tc.max_nonfinite < 0:
         raise ValueError(f"max_nonfinite must be >= 0, got {tc.max_nonfinite}")
 

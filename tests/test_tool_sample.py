@@ -321,6 +321,54 @@ def test_classifier_guidance(gray_run, tmp_path, capsys):
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_guidance_checks_what_the_model_and_the_classifier_hold(gray_run, tmp_path, capsys):
+    from score_sde.checkpoint import read_checkpoint, save_checkpoint
+    from score_sde.classifier import load_classifier, save_classifier
+
+    def last_error():
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    # cfg at scale 0 is the conditional score alone: one network pass per evaluation.
+    out = tmp_path / "w0"
+    assert _main("--workdir", gray_run, "--class_label", 1, "--guidance", "cfg",
+                 "--guidance_scale", 0.0, "--num_samples", 1, "--num_steps", 25,
+                 "--corrector", "none", "--output_dir", out) == 0
+    assert _result(out)[0]["network_passes_per_eval"] == 1
+    # cfg needs the null label, which label_dropout 0 never trains.
+    (tmp_path / "nodrop").mkdir()
+    state = read_checkpoint(gray_run / "checkpoint.pt")
+    state["config"]["training"]["label_dropout"] = 0.0
+    save_checkpoint(state, tmp_path / "nodrop" / "checkpoint.pt")
+    assert _main("--workdir", tmp_path / "nodrop", "--class_label", 1, "--guidance", "cfg",
+                 "--num_samples", 1, "--num_steps", 25) == 2
+    assert last_error() == (
+        "error: --guidance cfg needs the unconditional score of the null label, which a run "
+        "trained with label_dropout 0 never learnt; train with --label_dropout > 0 (e.g. 0.1)")
+    # The classifier: its kind from the model, its SDE by the settings that SDE reads, its
+    # classes for the label range, and a clear refusal when its metadata lacks a field.
+    clf_tool = load_script("tools/train_classifier.py")
+    run = load_trained(gray_run / "checkpoint.pt")
+    assert clf_tool.main(["train_classifier.py", "--kind", "noisy", "--sde", "vp", "--dataset",
+                          "fashion_mnist", "--data_dir", run.cfg.data.data_dir, "--n_iters",
+                          "2", "--batch_size", "4", "--device", "cpu", "--num_test", "4",
+                          "--output", str(tmp_path / "noisy.pt")]) == 0
+    clf, meta = load_classifier(tmp_path / "noisy.pt")
+    inert = dict(meta, kind="other", sde_config=dict(meta["sde_config"], sigma_max=123.0))
+    save_classifier(tmp_path / "inert.pt", clf, inert)  # VP does not read sigma_max
+    guided = ["--workdir", gray_run, "--guidance", "classifier", "--num_samples", 1,
+              "--num_steps", 25, "--corrector", "none"]
+    assert _main(*guided, "--class_label", 2, "--classifier", tmp_path / "inert.pt",
+                 "--output_dir", tmp_path / "g") == 0
+    assert _main(*guided, "--class_label", 10, "--classifier", tmp_path / "inert.pt") == 2
+    assert last_error() == ("error: --class_label must lie in [-1, 9] (10 classes; -1 cycles "
+                            "through them), got 10")
+    save_classifier(tmp_path / "bare.pt", clf, {k: v for k, v in meta.items()
+                                                if k != "time_input"})
+    assert _main(*guided, "--class_label", 2, "--classifier", tmp_path / "bare.pt") == 2
+    assert last_error() == (f"error: --classifier {tmp_path / 'bare.pt'} does not record its "
+                            f"time_input; save it with tools/train_classifier.py")
+
+
 def test_classifier_guidance_reads_the_runs_data_range(gray_run, tmp_path, capsys):
     # A model that reads images in [0, 1] (the paper's VE models, converted) is guided only by a
     # classifier trained on that interval: --sde_of takes it from the run's checkpoint.

@@ -301,6 +301,15 @@ def test_config_data_settings_the_dataset_does_not_use_are_refused():
             check_config(apply_overrides(_toy_cfg(), overrides))
 
 
+def test_a_class_conditional_run_that_would_drop_every_label_is_refused():
+    cfg = apply_overrides(_toy_cfg(label_dropout=1.0), {"model.class_conditional": True})
+    with pytest.raises(ValueError, match=r"^label_dropout 1 replaces every label by the null "
+                                         r"label, so the class labels would never be trained"):
+        check_config(cfg)
+    check_config(apply_overrides(cfg, {"training.label_dropout": 0.999}))
+    check_config(apply_overrides(_toy_cfg(label_dropout=1.0), {}))  # unconditional: inert
+
+
 def test_infinite_grad_clip_means_no_clipping(tmp_path):
     """grad_clip = inf (clip_grad_norm_'s "no limit") is a valid config value, and trains
     exactly as grad_clip = 0 (the documented off switch) does."""

@@ -68,7 +68,6 @@ Exit status: 0 done; 2 bad input (one line on stderr; memory that runs out: the 
 import sys
 
 try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during the work
-    import dataclasses
     import time
     from pathlib import Path
     from typing import Dict, Optional, Sequence
@@ -145,10 +144,10 @@ def load_mask(spec: str, shape: Sequence[int], generator: torch.Generator) -> to
                          f"to the image shape {tuple(shape)}") from None
 
 
-def _labels(fv, run, n: int, offset: int, device) -> Optional[torch.Tensor]:
+def _labels(fv, k: Optional[int], n: int, offset: int, device) -> Optional[torch.Tensor]:
+    """The labels of samples offset .. offset + n - 1 among k classes."""
     if fv.class_label is None:
         return None
-    k = run.info.num_classes if fv.guidance == "classifier" else run.num_classes
     if fv.class_label == -1:
         return (torch.arange(offset, offset + n, device=device) % k).long()
     return torch.full((n,), fv.class_label, dtype=torch.long, device=device)
@@ -245,17 +244,26 @@ def _check_flags(fv, run) -> None:
     if fv["split"].present and data_path is not None:
         raise InputError(f"--split does not apply to array data: {data_path} is read whole")
     if fv.class_label is not None:
-        k = run.info.num_classes
-        if fv.guidance == "classifier":
+        if fv.guidance == "classifier":  # the classifier's classes: checked once it is read
             if not fv.classifier:
                 raise InputError("--guidance classifier needs --classifier PATH (a noisy "
                                  "classifier from tools/train_classifier.py)")
         elif run.num_classes is None:
             raise InputError("--class_label needs a class-conditional checkpoint or "
                              "--guidance classifier with --classifier PATH")
-        if k is None or not -1 <= fv.class_label < k:
-            raise InputError(f"--class_label must lie in [-1, {0 if k is None else k - 1}], "
-                             f"got {fv.class_label}")
+        else:
+            _check_class_label(fv.class_label, run.num_classes)
+    dropout = run.cfg.training.label_dropout
+    if fv.guidance == "cfg" and run.num_classes is not None and dropout == 0:
+        raise InputError("--guidance cfg needs the unconditional score of the null label, "
+                         "which a run trained with label_dropout 0 never learnt; train with "
+                         "--label_dropout > 0 (e.g. 0.1)")
+
+
+def _check_class_label(label: int, k: int) -> None:
+    if not -1 <= label < k:
+        raise InputError(f"--class_label must lie in [-1, {k - 1}] ({k} classes; -1 cycles "
+                         f"through them), got {label}")
 
 
 def _check_outputs(fv, cfg, checkpoint: Path) -> None:
@@ -330,22 +338,28 @@ def run(fv) -> Dict[str, object]:
     _check_outputs(fv, run_.cfg, checkpoint)
     sde, info = run_.sde, run_.info
     eps = fv.eps if fv.eps is not None else sde.sampling_eps
-    classifier = None
+    classifier, num_classes = None, run_.num_classes
     if fv.guidance == "classifier":
-        from score_sde.classifier import classifier_log_prob_fn, load_classifier
+        from score_sde.build import sde_settings
+        from score_sde.classifier import (NoiseConditionalClassifier, classifier_log_prob_fn,
+                                          load_classifier)
 
         try:
             clf, meta = load_classifier(fv.classifier, device)
         except FileNotFoundError:
             raise InputError(f"--classifier {fv.classifier} does not exist") from None
-        if meta.get("kind") != "noisy" or not meta.get("sde_config"):
+        if not isinstance(clf, NoiseConditionalClassifier):
             raise InputError(f"--classifier {fv.classifier} is not a noisy (time-dependent) "
                              f"classifier; train one with tools/train_classifier.py --kind noisy")
+        missing = [k for k in ("sde_config", "time_input") if not meta.get(k)]
+        if missing:
+            raise InputError(f"--classifier {fv.classifier} does not record its "
+                             f"{' and '.join(missing)}; save it with tools/train_classifier.py")
         clf_cfg = from_dict({"sde": meta["sde_config"]})
-        if clf_cfg.sde != run_.cfg.sde:
+        if sde_settings(clf_cfg.sde) != sde_settings(run_.cfg.sde):
             raise InputError(f"--classifier was trained on the {clf_cfg.sde.name} SDE "
-                             f"{dataclasses.asdict(clf_cfg.sde)}, the checkpoint uses "
-                             f"{dataclasses.asdict(run_.cfg.sde)}")
+                             f"{sde_settings(clf_cfg.sde)}, the checkpoint uses "
+                             f"{sde_settings(run_.cfg.sde)}")
         if tuple(meta.get("image_shape", ())) != tuple(info.shape):
             raise InputError(f"--classifier takes images of shape {meta.get('image_shape')}, "
                              f"the checkpoint's data have shape {info.shape}")
@@ -357,6 +371,9 @@ def run(fv) -> Dict[str, object]:
                              f"for it with tools/train_classifier.py --sde_of RUN_FOLDER")
         # The classifier's own SDE (equal to the run's) sets its time input.
         classifier = classifier_log_prob_fn(clf, build_sde(clf_cfg), meta["time_input"])
+        num_classes = clf.num_classes
+        if fv.class_label is not None:
+            _check_class_label(fv.class_label, num_classes)
     gen = torch.Generator(device=device).manual_seed(fv.seed)
     mask_gen = torch.Generator().manual_seed(fv.seed)
     n, bs = fv.num_samples, fv.batch_size
@@ -378,7 +395,7 @@ def run(fv) -> Dict[str, object]:
     for start in tqdm(range(0, n, bs), desc=f"{fv.task} ({fv.sampler})", unit="batch",
                       disable=None if fv.progress else True):
         b = min(bs, n - start)
-        labels = _labels(fv, run_, b, start, device)
+        labels = _labels(fv, num_classes, b, start, device)
         score_fn = graphed or _score_fn(fv, run_, labels, classifier)
         if fv.task == "generate":
             shape = (b, *info.shape)
@@ -476,7 +493,9 @@ def run(fv) -> Dict[str, object]:
         "guidance_scale": fv.guidance_scale if fv.guidance != "none" else None,
         "mask": fv.mask if fv.task == "inpaint" else None,
         "nfe": nfes, "nfe_mean": float(np.mean(nfes)),
-        "network_passes_per_eval": 2 if fv.guidance == "cfg" else 1,
+        # classifier_free_score skips the unconditional pass at scale 0
+        "network_passes_per_eval": (2 if fv.guidance == "cfg" and fv.class_label is not None
+                                    and fv.guidance_scale != 0 else 1),
         "cuda_graph": None if graphed is None else graphed.stats(),
         "seconds": time.time() - wall,
         "device": str(device), "output_dir": str(out_dir),
