@@ -79,13 +79,15 @@ def _exact_divergence(drift, x):
     return div
 
 
-def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.Tensor]):
+def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.Tensor],
+                  batch: Optional[int] = None):
     """The right-hand side (t [B], (y, delta), idx=None) -> (drift, divergence) of the
     probability-flow ODE augmented with its divergence: one network forward pass and the
     vector–Jacobian products of the divergence (`probes` [K, B, ...] for Hutchinson's
     estimate, or None for the exact trace). The network sees y in `dtype`; the drift and its
     divergence are formed in at least float32 (g^2 overflows float16 under VE) and come back
-    in y's dtype. `idx` selects the probes of a subset of the samples."""
+    in y's dtype. `idx` selects the probes of a subset of the samples (of `batch`, whose
+    failing score on a subset is then reported as such)."""
     work = at_least_float32(dtype)
 
     def rhs(t, state, idx=None):
@@ -93,7 +95,16 @@ def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.T
         with torch.enable_grad():
             xw = y.to(work).detach().requires_grad_(True)
             xt = xw.to(dtype)  # the network's input; the cast is differentiated through
-            score = rsde.score_fn(xt, t)
+            try:
+                score = rsde.score_fn(xt, t)
+            except (ValueError, RuntimeError) as err:
+                if idx is None or batch is None or len(idx) == batch:
+                    raise
+                first = str(err).strip().splitlines()[0] if str(err) else type(err).__name__
+                raise ValueError(
+                    f"step_control='per_sample' calls score_fn on the {len(idx)} samples still "
+                    f"integrating, and it failed there ({first[:200]}); a score with labels or "
+                    f"other per-sample data bound in needs step_control='batch'") from None
             if not score.requires_grad:
                 if torch.is_inference_mode_enabled():
                     raise ValueError("the likelihood differentiates score_fn for its "
@@ -198,6 +209,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
             the hardest sample) or "per_sample" (Dormand–Prince with a time and step size per
             sample, `score_sde.per_sample_ode`; `method` must be "dopri5"): each result is the
             one the sample would get alone with the same probes, and easy samples stop early.
+            The score is then called on the samples still integrating, a subset of the batch:
+            a score with labels or other per-sample data bound in needs "batch".
         probes: explicit Hutchinson probes [K, B, ...] (K probes per sample, on x's device)
             instead of drawing them; for comparing solvers, precisions or batch sizes on the
             same estimator. Not allowed with divergence="exact"; `num_probes` and `generator`
@@ -252,7 +265,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, *, rtol: float 
         probes = draw_probes(divergence, (num_probes,) + tuple(x.shape), generator=generator,
                              device=x.device, dtype=dtype)
 
-    rhs = augmented_rhs(rsde, dtype, probes)
+    rhs = augmented_rhs(rsde, dtype, probes, batch)
     calls = 0
     if cuda_graph:
         eager, all_idx = rhs, torch.arange(batch, device=x.device)

@@ -188,6 +188,26 @@ def test_given_probes_make_per_sample_results_independent_of_the_batch():
         assert torch.allclose(alone, batch[i:i + 1], rtol=0, atol=1e-12)
 
 
+def test_per_sample_control_names_a_score_bound_to_the_whole_batch():
+    # A score with per-sample data bound in (labels [B]) cannot be called on the subset of
+    # samples still integrating: one clear error, and the batch solve works.
+    mixture, sde, kernel = random_mixture(8, seed=2), score_sde.VPSDE(), KERNELS["vp"]
+    exact = exact_score_fn(mixture, kernel)
+    x, _ = mixture.sample(4, torch.Generator().manual_seed(0))
+
+    def labelled(y, t):
+        if y.shape[0] != 4:
+            raise ValueError(f"x has batch size {y.shape[0]} but labels has 4")
+        return exact(y, t)
+
+    log_likelihood(sde, labelled, x, divergence="exact")
+    with pytest.raises(ValueError, match=(
+            r"^step_control='per_sample' calls score_fn on the \d samples still integrating, "
+            r"and it failed there \(x has batch size \d but labels has 4\); a score with "
+            r"labels or other per-sample data bound in needs step_control='batch'$")):
+        log_likelihood(sde, labelled, x, divergence="exact", step_control="per_sample")
+
+
 @pytest.mark.parametrize("probes, divergence, match", [
     (torch.ones(1, 2, 2), "exact", "divergence='exact' uses none"),
     (torch.ones(2, 2), "rademacher", r"probes must be a tensor \[K, 2, 2\]"),
