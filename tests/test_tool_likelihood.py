@@ -234,6 +234,22 @@ def zero_image_run(tmp_path_factory):
     return root
 
 
+def test_a_conditional_run_without_label_dropout_is_refused(zero_image_run, tmp_path, capsys):
+    # Evaluated with the null label, which label_dropout 0 never trains: no number, one line.
+    from score_sde.checkpoint import read_checkpoint
+
+    state = read_checkpoint(zero_image_run / "checkpoint.pt")
+    state["config"]["model"]["class_conditional"] = True
+    state["config"]["training"]["label_dropout"] = 0.0
+    save_checkpoint(state, tmp_path / "c.pt")
+    assert _main("--checkpoint", tmp_path / "c.pt", "--workdir", tmp_path / "w",
+                 "--data_dir", zero_image_run / "fashion", "--num_samples", 2) == 2
+    assert _one_line(capsys) == (
+        f"error: {tmp_path / 'c.pt'} is class-conditional and was trained with label_dropout 0: "
+        f"the null label it is evaluated with (the unconditional model) was never trained; "
+        f"train with --label_dropout > 0 (e.g. 0.1)")
+
+
 def test_image_path_bits_per_dim_closed_form(zero_image_run, tmp_path):
     out = tmp_path / "r.json"
     assert _main("--workdir", zero_image_run, "--num_samples", 2, "--batch_size", 2,

@@ -452,6 +452,10 @@ def run(fv) -> Dict[str, object]:
     state = read_checkpoint(checkpoint)
     check_trained_state(state, checkpoint)
     cfg = from_dict(state["config"])
+    if cfg.model.class_conditional and cfg.training.label_dropout == 0:
+        raise InputError(f"{checkpoint} is class-conditional and was trained with label_dropout "
+                         f"0: the null label it is evaluated with (the unconditional model) "
+                         f"was never trained; train with --label_dropout > 0 (e.g. 0.1)")
     dataset, data_dir, data_path = data_source(cfg, fv.dataset, fv.data_dir, fv.data_path)
     check_not_data({"output": fv.output}, dataset, data_dir=data_dir, data_path=data_path)
     data, info, source = load_eval_data(cfg, dataset=dataset, split=fv.split,
