@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the tools in `tools/`: absl flags, one-line errors and the
-exit statuses 0 (done), 2 (bad input), 3 (numerical failure) and 130 (Ctrl-C)."""
+exit statuses 0 (done), 2 (bad input), 3 (numerical failure), 4 (a file that cannot be read or
+written) and 130 (Ctrl-C)."""
 import hashlib
 import json
 import os
