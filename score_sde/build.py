@@ -3,10 +3,9 @@
 Shared by the training loop (`score_sde.trainer`), the command line (`score_sde.train`) and
 everything that rebuilds a trained model from its checkpoint (`score_sde.runs`, tools/).
 """
-import dataclasses
 import functools
 import inspect
-from typing import Any, Dict, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -16,20 +15,6 @@ from .config import COMPILE_SCOPES, Config
 from .models import MODELS, REPEATED_BLOCKS
 from .score import make_score_fn
 from .sde import SDE, CosineVPSDE, SubVPSDE, VESDE, VPSDE, ScoreFn
-
-
-# The SDEConfig fields each SDE reads (`build_sde`); the others are inert for it.
-SDE_FIELDS = {"vp": ("beta_min", "beta_max", "num_steps"),
-              "subvp": ("beta_min", "beta_max", "num_steps"),
-              "ve": ("sigma_min", "sigma_max", "num_steps"),
-              "cosine": ("num_steps",)}
-
-
-def sde_settings(sde_config) -> Dict[str, Any]:
-    """The name and the settings an SDEConfig's SDE reads: equal exactly for equal SDEs."""
-    fields = SDE_FIELDS.get(sde_config.name, tuple(
-        f.name for f in dataclasses.fields(sde_config) if f.name != "name"))
-    return {"name": sde_config.name, **{f: getattr(sde_config, f) for f in fields}}
 
 
 def build_sde(cfg: Config) -> SDE:

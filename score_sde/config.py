@@ -327,6 +327,20 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"max_nonfinite must be >= 0, got {tc.max_nonfinite}")
 
 
+# The SDEConfig fields each SDE reads (`build_sde`); the others are inert for it.
+SDE_FIELDS = {"vp": ("beta_min", "beta_max", "num_steps"),
+              "subvp": ("beta_min", "beta_max", "num_steps"),
+              "ve": ("sigma_min", "sigma_max", "num_steps"),
+              "cosine": ("num_steps",)}
+
+
+def sde_settings(sde_config) -> Dict[str, Any]:
+    """The name and the settings an SDEConfig's SDE reads: equal exactly for equal SDEs."""
+    fields = SDE_FIELDS.get(sde_config.name, tuple(
+        f.name for f in dataclasses.fields(sde_config) if f.name != "name"))
+    return {"name": sde_config.name, **{f: getattr(sde_config, f) for f in fields}}
+
+
 # --- resuming with changed settings --------------------------------------------------------------
 
 # Settings a run may change when it resumes without changing what it computes: reporting,
@@ -370,6 +384,10 @@ def changed_settings(saved: Dict[str, Any], current: Dict[str, Any], *,
             if section == "data" and name in ("data_dir", "data_path"):
                 if where_saved["data"].get(name) == where_now["data"].get(name):
                     continue
+            if (section == "sde" and name != "name"
+                    and saved.get("sde", {}).get("name") == current["sde"].get("name")
+                    and name not in SDE_FIELDS.get(current["sde"].get("name"), (name,))):
+                continue  # a setting this SDE does not read
             if key not in neutral and as_stored(old) != as_stored(value):
                 changes.append(f"{key} {old!r} -> {value!r}")
     return changes

@@ -31,7 +31,7 @@ from .checkpoint import (CheckpointError, FolderLock, load_checkpoint, prune_sna
                          remove_stale_temporaries, save_checkpoint)
 from .cli import out_of_memory, write_json
 from .config import (Config, TrainingConfig, as_stored, changed_settings, check_config,
-                     from_dict, to_dict)
+                     from_dict, sde_settings, to_dict)
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
                           process_group_backend, resolve_device)
 from .fast_sampling import sample_dpm_solver
@@ -269,12 +269,14 @@ class Trainer:
             raise TrainingError(f"{where} is not a training checkpoint (it lacks "
                                 f"{', '.join(missing)}); use a new --workdir")
         saved = from_dict(state["config"])
-        differ = [f"{section}.{name} {old!r} -> {new!r}"
-                  for section in ("model", "sde")
-                  for (name, old), new in zip(
-                      dataclasses.asdict(getattr(saved, section)).items(),
-                      dataclasses.asdict(getattr(self.cfg, section)).values())
-                  if as_stored(old) != as_stored(new)]
+        differ = []
+        for section in ("model", "sde"):
+            # Of the SDE, the settings it reads (a VP run ignores sigma_min, ...).
+            old, new = ((sde_settings(c.sde) if section == "sde"
+                         else dataclasses.asdict(c.model)) for c in (saved, self.cfg))
+            names = ["name"] if section == "sde" and old["name"] != new["name"] else old
+            differ += [f"{section}.{name} {old[name]!r} -> {new[name]!r}" for name in names
+                       if as_stored(old[name]) != as_stored(new[name])]
         if differ:
             shown = "; ".join(differ)
             raise TrainingError(

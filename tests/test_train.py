@@ -231,6 +231,21 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
         train(other, str(tmp_path))
 
 
+def test_resume_compares_only_the_sde_settings_the_sde_reads(tmp_path, capsys):
+    # A VP run never reads sigma_min / sigma_max: a config differing only there is the same
+    # run; a different beta_max is another SDE.
+    train(_toy_cfg(n_iters=10), str(tmp_path))
+    inert = apply_overrides(_toy_cfg(n_iters=20), {"sde.sigma_max": 123.0,
+                                                   "sde.sigma_min": 0.5})
+    capsys.readouterr()
+    train(inert, str(tmp_path), quiet=True)
+    assert capsys.readouterr().err == ""  # nor a changed-settings warning
+    other = apply_overrides(_toy_cfg(n_iters=30), {"sde.beta_max": 10.0})
+    with pytest.raises(RuntimeError, match=r"different model or SDE configuration \(sde\."
+                                           r"beta_max 20.0 -> 10.0\); use a new --workdir"):
+        train(other, str(tmp_path))
+
+
 def test_a_config_rebuilt_from_config_json_resumes(tmp_path):
     # config.json stores the U-Net's ch_mult (1, 2) as [1, 2]: a config read back from it is
     # the same configuration, not a different model.

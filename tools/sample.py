@@ -340,7 +340,7 @@ def run(fv) -> Dict[str, object]:
     eps = fv.eps if fv.eps is not None else sde.sampling_eps
     classifier, num_classes = None, run_.num_classes
     if fv.guidance == "classifier":
-        from score_sde.build import sde_settings
+        from score_sde.config import sde_settings
         from score_sde.classifier import (NoiseConditionalClassifier, classifier_log_prob_fn,
                                           load_classifier)
 
