@@ -284,6 +284,9 @@ class _Interrupt:
         return None
 
 sys.meta_path.insert(0, _Interrupt())
+# A shell that starts a job in the background ignores SIGINT for it; a terminal's Ctrl-C
+# reaches a foreground process with the default handler, which this restores.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 """
 
 

@@ -621,6 +621,9 @@ def test_out_of_memory_is_one_line_naming_the_batch_size(error, toy_run, tmp_pat
 _INTERRUPT_AT_IMPORT = """
 import importlib.abc, os, runpy, signal, sys
 
+# A shell that starts a job in the background ignores SIGINT for it; a terminal's Ctrl-C
+# reaches a foreground process with the default handler, which this restores.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 module = sys.argv[1]
 
 class Interrupt(importlib.abc.MetaPathFinder):
