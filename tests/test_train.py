@@ -276,7 +276,10 @@ def test_resume_past_n_iters_is_refused_and_leaves_the_run_as_it_was(tmp_path):
         train(_toy_cfg(n_iters=5), str(tmp_path))
     assert (tmp_path / "config.json").read_text() == config
     assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == weights["step"] == 10
-    assert train(_toy_cfg(n_iters=10), str(tmp_path)) == {}  # already done: nothing to run
+    # Already done: nothing runs, and the result is the finished run's (its saved metrics).
+    assert train(_toy_cfg(n_iters=10), str(tmp_path)) == weights["metrics"]
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 10
+    assert {"loss", "eval_loss"} <= set(weights["metrics"])
 
 
 @pytest.mark.parametrize("field, value, message", [
