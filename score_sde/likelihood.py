@@ -98,7 +98,9 @@ def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.T
             try:
                 score = rsde.score_fn(xt, t)
             except (ValueError, RuntimeError) as err:
-                if idx is None or batch is None or len(idx) == batch:
+                out_of_memory = (isinstance(err, torch.cuda.OutOfMemoryError)
+                                 or "can't allocate memory" in str(err))
+                if idx is None or batch is None or len(idx) == batch or out_of_memory:
                     raise
                 first = str(err).strip().splitlines()[0] if str(err) else type(err).__name__
                 raise ValueError(

@@ -207,6 +207,15 @@ def test_per_sample_control_names_a_score_bound_to_the_whole_batch():
             r"labels or other per-sample data bound in needs step_control='batch'$")):
         log_likelihood(sde, labelled, x, divergence="exact", step_control="per_sample")
 
+    def short_of_memory(y, t):  # memory, not the score, fails: reported as such
+        if y.shape[0] != 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return exact(y, t)
+
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"^out of memory evaluating the "
+                                                          r"likelihood of a batch of 4 on cpu"):
+        log_likelihood(sde, short_of_memory, x, divergence="exact", step_control="per_sample")
+
 
 @pytest.mark.parametrize("probes, divergence, match", [
     (torch.ones(1, 2, 2), "exact", "divergence='exact' uses none"),
