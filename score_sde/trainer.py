@@ -501,7 +501,15 @@ class Trainer:
         if self.step != self.cfg.training.n_iters:  # a longer run: its own last step does it
             self.final_work_pending = []
             return
+        # The parts still due under this run's settings (a resume may turn sample grids off).
+        due = due_after(self.step, self.cfg.training)
+        self.final_work_pending = [part for part, is_due in zip(FINAL_WORK, (due.evaluate,
+                                                                            due.sample))
+                                   if is_due and part in self.final_work_pending]
         pending = self.final_work_pending
+        if not pending:
+            self.save(snapshot=False)  # the checkpoint no longer asks for the work
+            return
         names = " and ".join({"eval": "held-out loss", "samples": "samples"}[p] for p in pending)
         report.line(f"step {self.step}: the {names} a stop abandoned")
         if self.dist.is_main and "eval" in pending:

@@ -255,6 +255,25 @@ def test_a_resume_stopped_again_keeps_only_the_work_still_left(tmp_path, monkeyp
     assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == []
 
 
+def test_a_resume_without_sample_grids_drops_an_abandoned_grid(tmp_path, monkeypatch):
+    def interrupted(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        raise AssertionError("sample_grid was not abandoned")
+
+    work = Trainer.sample_grid
+    monkeypatch.setattr(Trainer, "sample_grid", lambda self: (
+        interrupted(self) if self.step == FAST["n_iters"] else work(self)))
+    with pytest.raises(TrainingInterrupted):
+        train(_toy_cfg(**FAST), str(tmp_path), quiet=True)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == ["samples"]
+    monkeypatch.setattr(Trainer, "sample_grid", work)
+    train(_toy_cfg(**dict(FAST, sample_every=0)), str(tmp_path), quiet=True)  # grids off now
+    assert not (tmp_path / "samples" / "samples_00000008.png").exists()
+    assert (tmp_path / "log.txt").read_text().splitlines()[-1] == "done at step 8"
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["final_work_pending"] == []
+
+
 def test_a_signal_before_training_writes_nothing(tmp_path, monkeypatch):
     load = trainer_module.load_splits
 
