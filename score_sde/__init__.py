@@ -79,9 +79,9 @@ _MOVED_TO = {name: module for module, names in _MOVED.items() for name in names}
 def __getattr__(name):
     module = _EXPORTED_FROM.get(name)
     if module is not None:
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
-        globals()[name] = value  # found directly from now on
-        return value
+        # Looked up on every access (a dict lookup once imported), so that reloading or
+        # patching the submodule is seen here too.
+        return getattr(importlib.import_module(f".{module}", __name__), name)
     module = _MOVED_TO.get(name)
     if module is not None:
         warnings.warn(f"score_sde.{name} moved to score_sde.{module}.{name}; import it from "

@@ -33,6 +33,21 @@ def test_each_exported_name_is_its_modules_object():
     assert sorted(n for n in namespace if not n.startswith("__")) == sorted(score_sde.__all__)
 
 
+def test_the_top_level_follows_a_reloaded_or_patched_submodule(monkeypatch):
+    import score_sde.sde as sde_module
+
+    assert score_sde.VPSDE is sde_module.VPSDE
+
+    class Patched:
+        pass
+
+    monkeypatch.setattr(sde_module, "VPSDE", Patched)
+    assert score_sde.VPSDE is Patched
+    monkeypatch.undo()
+    assert score_sde.VPSDE is sde_module.VPSDE
+    assert score_sde.models is importlib.import_module("score_sde.models")  # a submodule
+
+
 @pytest.mark.parametrize("module, name", MOVED)
 def test_a_moved_name_lives_in_its_module_and_still_resolves_with_a_warning(module, name):
     sub = importlib.import_module(f"score_sde.{module}")
