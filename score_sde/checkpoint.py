@@ -169,10 +169,15 @@ def load_checkpoint(latest: Path, snapshot_dir: Path, *,
         break  # snapshots are newest first: the first good one is the best of them
     if best is None and damaged:
         (path, problem), more = damaged[0], len(damaged) - 1
-        others = f" (and {more} damaged snapshot{'s' * (more > 1)})" if more else ""
+        if not more:
+            raise CheckpointError(
+                f"no usable checkpoint to resume from: {path} is left as it is ({problem}); "
+                f"move it away to start afresh, or use a new --workdir")
         raise CheckpointError(
-            f"no usable checkpoint to resume from: {path}{others} is left as it is ("
-            f"{problem}); move it away to start afresh, or use a new --workdir")
+            f"no usable checkpoint to resume from: {path} and {more} more damaged file"
+            f"{'s' * (more > 1)} ({', '.join(p.name for p, _ in damaged[1:])}) are left as they "
+            f"are ({path.name}: {problem}); move them all away to start afresh, or use a new "
+            f"--workdir")
     return best
 
 

@@ -65,11 +65,17 @@ def test_damaged_files_with_nothing_usable_stop_the_load(tmp_path, snapshots_too
             path = snaps / f"snapshot_{step:08d}.pt"
             path.write_bytes(path.read_bytes()[:-1])
     before = latest.read_bytes()
-    more = r" \(and 2 damaged snapshots\)" if snapshots_too else ""
-    with pytest.raises(CheckpointError, match=(
-            rf"^no usable checkpoint to resume from: {re.escape(str(latest))}{more} is left as "
-            rf"it is \({re.escape(str(latest))} is not a score_sde checkpoint or is truncated\);"
-            rf" move it away to start afresh, or use a new --workdir$")):
+    problem = re.escape(f"{latest} is not a score_sde checkpoint or is truncated")
+    if snapshots_too:  # all of them stand in the way of a fresh start
+        message = (rf"^no usable checkpoint to resume from: {re.escape(str(latest))} and 2 more "
+                   rf"damaged files \(snapshot_00000015.pt, snapshot_00000010.pt\) are left as "
+                   rf"they are \(checkpoint.pt: {problem}\); move them all away to start "
+                   rf"afresh, or use a new --workdir$")
+    else:
+        message = (rf"^no usable checkpoint to resume from: {re.escape(str(latest))} is left as "
+                   rf"it is \({problem}\); move it away to start afresh, or use a new "
+                   rf"--workdir$")
+    with pytest.raises(CheckpointError, match=message):
         load_checkpoint(latest, snaps, warn=lambda message: None)
     assert latest.read_bytes() == before
 
