@@ -230,3 +230,11 @@ def stderr_line(text: str) -> None:
     lines = str(text).splitlines()
     sys.stderr.write((lines[0] if lines else "") + "\n")
     sys.stderr.flush()
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says that memory ran out: a device's OutOfMemoryError, or the CPU
+    allocator's RuntimeError."""
+    device_error = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # < 2.5
+    return (isinstance(err, device_error)
+            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))

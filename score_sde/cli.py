@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 
-import torch
-
 from ._utils import stderr_line
 from .checkpoint import CheckpointError
 
@@ -168,11 +166,3 @@ def run_tool(argv: Optional[Sequence[str]], doc: str, define_flags: Callable[[An
     if result:
         print(json.dumps(result))
     return 0
-
-
-def out_of_memory(err: BaseException) -> bool:
-    """Whether `err` says that memory ran out: a device's OutOfMemoryError, or the CPU
-    allocator's RuntimeError."""
-    device_error = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # < 2.5
-    return (isinstance(err, device_error)
-            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))

@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 
 from ._utils import (append_dims, at_least_float32, check_choice, check_int, check_positive,
-                     checks_times_on_host, flat_sum, float64_like, python_number)
+                     checks_times_on_host, flat_sum, float64_like, out_of_memory,
+                     python_number)
 from .checks import check_data, check_solve_inputs, sample_device
 from .ode import (ADAPTIVE_METHODS, ERROR_NORMS, MAX_SOLVER_STEPS, _check_finite,
                   odeint_interval)
@@ -98,9 +99,7 @@ def augmented_rhs(rsde: ReverseSDE, dtype: torch.dtype, probes: Optional[torch.T
             try:
                 score = rsde.score_fn(xt, t)
             except (ValueError, RuntimeError) as err:
-                out_of_memory = (isinstance(err, torch.cuda.OutOfMemoryError)
-                                 or "can't allocate memory" in str(err))
-                if idx is None or batch is None or len(idx) == batch or out_of_memory:
+                if idx is None or batch is None or len(idx) == batch or out_of_memory(err):
                     raise
                 first = str(err).strip().splitlines()[0] if str(err) else type(err).__name__
                 raise ValueError(

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from . import datasets as data_lib
-from ._utils import stderr_line, tensors_sha256
+from ._utils import out_of_memory, stderr_line, tensors_sha256
 from .build import (build_model, build_sde, compile_model, load_splits, model_score_fn,
                     with_labels)
 from .checkpoint import (CheckpointError, FolderLock, load_checkpoint, prune_snapshots,
                          remove_stale_temporaries, save_checkpoint)
-from .cli import out_of_memory, write_json
+from .cli import write_json
 from .config import (Config, TrainingConfig, as_stored, changed_settings, check_config,
                      from_dict, sde_settings, to_dict)
 from .distributed import (PROCESS_GROUP_TIMEOUT, DistInfo, dist_from_env,
@@ -107,6 +107,11 @@ def due_after(step: int, tc: TrainingConfig) -> Due:
                evaluate=step % tc.eval_every == 0 or last,
                sample=tc.sample_every > 0 and (step % tc.sample_every == 0 or last),
                save=snapshot or step % tc.checkpoint_every == 0, snapshot=snapshot)
+
+
+def final_parts(due: Due) -> List[str]:
+    """The parts of `FINAL_WORK` that `due` asks for, in order."""
+    return [part for part, is_due in zip(FINAL_WORK, (due.evaluate, due.sample)) if is_due]
 
 
 class Trainer:
@@ -302,9 +307,7 @@ class Trainer:
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         pending = state.get("final_work_pending", [])
         if isinstance(pending, bool):  # checkpoints that kept one flag for the step's work
-            due = due_after(self.step, self.cfg.training)
-            pending = [part for part, is_due in zip(FINAL_WORK, (due.evaluate, due.sample))
-                       if is_due and pending]
+            pending = list(FINAL_WORK) if pending else []  # `finish_final_work` keeps the due
         self.final_work_pending = [part for part in FINAL_WORK if part in pending]
         self.metrics = {name: float(value) for name, value in state.get("metrics", {}).items()}
 
@@ -389,9 +392,7 @@ class Trainer:
                     final = False  # the last step's checkpoint lists work to do: every process
                     if due.save:
                         final = self.step >= tc.n_iters and (due.evaluate or due.sample)
-                        self.final_work_pending = [
-                            part for part, is_due in zip(FINAL_WORK, (due.evaluate, due.sample))
-                            if is_due and final]
+                        self.final_work_pending = final_parts(due) if final else []
                         self.save(snapshot=due.snapshot)
                     if main and due.evaluate:
                         self.metrics.update(self.log_eval_loss(report))
@@ -502,10 +503,9 @@ class Trainer:
             self.final_work_pending = []
             return
         # The parts still due under this run's settings (a resume may turn sample grids off).
-        due = due_after(self.step, self.cfg.training)
-        self.final_work_pending = [part for part, is_due in zip(FINAL_WORK, (due.evaluate,
-                                                                            due.sample))
-                                   if is_due and part in self.final_work_pending]
+        self.final_work_pending = [part for part in final_parts(due_after(self.step,
+                                                                          self.cfg.training))
+                                   if part in self.final_work_pending]
         pending = self.final_work_pending
         if not pending:
             self.save(snapshot=False)  # the checkpoint no longer asks for the work

@@ -87,10 +87,10 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
 
     import torch
 
-    from score_sde._utils import stderr_line, tensors_sha256
+    from score_sde._utils import out_of_memory, stderr_line, tensors_sha256
     from score_sde.checkpoint import read_checkpoint
     from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
-                               check_path, out_of_memory, run_tool, write_json)
+                               check_path, run_tool, write_json)
     from score_sde.config import MAX_SEED, Config, from_dict
     from score_sde.datasets import (DATASETS, SPLITS, DataInfo, load_dataset, mix_seed,
                                     to_model_range)

@@ -75,9 +75,9 @@ try:  # Ctrl-C while torch loads (seconds) gives the one line it gives during th
     import numpy as np
     import torch
 
-    from score_sde._utils import stderr_line
+    from score_sde._utils import out_of_memory, stderr_line
     from score_sde.cli import (EXIT_INTERRUPTED, InputError, check_distinct, check_not_data,
-                               check_path, out_of_memory, run_tool, write_atomic, write_json)
+                               check_path, run_tool, write_atomic, write_json)
     from score_sde.config import MAX_SEED, from_dict
     from score_sde.datasets import (DATASETS, SPLITS, from_model_range, load_dataset,
                                     to_model_range)
